@@ -1,0 +1,85 @@
+//! Where volume data lives. The engine knows backends only through [`Backend`]; each backend
+//! owns a subtree of the data directory and maps volume IDs to storage inside it.
+
+pub mod dir;
+
+use std::path::{Path, PathBuf};
+
+use crate::engine::ids::VolumeId;
+
+/// Failures of a backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A filesystem operation failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl BackendError {
+    pub(crate) fn io(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        BackendError::Io {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Whether the failure means the filesystem is out of space or inodes.
+    pub fn is_out_of_space(&self) -> bool {
+        let BackendError::Io { source, .. } = self;
+        matches!(source.raw_os_error(), Some(28) | Some(122)) // ENOSPC, EDQUOT
+    }
+}
+
+/// Space of the filesystem a backend allocates from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FsCapacity {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+    pub total_inodes: u64,
+    pub free_inodes: u64,
+}
+
+/// Usage of one volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub used_bytes: u64,
+    pub used_inodes: u64,
+}
+
+/// A place volumes are created in.
+pub trait Backend: Send + Sync + 'static {
+    /// The backend's name in StorageClass parameters and records (`dir`).
+    fn name(&self) -> &'static str;
+
+    /// Creates the storage for `id`. Must be idempotent: storage left by an interrupted earlier
+    /// attempt for the same ID is adopted.
+    fn create(&self, id: &VolumeId, capacity_bytes: u64) -> Result<(), BackendError>;
+
+    /// Removes the storage of `id`; absent storage is success.
+    fn delete(&self, id: &VolumeId) -> Result<(), BackendError>;
+
+    /// Whether storage for `id` exists.
+    fn exists(&self, id: &VolumeId) -> Result<bool, BackendError>;
+
+    /// The directory that is bind-mounted when the volume is published.
+    fn volume_path(&self, id: &VolumeId) -> PathBuf;
+
+    /// Directories whose entries change on create/delete; the store fsyncs them in the same
+    /// group commit that records the change.
+    fn sync_dirs(&self) -> Vec<PathBuf>;
+
+    /// Space of the underlying filesystem.
+    fn capacity(&self) -> Result<FsCapacity, BackendError>;
+
+    /// Space and inodes used by one volume.
+    fn usage(&self, id: &VolumeId) -> Result<Usage, BackendError>;
+
+    /// IDs of every volume that has storage, for reconciliation.
+    fn list(&self) -> Result<Vec<VolumeId>, BackendError>;
+}

@@ -1,0 +1,375 @@
+//! `k8scsi bench`: a load client that measures a k8scsi server over its real socket.
+//!
+//! By default it starts its own server (this same binary, `serve`) on temporary directories so
+//! the numbers are reproducible with one command; `--endpoint` points it at a running server
+//! instead. It runs CreateVolume+DeleteVolume cycles and (as root) NodePublish+NodeUnpublish
+//! cycles at each requested concurrency and prints cycles/s, p50/p99 cycle latency and the
+//! server's resident memory.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+
+use crate::client::{connect, mount_capability};
+use crate::csi::proto::controller_client::ControllerClient;
+use crate::csi::proto::node_client::NodeClient;
+use crate::csi::proto::volume_capability::access_mode::Mode;
+use crate::csi::proto::{self};
+use crate::server::Endpoint;
+
+/// Options of the bench run.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Measure an already running server instead of starting one.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// PID of that server, to report its memory.
+    #[arg(long)]
+    pub server_pid: Option<u32>,
+    /// Concurrency levels to run, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,16")]
+    pub concurrency: Vec<usize>,
+    /// Seconds each workload runs at each concurrency.
+    #[arg(long, default_value_t = 5)]
+    pub seconds: u64,
+    /// Log level of the spawned server (its log goes to a file in the temp directory).
+    #[arg(long, default_value = "info")]
+    pub server_log_level: String,
+}
+
+struct Spawned {
+    child: std::process::Child,
+    _dir: tempfile_dir::TempDir,
+}
+
+/// A tiny temp-dir guard (the bench ships in the binary, so it cannot use dev-dependencies).
+mod tempfile_dir {
+    use std::path::{Path, PathBuf};
+
+    pub struct TempDir(PathBuf);
+
+    impl TempDir {
+        pub fn new() -> std::io::Result<TempDir> {
+            let path = std::env::temp_dir().join(format!(
+                "k8scsi-bench-{}-{}",
+                std::process::id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or_default()
+            ));
+            std::fs::create_dir_all(&path)?;
+            Ok(TempDir(path))
+        }
+
+        pub fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Resident memory of a process in KiB: (current, peak).
+pub fn rss_kib(pid: u32) -> Option<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    };
+    Some((field("VmRSS:")?, field("VmHWM:")?))
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index]
+}
+
+struct Outcome {
+    cycles: usize,
+    errors: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+fn report(label: &str, concurrency: usize, outcome: &mut Outcome) {
+    outcome.latencies.sort();
+    println!(
+        "{label:<22} c={concurrency:<3} cycles={:<7} errors={:<4} {:>8.0} cycles/s  p50={:>7.2}ms  p99={:>7.2}ms",
+        outcome.cycles,
+        outcome.errors,
+        outcome.cycles as f64 / outcome.elapsed.as_secs_f64(),
+        percentile(&outcome.latencies, 0.50).as_secs_f64() * 1e3,
+        percentile(&outcome.latencies, 0.99).as_secs_f64() * 1e3,
+    );
+}
+
+async fn create_delete(channel: Channel, worker: usize, until: Instant) -> Outcome {
+    let mut client = ControllerClient::new(channel);
+    let mut outcome = Outcome {
+        cycles: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies: Vec::new(),
+    };
+    let mut i = 0u64;
+    while Instant::now() < until {
+        let started = Instant::now();
+        let name = format!("bench-{worker}-{i}");
+        i += 1;
+        let created = client
+            .create_volume(proto::CreateVolumeRequest {
+                name,
+                capacity_range: Some(proto::CapacityRange {
+                    required_bytes: 1 << 20,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![mount_capability(Mode::SingleNodeWriter, vec![])],
+                ..Default::default()
+            })
+            .await;
+        let ok = match created {
+            Ok(r) => {
+                let id = r
+                    .into_inner()
+                    .volume
+                    .map(|v| v.volume_id)
+                    .unwrap_or_default();
+                client
+                    .delete_volume(proto::DeleteVolumeRequest {
+                        volume_id: id,
+                        secrets: Default::default(),
+                    })
+                    .await
+                    .is_ok()
+            }
+            Err(_) => false,
+        };
+        if ok {
+            outcome.cycles += 1;
+            outcome.latencies.push(started.elapsed());
+        } else {
+            outcome.errors += 1;
+        }
+    }
+    outcome
+}
+
+async fn publish_unpublish(
+    channel: Channel,
+    volume_id: String,
+    target: String,
+    until: Instant,
+) -> Outcome {
+    let mut client = NodeClient::new(channel);
+    let mut outcome = Outcome {
+        cycles: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies: Vec::new(),
+    };
+    while Instant::now() < until {
+        let started = Instant::now();
+        let published = client
+            .node_publish_volume(proto::NodePublishVolumeRequest {
+                volume_id: volume_id.clone(),
+                target_path: target.clone(),
+                volume_capability: Some(mount_capability(Mode::SingleNodeWriter, vec![])),
+                ..Default::default()
+            })
+            .await;
+        let ok = published.is_ok()
+            && client
+                .node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+                    volume_id: volume_id.clone(),
+                    target_path: target.clone(),
+                })
+                .await
+                .is_ok();
+        if ok {
+            outcome.cycles += 1;
+            outcome.latencies.push(started.elapsed());
+        } else {
+            outcome.errors += 1;
+        }
+    }
+    outcome
+}
+
+async fn run_workload<F, Fut>(concurrency: usize, seconds: u64, make: F) -> Outcome
+where
+    F: Fn(usize, Instant) -> Fut,
+    Fut: std::future::Future<Output = Outcome> + Send + 'static,
+{
+    let started = Instant::now();
+    let until = started + Duration::from_secs(seconds);
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|w| tokio::spawn(make(w, until)))
+        .collect();
+    let mut total = Outcome {
+        cycles: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latencies: Vec::new(),
+    };
+    for t in tasks {
+        if let Ok(o) = t.await {
+            total.cycles += o.cycles;
+            total.errors += o.errors;
+            total.latencies.extend(o.latencies);
+        }
+    }
+    total.elapsed = started.elapsed();
+    total
+}
+
+fn spawn_server(dir: &Path, log_level: &str) -> Result<(std::process::Child, PathBuf), String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let socket = dir.join("csi.sock");
+    let log = std::fs::File::create(dir.join("server.log")).map_err(|e| e.to_string())?;
+    let child = std::process::Command::new(exe)
+        .arg("serve")
+        .arg("--endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .arg("--node-id")
+        .arg("bench-node")
+        .arg("--state-dir")
+        .arg(dir.join("state"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--kubelet-dir")
+        .arg(dir.join("kubelet"))
+        .arg("--log-level")
+        .arg(log_level)
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("starting server: {e}"))?;
+    Ok((child, socket))
+}
+
+/// Runs the benchmark and prints its numbers.
+pub async fn run(args: BenchArgs) -> Result<(), String> {
+    let mut spawned = None;
+    let (endpoint, pid, kubelet_dir) = match &args.endpoint {
+        Some(raw) => (Endpoint::parse(raw)?, args.server_pid, None),
+        None => {
+            let dir = tempfile_dir::TempDir::new().map_err(|e| e.to_string())?;
+            let (child, socket) = spawn_server(dir.path(), &args.server_log_level)?;
+            let pid = child.id();
+            let kubelet = dir.path().join("kubelet");
+            spawned = Some(Spawned { child, _dir: dir });
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !socket.exists() {
+                if Instant::now() > deadline {
+                    return Err("server did not create its socket within 10s".into());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            (Endpoint::Unix(socket), Some(pid), Some(kubelet))
+        }
+    };
+    let channel = connect(&endpoint).await.map_err(|e| e.to_string())?;
+    println!(
+        "k8scsi bench {} on {} cores, {}s per workload",
+        env!("CARGO_PKG_VERSION"),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        args.seconds
+    );
+    let show_rss = |label: &str| {
+        if let Some((rss, peak)) = pid.and_then(rss_kib) {
+            println!(
+                "server RSS {label:<24} {:>6.1} MiB (peak {:.1} MiB)",
+                rss as f64 / 1024.0,
+                peak as f64 / 1024.0
+            );
+        }
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    show_rss("idle after start");
+
+    for &c in &args.concurrency {
+        // One HTTP/2 connection per worker, as independent sidecars would use.
+        let mut channels = Vec::new();
+        for _ in 0..c {
+            channels.push(connect(&endpoint).await.map_err(|e| e.to_string())?);
+        }
+        let mut outcome = run_workload(c, args.seconds, |w, until| {
+            create_delete(channels[w].clone(), w, until)
+        })
+        .await;
+        report("create+delete", c, &mut outcome);
+    }
+    show_rss("after create+delete");
+
+    let is_root = rustix::process::geteuid().is_root();
+    match (&kubelet_dir, is_root) {
+        (Some(kubelet), true) => {
+            let mut controller = ControllerClient::new(channel.clone());
+            let max_c = args.concurrency.iter().copied().max().unwrap_or(1);
+            let mut volumes = Vec::new();
+            for w in 0..max_c {
+                let v = controller
+                    .create_volume(proto::CreateVolumeRequest {
+                        name: format!("bench-publish-{w}"),
+                        volume_capabilities: vec![mount_capability(Mode::SingleNodeWriter, vec![])],
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .into_inner()
+                    .volume
+                    .map(|v| v.volume_id)
+                    .unwrap_or_default();
+                let parent = kubelet.join(format!("pods/bench-{w}"));
+                std::fs::create_dir_all(&parent).map_err(|e| e.to_string())?;
+                volumes.push((v, parent.join("mount").to_string_lossy().into_owned()));
+            }
+            for &c in &args.concurrency {
+                let mut channels = Vec::new();
+                for _ in 0..c {
+                    channels.push(connect(&endpoint).await.map_err(|e| e.to_string())?);
+                }
+                let mut outcome = run_workload(c, args.seconds, |w, until| {
+                    publish_unpublish(
+                        channels[w].clone(),
+                        volumes[w].0.clone(),
+                        volumes[w].1.clone(),
+                        until,
+                    )
+                })
+                .await;
+                report("publish+unpublish", c, &mut outcome);
+            }
+            show_rss("after publish+unpublish");
+        }
+        (None, _) => {
+            println!("publish+unpublish skipped: only measured on a server the bench starts")
+        }
+        (_, false) => println!("publish+unpublish skipped: bind mounts need root"),
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    show_rss("idle at end");
+    drop(spawned);
+    Ok(())
+}

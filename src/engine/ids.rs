@@ -1,0 +1,155 @@
+//! Volume IDs and names.
+//!
+//! A volume ID is `<backend>-<32 hex digits>`, where the digits are the first 128 bits of the
+//! SHA-256 of the volume name. Deriving the ID from the name makes a CreateVolume retried after a
+//! crash land on the same storage instead of leaking a second copy, and the fixed shape lets
+//! every call check an ID before it is used anywhere near a path.
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+/// CSI's size limit for names and IDs.
+pub const MAX_NAME_BYTES: usize = 128;
+
+/// Backends whose IDs this build understands.
+pub const KNOWN_BACKENDS: &[&str] = &["dir"];
+
+const HEX_DIGITS: usize = 32;
+
+/// A syntactically valid volume ID of ours.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VolumeId(String);
+
+/// Why a string is not one of our volume IDs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    /// Not something we could ever have issued (unknown backend, wrong length, bad digits).
+    #[error("{0:?} is not a k8scsi volume ID")]
+    Foreign(String),
+    /// Malformed in a way no CO should ever send: oversized, NUL or control characters.
+    #[error("volume ID is malformed: {0}")]
+    Malformed(&'static str),
+}
+
+impl VolumeId {
+    /// The ID a volume named `name` gets on `backend`.
+    pub fn for_name(backend: &str, name: &str) -> VolumeId {
+        let digest = Sha256::digest(name.as_bytes());
+        let mut id = String::with_capacity(backend.len() + 1 + HEX_DIGITS);
+        id.push_str(backend);
+        id.push('-');
+        for byte in &digest[..HEX_DIGITS / 2] {
+            id.push_str(&format!("{byte:02x}"));
+        }
+        VolumeId(id)
+    }
+
+    /// Parses a request's volume ID.
+    pub fn parse(raw: &str) -> Result<VolumeId, IdError> {
+        if raw.len() > MAX_NAME_BYTES {
+            return Err(IdError::Malformed("longer than 128 bytes"));
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(IdError::Malformed("contains NUL or control characters"));
+        }
+        let foreign = || IdError::Foreign(raw.to_string());
+        let (backend, digits) = raw.split_once('-').ok_or_else(foreign)?;
+        if !KNOWN_BACKENDS.contains(&backend)
+            || digits.len() != HEX_DIGITS
+            || !digits
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(foreign());
+        }
+        Ok(VolumeId(raw.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The backend part of the ID.
+    pub fn backend(&self) -> &str {
+        self.0.split_once('-').map(|(b, _)| b).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for VolumeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for VolumeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+/// Checks a CO-supplied name: non-empty, within CSI's 128-byte limit, no NUL or control
+/// characters. Names are never used in paths, so any other character is fine.
+pub fn check_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("must not be empty");
+    }
+    if name.len() > MAX_NAME_BYTES {
+        return Err("is longer than 128 bytes");
+    }
+    if name.chars().any(char::is_control) {
+        return Err("contains NUL or control characters");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_derived_from_names_and_round_trip() {
+        let a = VolumeId::for_name("dir", "pvc-1");
+        assert_eq!(a, VolumeId::for_name("dir", "pvc-1"));
+        assert_ne!(a, VolumeId::for_name("dir", "pvc-2"));
+        assert_eq!(a.as_str().len(), 4 + 32);
+        assert_eq!(VolumeId::parse(a.as_str()).unwrap(), a);
+        assert_eq!(a.backend(), "dir");
+    }
+
+    #[test]
+    fn hostile_ids_are_refused() {
+        for raw in [
+            "",
+            "../../etc",
+            "dir-../../../../etc/passwd",
+            "dir-0123456789ABCDEF0123456789abcdef",
+            "zzz-0123456789abcdef0123456789abcdef",
+            "dir-0123456789abcdef0123456789abcde",
+            "/dir-0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(
+                matches!(VolumeId::parse(raw), Err(IdError::Foreign(_))),
+                "{raw}"
+            );
+        }
+        assert!(matches!(
+            VolumeId::parse("a\0b"),
+            Err(IdError::Malformed(_))
+        ));
+        assert!(matches!(
+            VolumeId::parse(&"a".repeat(129)),
+            Err(IdError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn names_follow_csi_limits() {
+        assert!(check_name("pvc-123").is_ok());
+        assert!(check_name(&"x".repeat(128)).is_ok());
+        assert!(check_name(&"x".repeat(129)).is_err());
+        assert!(check_name("").is_err());
+        assert!(check_name("a\0b").is_err());
+        assert!(check_name("../../etc").is_ok(), "names never touch paths");
+    }
+}

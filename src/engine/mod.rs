@@ -1,0 +1,466 @@
+//! The volume engine: the CSI semantics, independent of gRPC.
+//!
+//! It owns the rules the spec spells out: idempotent create and delete keyed by name and ID,
+//! ALREADY_EXISTS for incompatible repeats, ABORTED (via [`Error::InProgress`]) for concurrent
+//! operations on one volume, durable records before replies, capability checks and topology.
+//! Storage work is delegated to a [`Backend`], mounts to a [`Mounter`], metadata to the
+//! [`Store`].
+
+pub mod error;
+pub mod ids;
+pub mod locks;
+mod node;
+pub mod params;
+mod reconcile;
+pub mod types;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use error::{Error, Result};
+pub use reconcile::ReconcileReport;
+
+use crate::backend::Backend;
+use crate::mount::Mounter;
+use crate::store::{Mutation, Store, VolumeRecord};
+use ids::{IdError, VolumeId};
+use locks::{InFlight, InFlightGuard};
+use types::*;
+
+/// What the engine needs to know about its node and deployment.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub node_id: String,
+    pub topology_key: String,
+    pub max_volumes_per_node: u64,
+    /// The only tree where staging and target paths may live.
+    pub kubelet_dir: PathBuf,
+    /// Whether this process also serves the node side, so it knows publications.
+    pub serves_node: bool,
+}
+
+/// The volume engine. Cheap to share behind an `Arc`.
+pub struct Engine {
+    config: EngineConfig,
+    store: Store,
+    backend: Arc<dyn Backend>,
+    mounter: Arc<dyn Mounter>,
+    in_flight: Arc<InFlight>,
+}
+
+/// Runs blocking filesystem work off the async threads.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| Error::Internal(e.to_string()))?
+}
+
+impl Engine {
+    pub fn new(
+        config: EngineConfig,
+        store: Store,
+        backend: Arc<dyn Backend>,
+        mounter: Arc<dyn Mounter>,
+    ) -> Engine {
+        Engine {
+            config,
+            store,
+            backend,
+            mounter,
+            in_flight: Arc::new(InFlight::default()),
+        }
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn lock(&self, keys: Vec<String>) -> Result<InFlightGuard> {
+        self.in_flight.try_acquire(keys).map_err(Error::InProgress)
+    }
+
+    /// This node's topology segment.
+    pub fn topology(&self) -> Segment {
+        BTreeMap::from([(
+            self.config.topology_key.clone(),
+            self.config.node_id.clone(),
+        )])
+    }
+
+    /// Whether a segment names this node (keys we do not know do not disqualify it: the CO may
+    /// add its own, such as the standard hostname label).
+    fn segment_is_local(&self, segment: &Segment) -> bool {
+        segment.get(&self.config.topology_key) == Some(&self.config.node_id)
+    }
+
+    /// Whether the store and data directory are usable.
+    pub fn ready(&self) -> bool {
+        self.store.next_sequence().is_ok() && self.backend.capacity().is_ok()
+    }
+
+    /// Checks one capability against what the backend can do; `Err` says why not.
+    fn check_capability(&self, capability: &Capability) -> std::result::Result<(), String> {
+        if let AccessType::Block = capability.access_type {
+            return Err(format!(
+                "block access is not supported by the {} backend",
+                self.backend.name()
+            ));
+        }
+        if !capability.access_mode.is_single_node() {
+            return Err(format!(
+                "access mode {} is not supported: {} volumes live on one node",
+                capability.access_mode.name(),
+                self.backend.name()
+            ));
+        }
+        if let AccessType::Mount { mount_flags, .. } = &capability.access_type {
+            crate::mount::MountOptions::from_flags(mount_flags, false)?;
+        }
+        Ok(())
+    }
+
+    fn volume_from_record(&self, record: &VolumeRecord) -> Result<Volume> {
+        let id = VolumeId::parse(&record.id)
+            .map_err(|e| Error::Internal(format!("stored volume ID: {e}")))?;
+        Ok(Volume {
+            id,
+            capacity_bytes: record.capacity_bytes,
+            context: BTreeMap::new(),
+            accessible_topology: vec![BTreeMap::from([(
+                self.config.topology_key.clone(),
+                record.accessible_node.clone(),
+            )])],
+        })
+    }
+
+    /// Parses a volume ID from a request. Malformed IDs (oversized, control characters) are
+    /// refused; well-formed IDs we could never have issued are "not found".
+    fn parse_id(raw: &str) -> Result<Option<VolumeId>> {
+        if raw.is_empty() {
+            return Err(Error::Missing("volume_id"));
+        }
+        match VolumeId::parse(raw) {
+            Ok(id) => Ok(Some(id)),
+            Err(IdError::Foreign(_)) => Ok(None),
+            Err(IdError::Malformed(reason)) => Err(Error::invalid("volume_id", reason)),
+        }
+    }
+
+    /// Parses an ID that must refer to an existing volume.
+    fn existing_id(raw: &str) -> Result<VolumeId> {
+        Self::parse_id(raw)?.ok_or_else(|| Error::VolumeNotFound(raw.to_string()))
+    }
+
+    // ----- Controller -----
+
+    /// CreateVolume.
+    pub async fn create_volume(&self, request: CreateVolume) -> Result<Volume> {
+        ids::check_name(&request.name).map_err(|reason| Error::invalid("name", reason))?;
+        if request.capabilities.is_empty() {
+            return Err(Error::Missing("volume_capabilities"));
+        }
+        let params = params::parse(&request.parameters)?;
+        for capability in &request.capabilities {
+            self.check_capability(capability)
+                .map_err(|reason| Error::invalid("volume_capabilities", reason))?;
+        }
+        if request.has_content_source {
+            return Err(Error::Unsupported(
+                "volume_content_source is not supported yet: snapshots and clones are not \
+                 implemented"
+                    .into(),
+            ));
+        }
+        let capacity = resolve_capacity(request.capacity)?;
+        if let Some(topology) = &request.topology {
+            let local_ok = if topology.requisite.is_empty() {
+                // Only preferences: any node is acceptable, and ours is the only one we have.
+                true
+            } else {
+                topology.requisite.iter().any(|s| self.segment_is_local(s))
+            };
+            if !local_ok {
+                return Err(Error::Exhausted(format!(
+                    "cannot provision in the requested topology: this controller only provisions \
+                     on node {:?} ({}={})",
+                    self.config.node_id, self.config.topology_key, self.config.node_id
+                )));
+            }
+        }
+
+        let name = request.name.clone();
+        let new_id = VolumeId::for_name(&params.backend, &name);
+        let _guard = self.lock(vec![format!("name:{name}"), format!("vol:{new_id}")])?;
+
+        if let Some(existing_id) = self.store.volume_id_for_name(&name)? {
+            let record = self
+                .store
+                .volume(&existing_id)?
+                .ok_or_else(|| Error::Internal(format!("name {name:?} maps to missing record")))?;
+            check_compatible(&record, &params.defining, &request)?;
+            let id = VolumeId::parse(&record.id)
+                .map_err(|e| Error::Internal(format!("stored volume ID: {e}")))?;
+            if !self.backend.exists(&id)? {
+                // A DeleteVolume was interrupted after removing the storage; the volume still
+                // exists as far as the CO knows, so give it back its (empty) storage.
+                tracing::warn!(volume_id = %id, "recreating missing storage of an existing volume");
+                let backend = self.backend.clone();
+                let id2 = id.clone();
+                blocking(move || Ok(backend.create(&id2, capacity)?)).await?;
+                self.store.commit(vec![], self.backend.sync_dirs()).await?;
+            }
+            return self.volume_from_record(&record);
+        }
+
+        let fs = self.backend.capacity()?;
+        if capacity > fs.total_bytes {
+            return Err(Error::CapacityOutOfRange(format!(
+                "requested {capacity} bytes is larger than the whole data filesystem \
+                 ({} bytes)",
+                fs.total_bytes
+            )));
+        }
+        if capacity > fs.available_bytes {
+            return Err(Error::Exhausted(format!(
+                "requested {capacity} bytes but only {} bytes are available",
+                fs.available_bytes
+            )));
+        }
+
+        let backend = self.backend.clone();
+        let id = new_id.clone();
+        blocking(move || Ok(backend.create(&id, capacity)?)).await?;
+        let record = VolumeRecord {
+            id: new_id.to_string(),
+            name,
+            seq: 0,
+            backend: params.backend.clone(),
+            capacity_bytes: capacity,
+            parameters: params.defining,
+            access_modes: request
+                .capabilities
+                .iter()
+                .map(|c| c.access_mode.name().to_string())
+                .collect(),
+            accessible_node: self.config.node_id.clone(),
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default(),
+            metadata: params.metadata,
+        };
+        // The directory entry and the record become durable in the same group commit.
+        self.store
+            .commit(
+                vec![Mutation::PutVolume(record.clone())],
+                self.backend.sync_dirs(),
+            )
+            .await?;
+        self.volume_from_record(&record)
+    }
+
+    /// DeleteVolume. Deleting what does not exist succeeds.
+    pub async fn delete_volume(&self, raw_id: &str) -> Result<()> {
+        let Some(id) = Self::parse_id(raw_id)? else {
+            return Ok(());
+        };
+        let _guard = self.lock(vec![format!("vol:{id}")])?;
+        let publications = self.store.publications(id.as_str())?;
+        if let Some(path) = publications.keys().next() {
+            return Err(Error::Precondition(format!(
+                "volume {id} is still published at {path}; unpublish it first"
+            )));
+        }
+        let record = self.store.volume(id.as_str())?;
+        let backend = self.backend.clone();
+        let id2 = id.clone();
+        // Storage first, record second: a crash in between leaves a record whose storage is
+        // gone, and the retried DeleteVolume finishes the job.
+        blocking(move || Ok(backend.delete(&id2)?)).await?;
+        let mutations = match record {
+            Some(_) => vec![Mutation::DeleteVolume { id: id.to_string() }],
+            None => vec![],
+        };
+        self.store
+            .commit(mutations, self.backend.sync_dirs())
+            .await?;
+        Ok(())
+    }
+
+    fn status_of(&self, record: &VolumeRecord) -> Result<VolumeStatus> {
+        let id = VolumeId::parse(&record.id)
+            .map_err(|e| Error::Internal(format!("stored volume ID: {e}")))?;
+        let published = !self.store.publications(&record.id)?.is_empty();
+        let condition = if self.backend.exists(&id)? {
+            Condition::healthy()
+        } else {
+            Condition::abnormal(format!(
+                "backing storage {} is missing",
+                self.backend.volume_path(&id).display()
+            ))
+        };
+        Ok(VolumeStatus {
+            published_node_ids: if published {
+                vec![self.config.node_id.clone()]
+            } else {
+                vec![]
+            },
+            condition,
+        })
+    }
+
+    /// ControllerGetVolume.
+    pub fn get_volume(&self, raw_id: &str) -> Result<(Volume, VolumeStatus)> {
+        let id = Self::existing_id(raw_id)?;
+        let record = self
+            .store
+            .volume(id.as_str())?
+            .ok_or_else(|| Error::VolumeNotFound(raw_id.to_string()))?;
+        Ok((self.volume_from_record(&record)?, self.status_of(&record)?))
+    }
+
+    /// ListVolumes. Tokens are creation sequence numbers, so they survive concurrent creates
+    /// (new volumes sort last) and deletes (a missing number is simply skipped).
+    pub fn list_volumes(&self, max_entries: usize, starting_token: &str) -> Result<VolumePage> {
+        let from = if starting_token.is_empty() {
+            0
+        } else {
+            let next = self.store.next_sequence()?;
+            match starting_token.parse::<u64>() {
+                Ok(seq) if seq >= 1 && seq < next => seq,
+                _ => return Err(Error::BadToken(starting_token.to_string())),
+            }
+        };
+        let max = if max_entries == 0 {
+            usize::MAX
+        } else {
+            max_entries
+        };
+        let (records, next) = self.store.list_volumes(from, max)?;
+        let mut entries = Vec::with_capacity(records.len());
+        for record in &records {
+            entries.push((self.volume_from_record(record)?, self.status_of(record)?));
+        }
+        Ok(VolumePage {
+            entries,
+            next_token: next.map(|n| n.to_string()),
+        })
+    }
+
+    /// ValidateVolumeCapabilities: `Ok(Ok(()))` when every capability (and the parameters) fit
+    /// the volume, `Ok(Err(reason))` when not.
+    pub fn validate_capabilities(
+        &self,
+        raw_id: &str,
+        capabilities: &[Capability],
+        parameters: &BTreeMap<String, String>,
+    ) -> Result<std::result::Result<(), String>> {
+        let id = Self::existing_id(raw_id)?;
+        if capabilities.is_empty() {
+            return Err(Error::Missing("volume_capabilities"));
+        }
+        let record = self
+            .store
+            .volume(id.as_str())?
+            .ok_or_else(|| Error::VolumeNotFound(raw_id.to_string()))?;
+        for capability in capabilities {
+            if let Err(reason) = self.check_capability(capability) {
+                return Ok(Err(reason));
+            }
+        }
+        if !parameters.is_empty() {
+            let params = params::parse(parameters)?;
+            if params.defining != record.parameters {
+                return Ok(Err("parameters differ from the volume's".into()));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// GetCapacity: the free space volumes can be allocated from, zero where the request's
+    /// topology or capabilities exclude this node.
+    pub fn capacity(
+        &self,
+        capabilities: &[Capability],
+        parameters: &BTreeMap<String, String>,
+        topology: Option<&Segment>,
+    ) -> Result<CapacityReport> {
+        params::parse(parameters)?;
+        let excluded = topology.is_some_and(|s| !self.segment_is_local(s))
+            || capabilities
+                .iter()
+                .any(|c| self.check_capability(c).is_err());
+        if excluded {
+            return Ok(CapacityReport {
+                available_bytes: 0,
+                maximum_volume_size: 0,
+                minimum_volume_size: 0,
+            });
+        }
+        let fs = self.backend.capacity()?;
+        Ok(CapacityReport {
+            available_bytes: fs.available_bytes,
+            maximum_volume_size: fs.available_bytes,
+            minimum_volume_size: 0,
+        })
+    }
+}
+
+/// The capacity to record: required if set, else the limit, else 0 (unspecified).
+fn resolve_capacity(range: CapacityRange) -> Result<u64> {
+    if range.limit_bytes > 0 && range.required_bytes > range.limit_bytes {
+        return Err(Error::CapacityOutOfRange(format!(
+            "required_bytes {} exceeds limit_bytes {}",
+            range.required_bytes, range.limit_bytes
+        )));
+    }
+    Ok(if range.required_bytes > 0 {
+        range.required_bytes
+    } else {
+        range.limit_bytes
+    })
+}
+
+/// Whether an existing volume satisfies a repeated CreateVolume with the same name.
+fn check_compatible(
+    record: &VolumeRecord,
+    defining: &BTreeMap<String, String>,
+    request: &CreateVolume,
+) -> Result<()> {
+    let conflict = |what: &str| Error::AlreadyExists {
+        name: record.name.clone(),
+        what: what.to_string(),
+    };
+    let range = request.capacity;
+    let fits = (range.required_bytes == 0 || record.capacity_bytes >= range.required_bytes)
+        && (range.limit_bytes == 0 || record.capacity_bytes <= range.limit_bytes);
+    if !fits {
+        return Err(conflict("capacity"));
+    }
+    if &record.parameters != defining {
+        return Err(conflict("set of parameters"));
+    }
+    let modes: Vec<&str> = request
+        .capabilities
+        .iter()
+        .map(|c| c.access_mode.name())
+        .collect();
+    if modes
+        .iter()
+        .any(|m| !record.access_modes.iter().any(|r| r == m))
+    {
+        return Err(conflict("access mode"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,247 @@
+//! The node half of the engine: publishing volumes at kubelet paths, unpublishing them, and
+//! reporting their usage and health.
+
+use crate::mount::{ConfinedPath, MountOptions, PathState};
+use crate::store::{Mutation, PublicationRecord};
+
+use super::error::{Error, Result};
+use super::ids::VolumeId;
+use super::types::*;
+use super::{Engine, blocking};
+
+impl Engine {
+    fn confine(&self, field: &'static str, raw: &str) -> Result<ConfinedPath> {
+        if raw.is_empty() {
+            return Err(Error::Missing(field));
+        }
+        ConfinedPath::new(&self.config.kubelet_dir, raw)
+            .map_err(|e| Error::invalid(field, e.to_string()))
+    }
+
+    /// Whether `state` shows the volume's own storage (a bind mount of it).
+    pub(super) fn shows_volume(&self, id: &VolumeId, state: &PathState) -> bool {
+        self.mounter
+            .identity(&self.backend.volume_path(id))
+            .is_ok_and(|(dev, ino)| state.dev == dev && state.ino == ino)
+    }
+
+    /// NodeGetInfo.
+    pub fn node_info(&self) -> NodeInfo {
+        NodeInfo {
+            node_id: self.config.node_id.clone(),
+            max_volumes_per_node: self.config.max_volumes_per_node,
+            topology: self.topology(),
+        }
+    }
+
+    /// NodePublishVolume: bind-mounts the volume at the target path.
+    pub async fn publish(&self, request: Publish) -> Result<()> {
+        if request.volume_id.is_empty() {
+            return Err(Error::Missing("volume_id"));
+        }
+        let target = self.confine("target_path", &request.target_path)?;
+        let capability = request.capability;
+        self.check_capability(&capability)
+            .map_err(|reason| Error::invalid("volume_capability", reason))?;
+        let flags = match &capability.access_type {
+            AccessType::Mount { mount_flags, .. } => mount_flags.clone(),
+            AccessType::Block => vec![],
+        };
+        let readonly = request.readonly || capability.access_mode.is_read_only();
+        let options = MountOptions::from_flags(&flags, readonly)
+            .map_err(|reason| Error::invalid("volume_capability", reason))?;
+        let id = Self::existing_id(&request.volume_id)?;
+
+        let _guard = self.lock(vec![format!("vol:{id}")])?;
+        if !self.backend.exists(&id)? {
+            return Err(Error::VolumeNotFound(id.to_string()));
+        }
+        let wanted = PublicationRecord {
+            volume_id: id.to_string(),
+            path: target.as_string(),
+            node_id: self.config.node_id.clone(),
+            readonly: options.readonly,
+            access_mode: capability.access_mode.name().to_string(),
+            mount_flags: flags,
+        };
+        let publications = self.store.publications(id.as_str())?;
+        if let Some(existing) = publications.get(&wanted.path)
+            && existing != &wanted
+        {
+            return Err(Error::PublishedDifferently(format!(
+                "volume {id} is already published at {target} with different options \
+                 (readonly={}, mode={}, flags={:?})",
+                existing.readonly, existing.access_mode, existing.mount_flags
+            )));
+        }
+        let single_writer = AccessMode::SingleNodeSingleWriter.name();
+        if let Some(other) = publications.values().find(|p| {
+            p.path != wanted.path
+                && (p.access_mode == single_writer || wanted.access_mode == single_writer)
+        }) {
+            return Err(Error::Precondition(format!(
+                "volume {id} is published at {} and SINGLE_NODE_SINGLE_WRITER allows one \
+                 publication",
+                other.path
+            )));
+        }
+
+        let mounter = self.mounter.clone();
+        let source = self.backend.volume_path(&id);
+        let state = {
+            let (m, t) = (mounter.clone(), target.clone());
+            blocking(move || Ok(m.inspect(&t)?)).await?
+        };
+        match state {
+            Some(state) if state.is_mount_point && self.shows_volume(&id, &state) => {
+                // Already mounted (a repeated call, or a crash before the record was written).
+            }
+            Some(state) if state.is_mount_point => {
+                return Err(Error::Precondition(format!(
+                    "something other than volume {id} is mounted at {target}"
+                )));
+            }
+            Some(state) if !state.is_dir => {
+                return Err(Error::invalid(
+                    "target_path",
+                    format!("{target} exists and is not a directory"),
+                ));
+            }
+            _ => {
+                let t = target.clone();
+                blocking(move || Ok(mounter.bind(&source, &t, &options)?)).await?;
+            }
+        }
+        if publications.get(&wanted.path) != Some(&wanted) {
+            self.store
+                .commit(vec![Mutation::PutPublication(wanted)], vec![])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// NodeUnpublishVolume: unmounts the target and removes the directory. Unpublishing what is
+    /// not published succeeds.
+    pub async fn unpublish(&self, raw_id: &str, raw_target: &str) -> Result<()> {
+        if raw_id.is_empty() {
+            return Err(Error::Missing("volume_id"));
+        }
+        let target = self.confine("target_path", raw_target)?;
+        let id = Self::parse_id(raw_id)?;
+        let _guard = self.lock(vec![format!("vol:{raw_id}")])?;
+        let recorded = match &id {
+            Some(id) => self
+                .store
+                .publications(id.as_str())?
+                .contains_key(&target.as_string()),
+            None => false,
+        };
+        let mounter = self.mounter.clone();
+        let state = {
+            let (m, t) = (mounter.clone(), target.clone());
+            blocking(move || Ok(m.inspect(&t)?)).await?
+        };
+        if let Some(state) = state {
+            if state.is_mount_point {
+                let ours = id.as_ref().is_some_and(|id| self.shows_volume(id, &state));
+                if !ours && !recorded {
+                    return Err(Error::Precondition(format!(
+                        "{target} holds a mount that is not volume {raw_id}; leaving it alone"
+                    )));
+                }
+                let (m, t) = (mounter.clone(), target.clone());
+                blocking(move || Ok(m.unmount(&t)?)).await?;
+            }
+            let t = target.clone();
+            blocking(move || Ok(mounter.remove_target(&t)?)).await?;
+        }
+        if recorded && let Some(id) = id {
+            self.store
+                .commit(
+                    vec![Mutation::DeletePublication {
+                        volume_id: id.to_string(),
+                        path: target.as_string(),
+                    }],
+                    vec![],
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// NodeGetVolumeStats.
+    pub async fn stats(&self, raw_id: &str, raw_path: &str) -> Result<VolumeStats> {
+        let id = Self::existing_id(raw_id)?;
+        if raw_path.is_empty() {
+            return Err(Error::Missing("volume_path"));
+        }
+        let path = match ConfinedPath::new(&self.config.kubelet_dir, raw_path) {
+            Ok(p) => p,
+            // A path outside the kubelet tree cannot be one where we published anything.
+            Err(_) => {
+                return Err(Error::NotFound(format!(
+                    "volume {id} is not published at {raw_path:?}"
+                )));
+            }
+        };
+        let record = self.store.volume(id.as_str())?;
+        let backing = self.backend.exists(&id)?;
+        if record.is_none() && !backing {
+            return Err(Error::VolumeNotFound(id.to_string()));
+        }
+        let recorded = self
+            .store
+            .publications(id.as_str())?
+            .contains_key(&path.as_string());
+        let state = {
+            let (m, p) = (self.mounter.clone(), path.clone());
+            blocking(move || Ok(m.inspect(&p)?)).await?
+        };
+        let shows = state.as_ref().is_some_and(|s| self.shows_volume(&id, s));
+        if !shows && !recorded {
+            return Err(Error::NotFound(format!(
+                "volume {id} is not published at {path}"
+            )));
+        }
+        let condition = if !backing {
+            Condition::abnormal(format!(
+                "backing directory {} is missing",
+                self.backend.volume_path(&id).display()
+            ))
+        } else if !shows {
+            Condition::abnormal(format!(
+                "{path} no longer shows the volume: its mount is gone or was replaced"
+            ))
+        } else {
+            Condition::healthy()
+        };
+        let backend = self.backend.clone();
+        let (fs, usage) = blocking(move || {
+            let fs = backend.capacity()?;
+            let usage = if backing {
+                Some(backend.usage(&id)?)
+            } else {
+                None
+            };
+            Ok((fs, usage))
+        })
+        .await?;
+        let used_bytes = usage.map(|u| u.used_bytes).unwrap_or(0);
+        let used_inodes = usage.map(|u| u.used_inodes).unwrap_or(0);
+        let total_bytes = match record.map(|r| r.capacity_bytes) {
+            Some(c) if c > 0 => c,
+            _ => fs.total_bytes,
+        };
+        Ok(VolumeStats {
+            total_bytes,
+            used_bytes,
+            available_bytes: total_bytes
+                .saturating_sub(used_bytes)
+                .min(fs.available_bytes),
+            total_inodes: fs.total_inodes,
+            used_inodes,
+            available_inodes: fs.free_inodes,
+            condition,
+        })
+    }
+}

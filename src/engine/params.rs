@@ -1,0 +1,115 @@
+//! StorageClass parameters. Unknown keys are refused by name so a typo in a StorageClass fails
+//! loudly at provisioning time instead of silently provisioning something else.
+
+use std::collections::BTreeMap;
+
+use super::error::{Error, Result};
+
+/// Keys the external-provisioner adds with `--extra-create-metadata`.
+pub const PV_NAME: &str = "csi.storage.k8s.io/pv/name";
+pub const PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
+pub const PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
+const METADATA_KEYS: &[&str] = &[PV_NAME, PVC_NAME, PVC_NAMESPACE];
+
+/// The `type` parameter choosing the backend.
+pub const TYPE: &str = "type";
+
+/// CSI's limit on a map's total size.
+pub const MAX_MAP_BYTES: usize = 4096;
+
+/// Parameters split into what defines the volume and what only describes it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Parameters {
+    /// Backend name (`dir`).
+    pub backend: String,
+    /// Parameters that define the volume; compared for CreateVolume idempotency.
+    pub defining: BTreeMap<String, String>,
+    /// Provisioner metadata (PV/PVC names); recorded, never compared.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Checks a string map against CSI's size limit and for NUL bytes.
+pub fn check_map(field: &'static str, map: &BTreeMap<String, String>) -> Result<()> {
+    let size: usize = map.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if size > MAX_MAP_BYTES {
+        return Err(Error::invalid(
+            field,
+            format!("is {size} bytes; the limit is {MAX_MAP_BYTES}"),
+        ));
+    }
+    if map
+        .iter()
+        .any(|(k, v)| k.contains('\0') || v.contains('\0'))
+    {
+        return Err(Error::invalid(field, "must not contain NUL bytes"));
+    }
+    Ok(())
+}
+
+/// Parses CreateVolume / GetCapacity parameters.
+pub fn parse(raw: &BTreeMap<String, String>) -> Result<Parameters> {
+    check_map("parameters", raw)?;
+    let mut out = Parameters {
+        backend: "dir".to_string(),
+        ..Default::default()
+    };
+    for (key, value) in raw {
+        if METADATA_KEYS.contains(&key.as_str()) {
+            out.metadata.insert(key.clone(), value.clone());
+            continue;
+        }
+        match key.as_str() {
+            TYPE => match value.as_str() {
+                "dir" => {
+                    out.backend = value.clone();
+                    out.defining.insert(key.clone(), value.clone());
+                }
+                other => {
+                    return Err(Error::invalid(
+                        "parameters",
+                        format!("type {other:?} is not supported (supported: dir)"),
+                    ));
+                }
+            },
+            _ => return Err(Error::UnknownParameter(key.clone())),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn splits_metadata_from_defining_parameters() {
+        let p = parse(&map(&[
+            ("type", "dir"),
+            (PVC_NAME, "data"),
+            (PVC_NAMESPACE, "ns"),
+        ]))
+        .unwrap();
+        assert_eq!(p.backend, "dir");
+        assert_eq!(p.defining, map(&[("type", "dir")]));
+        assert_eq!(p.metadata.len(), 2);
+        assert_eq!(parse(&BTreeMap::new()).unwrap().backend, "dir");
+    }
+
+    #[test]
+    fn refuses_unknown_and_oversized() {
+        match parse(&map(&[("tpye", "dir")])) {
+            Err(Error::UnknownParameter(k)) => assert_eq!(k, "tpye"),
+            other => panic!("{other:?}"),
+        }
+        assert!(parse(&map(&[("type", "../../etc")])).is_err());
+        let big = "x".repeat(5000);
+        assert!(parse(&map(&[("type", &big)])).is_err());
+    }
+}

@@ -1,0 +1,108 @@
+//! Start-up reconciliation: compares the store with what is on disk and in the mount table,
+//! and reports every difference. Nothing is deleted: an orphaned directory may hold someone's
+//! data, so the operator decides.
+
+use std::collections::BTreeSet;
+
+use crate::mount::{ConfinedPath, mountinfo};
+
+use super::Engine;
+use super::error::Result;
+use super::ids::VolumeId;
+
+/// What reconciliation found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Storage with no record (e.g. a crash between creating storage and committing).
+    pub orphaned_storage: Vec<String>,
+    /// Records whose storage is missing.
+    pub missing_storage: Vec<String>,
+    /// Publications recorded whose mount is gone (e.g. after a reboot).
+    pub lost_publications: Vec<String>,
+    /// Bind mounts of our volumes that no publication record explains.
+    pub leftover_mounts: Vec<String>,
+}
+
+impl ReconcileReport {
+    pub fn is_clean(&self) -> bool {
+        *self == ReconcileReport::default()
+    }
+}
+
+impl Engine {
+    /// Compares records, storage and mounts, logs each finding and returns them.
+    pub fn reconcile(&self) -> Result<ReconcileReport> {
+        let mut report = ReconcileReport::default();
+        let recorded: BTreeSet<String> = self
+            .store
+            .all_volumes()?
+            .into_iter()
+            .map(|v| v.id)
+            .collect();
+        let on_disk: BTreeSet<String> = self
+            .backend
+            .list()?
+            .into_iter()
+            .map(|id| id.to_string())
+            .collect();
+        for id in on_disk.difference(&recorded) {
+            tracing::warn!(volume_id = %id, path = %self.backend.volume_path(&VolumeId::parse(id).expect("listed IDs parse")).display(),
+                "reconcile: storage without a record (left alone; delete it by volume ID to remove it)");
+            report.orphaned_storage.push(id.clone());
+        }
+        for id in recorded.difference(&on_disk) {
+            tracing::warn!(volume_id = %id, "reconcile: record whose storage is missing");
+            report.missing_storage.push(id.clone());
+        }
+
+        let publications = self.store.all_publications()?;
+        if self.config.serves_node {
+            for publication in &publications {
+                let Ok(id) = VolumeId::parse(&publication.volume_id) else {
+                    continue;
+                };
+                let shown = ConfinedPath::new(&self.config.kubelet_dir, &publication.path)
+                    .ok()
+                    .and_then(|p| self.mounter.inspect(&p).ok().flatten())
+                    .is_some_and(|s| s.is_mount_point && self.shows_volume(&id, &s));
+                if !shown {
+                    tracing::warn!(volume_id = %id, path = %publication.path,
+                        "reconcile: recorded publication is not mounted (reboot?); the next NodePublishVolume restores it");
+                    report.lost_publications.push(publication.path.clone());
+                }
+            }
+        }
+
+        match mountinfo::read() {
+            Ok(table) => {
+                let published: BTreeSet<&str> =
+                    publications.iter().map(|p| p.path.as_str()).collect();
+                for id in &on_disk {
+                    let Ok(vid) = VolumeId::parse(id) else {
+                        continue;
+                    };
+                    let dir = self.backend.volume_path(&vid);
+                    for entry in mountinfo::bind_mounts_of(&table, &dir) {
+                        let point = entry.mount_point.to_string_lossy();
+                        if !published.contains(point.as_ref()) {
+                            tracing::warn!(volume_id = %id, mount_point = %point,
+                                "reconcile: mount of a volume that no publication explains");
+                            report.leftover_mounts.push(point.into_owned());
+                        }
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reconcile: cannot read the mount table"),
+        }
+        tracing::info!(
+            volumes = recorded.len(),
+            publications = publications.len(),
+            orphaned = report.orphaned_storage.len(),
+            missing = report.missing_storage.len(),
+            lost_publications = report.lost_publications.len(),
+            leftover_mounts = report.leftover_mounts.len(),
+            "reconcile finished"
+        );
+        Ok(report)
+    }
+}

@@ -1,0 +1,21 @@
+//! k8scsi: a Kubernetes CSI storage driver.
+//!
+//! The library holds the domain and its edges:
+//! - [`engine`]: the volume engine (names, IDs, idempotency, locks, capability checks);
+//! - [`backend`]: where volume data lives (node-local directories today);
+//! - [`mount`]: confined path resolution and mount syscalls behind the [`mount::Mounter`] trait;
+//! - [`store`]: durable metadata in redb with group commit;
+//! - [`csi`]: the thin gRPC adapters that translate CSI requests to engine calls;
+//! - [`server`], [`client`] and [`bench`]: what the `k8scsi` binary runs.
+//!
+//! Only [`csi`], [`server`], [`client`] and [`bench`] know about gRPC.
+
+pub mod backend;
+pub mod bench;
+pub mod client;
+pub mod csi;
+pub mod engine;
+pub mod mount;
+pub mod server;
+pub mod store;
+pub mod units;

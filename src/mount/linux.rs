@@ -1,0 +1,209 @@
+//! The real mounter: Linux system calls through rustix.
+//!
+//! Every path from a request is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
+//! RESOLVE_NO_MAGICLINKS)` starting at a fresh descriptor of the kubelet directory. The bind
+//! mount is made with `open_tree(OPEN_TREE_CLONE)` and attached with `move_mount` onto the
+//! target's descriptor, so nothing is re-resolved by name between the check and the mount.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use rustix::fs::{AtFlags, CWD, Mode, OFlags, ResolveFlags, StatxFlags, makedev};
+use rustix::io::Errno;
+use rustix::mount::{
+    MountFlags, MoveMountFlags, OpenTreeFlags, UnmountFlags, mount_remount, move_mount, open_tree,
+    unmount,
+};
+
+use super::{AtimeMode, ConfinedPath, MountError, MountOptions, Mounter, PathState};
+
+/// Mode of target directories we create (the kubelet creates their parents).
+const TARGET_DIR_MODE: u32 = 0o750;
+
+/// The production [`Mounter`].
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LinuxMounter;
+
+fn io(op: &'static str, path: impl Into<PathBuf>, errno: Errno) -> MountError {
+    let path = path.into();
+    match errno {
+        Errno::LOOP | Errno::XDEV => MountError::Symlink { path },
+        Errno::NOTDIR => MountError::NotADirectory { path },
+        other => MountError::Io {
+            op,
+            path,
+            source: other.into(),
+        },
+    }
+}
+
+fn resolve_flags() -> ResolveFlags {
+    ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS
+}
+
+/// Opens the parent directory of `path` without following any symlink below the root.
+fn open_parent(path: &ConfinedPath) -> Result<OwnedFd, MountError> {
+    let root = rustix::fs::open(
+        path.root(),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| io("open", path.root(), e))?;
+    rustix::fs::openat2(
+        &root,
+        path.parent_relative(),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        resolve_flags(),
+    )
+    .map_err(|e| match e {
+        Errno::NOENT => MountError::ParentMissing {
+            path: path.absolute(),
+        },
+        other => io("open", path.absolute(), other),
+    })
+}
+
+/// The path of `leaf` inside the directory `fd` refers to, via procfs: lets calls that only take
+/// a path (umount) reach exactly the directory we resolved, without re-walking its parents.
+fn fd_path(fd: &OwnedFd, leaf: &str) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}/{leaf}", fd.as_raw_fd()))
+}
+
+fn remount_flags(options: &MountOptions) -> MountFlags {
+    let mut flags = MountFlags::BIND;
+    for (set, flag) in [
+        (options.readonly, MountFlags::RDONLY),
+        (options.nosuid, MountFlags::NOSUID),
+        (options.nodev, MountFlags::NODEV),
+        (options.noexec, MountFlags::NOEXEC),
+        (options.nodiratime, MountFlags::NODIRATIME),
+        (options.sync, MountFlags::SYNCHRONOUS),
+        (options.dirsync, MountFlags::DIRSYNC),
+    ] {
+        if set {
+            flags |= flag;
+        }
+    }
+    flags |= match options.atime {
+        Some(AtimeMode::NoAtime) => MountFlags::NOATIME,
+        Some(AtimeMode::StrictAtime) => MountFlags::STRICTATIME,
+        Some(AtimeMode::RelAtime) | None => MountFlags::RELATIME,
+    };
+    flags
+}
+
+impl Mounter for LinuxMounter {
+    fn inspect(&self, path: &ConfinedPath) -> Result<Option<PathState>, MountError> {
+        let parent = open_parent(path)?;
+        let parent_stat = rustix::fs::statx(
+            &parent,
+            "",
+            AtFlags::EMPTY_PATH,
+            StatxFlags::BASIC_STATS | StatxFlags::MNT_ID,
+        )
+        .map_err(|e| io("statx", path.absolute(), e))?;
+        let stat = match rustix::fs::statx(
+            &parent,
+            path.leaf(),
+            AtFlags::SYMLINK_NOFOLLOW,
+            StatxFlags::BASIC_STATS | StatxFlags::MNT_ID,
+        ) {
+            Ok(s) => s,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(io("statx", path.absolute(), e)),
+        };
+        let file_type = rustix::fs::FileType::from_raw_mode(stat.stx_mode.into());
+        if file_type == rustix::fs::FileType::Symlink {
+            return Err(MountError::Symlink {
+                path: path.absolute(),
+            });
+        }
+        let mount_root = stat
+            .stx_attributes
+            .contains(rustix::fs::StatxAttributes::MOUNT_ROOT);
+        Ok(Some(PathState {
+            dev: makedev(stat.stx_dev_major, stat.stx_dev_minor),
+            ino: stat.stx_ino,
+            is_mount_point: mount_root || stat.stx_mnt_id != parent_stat.stx_mnt_id,
+            is_dir: file_type == rustix::fs::FileType::Directory,
+        }))
+    }
+
+    fn bind(
+        &self,
+        source: &Path,
+        target: &ConfinedPath,
+        options: &MountOptions,
+    ) -> Result<(), MountError> {
+        let parent = open_parent(target)?;
+        match rustix::fs::mkdirat(&parent, target.leaf(), Mode::from_raw_mode(TARGET_DIR_MODE)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(io("mkdir", target.absolute(), e)),
+        }
+        let target_fd = rustix::fs::openat2(
+            &parent,
+            target.leaf(),
+            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+            Mode::empty(),
+            resolve_flags(),
+        )
+        .map_err(|e| io("open", target.absolute(), e))?;
+        let tree = open_tree(
+            CWD,
+            source,
+            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
+        )
+        .map_err(|e| io("open_tree", source, e))?;
+        move_mount(
+            tree.as_fd(),
+            "",
+            target_fd.as_fd(),
+            "",
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+        )
+        .map_err(|e| io("move_mount", target.absolute(), e))?;
+        if options.needs_remount() {
+            // The tree descriptor now names the attached mount; remounting through its procfs
+            // link changes exactly that mount's flags.
+            let mount_path = format!("/proc/self/fd/{}", tree.as_raw_fd());
+            if let Err(e) = mount_remount(mount_path.as_str(), remount_flags(options), "") {
+                let _ = unmount(fd_path(&parent, target.leaf()), UnmountFlags::NOFOLLOW);
+                return Err(io("remount", target.absolute(), e));
+            }
+        }
+        Ok(())
+    }
+
+    fn unmount(&self, target: &ConfinedPath) -> Result<(), MountError> {
+        let parent = open_parent(target)?;
+        unmount(fd_path(&parent, target.leaf()), UnmountFlags::NOFOLLOW)
+            .map_err(|e| io("umount", target.absolute(), e))
+    }
+
+    fn remove_target(&self, target: &ConfinedPath) -> Result<(), MountError> {
+        let parent = match open_parent(target) {
+            Ok(p) => p,
+            Err(MountError::ParentMissing { .. }) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        match rustix::fs::unlinkat(&parent, target.leaf(), AtFlags::REMOVEDIR) {
+            Ok(()) | Err(Errno::NOENT) => Ok(()),
+            Err(Errno::NOTEMPTY) => Err(MountError::NotEmpty {
+                path: target.absolute(),
+            }),
+            Err(Errno::NOTDIR) => {
+                // A plain file (block-volume targets are files): remove it the same way.
+                rustix::fs::unlinkat(&parent, target.leaf(), AtFlags::empty())
+                    .map_err(|e| io("unlink", target.absolute(), e))
+            }
+            Err(e) => Err(io("rmdir", target.absolute(), e)),
+        }
+    }
+
+    fn identity(&self, dir: &Path) -> std::io::Result<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::symlink_metadata(dir)?;
+        Ok((meta.dev(), meta.ino()))
+    }
+}

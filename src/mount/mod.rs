@@ -1,0 +1,174 @@
+//! The mount layer: bind mounts at confined paths, behind the [`Mounter`] trait.
+//!
+//! [`linux::LinuxMounter`] does it for real with the new mount API (`open_tree` + `move_mount`)
+//! onto a directory file descriptor that was resolved beneath the kubelet directory with
+//! `openat2(RESOLVE_NO_SYMLINKS)`, so a symlink planted at or above the target is refused rather
+//! than followed. [`fake::FakeMounter`] records calls so the engine's mount logic is unit-testable
+//! without root.
+
+pub mod fake;
+pub mod linux;
+pub mod mountinfo;
+pub mod paths;
+
+use std::path::{Path, PathBuf};
+
+pub use paths::{ConfinedPath, PathError};
+
+/// What is found at a confined path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PathState {
+    /// Device of the inode found there (after crossing any mount on it).
+    pub dev: u64,
+    /// Inode number found there.
+    pub ino: u64,
+    /// Whether something is mounted on the path.
+    pub is_mount_point: bool,
+    /// Whether the inode is a directory.
+    pub is_dir: bool,
+}
+
+/// Per-mount flags a bind mount is (re)mounted with; parsed from CSI `mount_flags`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MountOptions {
+    pub readonly: bool,
+    pub nosuid: bool,
+    pub nodev: bool,
+    pub noexec: bool,
+    pub atime: Option<AtimeMode>,
+    pub nodiratime: bool,
+    pub sync: bool,
+    pub dirsync: bool,
+}
+
+/// Access-time behaviour of a mount.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AtimeMode {
+    NoAtime,
+    RelAtime,
+    StrictAtime,
+}
+
+impl MountOptions {
+    /// Parses CSI mount flags. Only per-mount-point flags a bind mount can honour are accepted;
+    /// anything else (including filesystem data options that could smuggle in a different
+    /// source) is refused with the offending flag.
+    pub fn from_flags(flags: &[String], readonly: bool) -> Result<MountOptions, String> {
+        let mut o = MountOptions {
+            readonly,
+            ..Default::default()
+        };
+        for flag in flags {
+            // Kubernetes passes PV mountOptions one per entry, but comma lists are common in
+            // hand-written specs; split them and judge each piece.
+            for piece in flag.split(',') {
+                match piece.trim() {
+                    "" | "defaults" | "bind" | "rw" => {}
+                    "ro" => o.readonly = true,
+                    "nosuid" => o.nosuid = true,
+                    "nodev" => o.nodev = true,
+                    "noexec" => o.noexec = true,
+                    "noatime" => o.atime = Some(AtimeMode::NoAtime),
+                    "relatime" => o.atime = Some(AtimeMode::RelAtime),
+                    "strictatime" => o.atime = Some(AtimeMode::StrictAtime),
+                    "nodiratime" => o.nodiratime = true,
+                    "sync" => o.sync = true,
+                    "dirsync" => o.dirsync = true,
+                    other => return Err(format!("mount flag {other:?} is not supported")),
+                }
+            }
+        }
+        Ok(o)
+    }
+
+    /// Whether a remount is needed after the bind to apply these options.
+    pub fn needs_remount(&self) -> bool {
+        *self != MountOptions::default()
+    }
+}
+
+/// Failures of the mount layer.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// A path component is a symlink (or a magic link); we never follow those.
+    #[error("{path}: a symlink is in the way; refusing to follow it")]
+    Symlink { path: PathBuf },
+    /// The parent of a target does not exist; the CO must create it.
+    #[error("parent directory of {path} does not exist")]
+    ParentMissing { path: PathBuf },
+    /// A path exists but is not a directory.
+    #[error("{path} is not a directory")]
+    NotADirectory { path: PathBuf },
+    /// The path is not a mount point but holds files; we do not delete what we did not create.
+    #[error("{path} is not a mount point and is not empty; leaving it alone")]
+    NotEmpty { path: PathBuf },
+    /// Any other system call failure.
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The mount operations the engine needs.
+pub trait Mounter: Send + Sync + 'static {
+    /// What is at `path`, or `None` if nothing is. Fails with [`MountError::Symlink`] when the
+    /// path or one of its parents below the root is a symlink.
+    fn inspect(&self, path: &ConfinedPath) -> Result<Option<PathState>, MountError>;
+
+    /// Creates the target directory if needed and bind-mounts `source` (a trusted directory of
+    /// ours) on it with `options`.
+    fn bind(
+        &self,
+        source: &Path,
+        target: &ConfinedPath,
+        options: &MountOptions,
+    ) -> Result<(), MountError>;
+
+    /// Unmounts whatever is mounted on `target` (one layer).
+    fn unmount(&self, target: &ConfinedPath) -> Result<(), MountError>;
+
+    /// Removes the (empty, unmounted) target directory; a missing one is fine.
+    fn remove_target(&self, target: &ConfinedPath) -> Result<(), MountError>;
+
+    /// The (device, inode) a trusted directory of ours shows once it is bind-mounted
+    /// somewhere; [`Mounter::inspect`] of a target holding it reports the same pair.
+    fn identity(&self, dir: &Path) -> std::io::Result<(u64, u64)>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_supported_flags_and_refuses_others() {
+        let o =
+            MountOptions::from_flags(&["noexec,nosuid".into(), "noatime".into()], false).unwrap();
+        assert!(o.noexec && o.nosuid && !o.readonly);
+        assert_eq!(o.atime, Some(AtimeMode::NoAtime));
+        assert!(
+            MountOptions::from_flags(&["ro".into()], false)
+                .unwrap()
+                .readonly
+        );
+        assert!(
+            !MountOptions::from_flags(&[], false)
+                .unwrap()
+                .needs_remount()
+        );
+        for bad in [
+            "source=/etc",
+            "uid=0",
+            "remount",
+            "x-mount.mkdir",
+            "subvol=/",
+        ] {
+            assert!(
+                MountOptions::from_flags(&[bad.to_string()], false).is_err(),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! `k8scsi serve`: wires the store, backend, mounter and engine together and serves the CSI
+//! services on a unix socket (or TCP, for debugging).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::Server;
+
+use crate::backend::dir::DirBackend;
+use crate::csi::proto::controller_server::ControllerServer;
+use crate::csi::proto::identity_server::IdentityServer;
+use crate::csi::proto::node_server::NodeServer;
+use crate::csi::{ControllerService, IdentityService, NodeService};
+use crate::engine::{Engine, EngineConfig};
+use crate::mount::linux::LinuxMounter;
+use crate::store::Store;
+
+/// Which CSI services this process serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Identity, Controller and Node.
+    All,
+    /// Identity and Controller.
+    Controller,
+    /// Identity and Node.
+    Node,
+}
+
+/// Where to listen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl Endpoint {
+    /// Parses `unix:///path`, `unix:/path` or `tcp://host:port`.
+    pub fn parse(raw: &str) -> Result<Endpoint, String> {
+        if let Some(rest) = raw
+            .strip_prefix("unix://")
+            .or_else(|| raw.strip_prefix("unix:"))
+        {
+            if !rest.starts_with('/') {
+                return Err(format!(
+                    "endpoint {raw:?}: the socket path must be absolute"
+                ));
+            }
+            return Ok(Endpoint::Unix(PathBuf::from(rest)));
+        }
+        if let Some(rest) = raw.strip_prefix("tcp://") {
+            return Ok(Endpoint::Tcp(rest.to_string()));
+        }
+        if raw.starts_with('/') {
+            return Ok(Endpoint::Unix(PathBuf::from(raw)));
+        }
+        Err(format!(
+            "endpoint {raw:?}: expected unix:///path/to/csi.sock or tcp://host:port"
+        ))
+    }
+}
+
+/// Everything `serve` needs.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub endpoint: Endpoint,
+    pub node_id: String,
+    pub driver_name: String,
+    pub state_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub mode: Mode,
+    pub max_volumes_per_node: u64,
+    pub kubelet_dir: PathBuf,
+    pub topology_key: String,
+}
+
+/// Start-up failures.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("configuration: {0}")]
+    Config(String),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Backend(#[from] crate::backend::BackendError),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::Error),
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
+    let context = context.into();
+    move |source| ServeError::Io { context, source }
+}
+
+/// Checks a driver name as CSI requires: at most 63 characters, alphanumerics, `-`, `_` and
+/// `.`, beginning and ending with an alphanumeric.
+pub fn check_driver_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "driver name {name:?} must be 1-63 characters of [A-Za-z0-9-_.], starting and \
+             ending with a letter or digit"
+        ))
+    }
+}
+
+/// Creates `dir` if needed and returns its canonical path, so later prefix checks compare
+/// real paths (the operator may point us at a symlinked location).
+fn prepare_dir(dir: &Path, what: &str) -> Result<PathBuf, ServeError> {
+    std::fs::create_dir_all(dir).map_err(io_err(format!("creating {what} {}", dir.display())))?;
+    dir.canonicalize()
+        .map_err(io_err(format!("resolving {what} {}", dir.display())))
+}
+
+/// Removes a stale socket file; refuses when a server still answers on it.
+fn claim_socket(path: &Path) -> Result<(), ServeError> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::symlink_metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err(format!("checking {}", path.display()))(e)),
+        Ok(meta) if !meta.file_type().is_socket() => Err(ServeError::Config(format!(
+            "{} exists and is not a socket; refusing to replace it",
+            path.display()
+        ))),
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => Err(ServeError::Config(format!(
+                "another server is listening on {}",
+                path.display()
+            ))),
+            Err(_) => {
+                tracing::info!(socket = %path.display(), "replacing stale socket");
+                std::fs::remove_file(path)
+                    .map_err(io_err(format!("removing stale socket {}", path.display())))
+            }
+        },
+    }
+}
+
+/// Builds the engine for a configuration (also used by tests and the bench).
+pub fn build_engine(config: &ServeConfig) -> Result<Arc<Engine>, ServeError> {
+    if config.node_id.is_empty() || config.node_id.len() > 256 {
+        return Err(ServeError::Config(
+            "--node-id must be 1-256 bytes".to_string(),
+        ));
+    }
+    check_driver_name(&config.driver_name).map_err(ServeError::Config)?;
+    if config.topology_key.is_empty() || config.topology_key.contains(['\0', ' ']) {
+        return Err(ServeError::Config(
+            "--topology-key must be a label key".to_string(),
+        ));
+    }
+    let state_dir = prepare_dir(&config.state_dir, "state directory")?;
+    let data_dir = prepare_dir(&config.data_dir, "data directory")?;
+    let kubelet_dir = prepare_dir(&config.kubelet_dir, "kubelet directory")?;
+    let store = Store::open(&state_dir)?;
+    let backend = Arc::new(DirBackend::new(&data_dir)?);
+    Ok(Arc::new(Engine::new(
+        EngineConfig {
+            node_id: config.node_id.clone(),
+            topology_key: config.topology_key.clone(),
+            max_volumes_per_node: config.max_volumes_per_node,
+            kubelet_dir,
+            serves_node: config.mode != Mode::Controller,
+        },
+        store,
+        backend,
+        Arc::new(LinuxMounter),
+    )))
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    config: ServeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let engine = build_engine(&config)?;
+    {
+        let engine = engine.clone();
+        tokio::task::spawn_blocking(move || engine.reconcile())
+            .await
+            .map_err(|e| ServeError::Config(format!("reconcile task: {e}")))??;
+    }
+    let serves_controller = config.mode != Mode::Node;
+    let serves_node = config.mode != Mode::Controller;
+    let router = Server::builder()
+        .add_service(IdentityServer::new(IdentityService::new(
+            engine.clone(),
+            config.driver_name.clone(),
+            serves_controller,
+        )))
+        .add_optional_service(
+            serves_controller
+                .then(|| ControllerServer::new(ControllerService::new(engine.clone()))),
+        )
+        .add_optional_service(
+            serves_node.then(|| NodeServer::new(NodeService::new(engine.clone()))),
+        );
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"),
+        driver = %config.driver_name,
+        node_id = %config.node_id,
+        mode = ?config.mode,
+        endpoint = ?config.endpoint,
+        "k8scsi serving"
+    );
+    match &config.endpoint {
+        Endpoint::Unix(path) => {
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(io_err(format!("creating {}", parent.display())))?;
+            }
+            claim_socket(path)?;
+            let listener =
+                UnixListener::bind(path).map_err(io_err(format!("binding {}", path.display())))?;
+            let result = router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+                .await;
+            let _ = std::fs::remove_file(path);
+            result?;
+        }
+        Endpoint::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(io_err(format!("binding {addr}")))?;
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await?;
+        }
+    }
+    tracing::info!("k8scsi stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_endpoints() {
+        assert_eq!(
+            Endpoint::parse("unix:///run/csi/csi.sock").unwrap(),
+            Endpoint::Unix("/run/csi/csi.sock".into())
+        );
+        assert_eq!(
+            Endpoint::parse("unix:/csi.sock").unwrap(),
+            Endpoint::Unix("/csi.sock".into())
+        );
+        assert_eq!(
+            Endpoint::parse("tcp://127.0.0.1:10000").unwrap(),
+            Endpoint::Tcp("127.0.0.1:10000".into())
+        );
+        assert!(Endpoint::parse("unix://relative.sock").is_err());
+        assert!(Endpoint::parse("http://x").is_err());
+    }
+
+    #[test]
+    fn checks_driver_names() {
+        assert!(check_driver_name("k8scsi").is_ok());
+        assert!(check_driver_name("k8scsi.example.com").is_ok());
+        assert!(check_driver_name("-bad").is_err());
+        assert!(check_driver_name(&"a".repeat(64)).is_err());
+        assert!(check_driver_name("a/b").is_err());
+    }
+}

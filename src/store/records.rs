@@ -1,0 +1,52 @@
+//! The records kept in the state store. They are serialised as JSON so an operator can read a
+//! dump and so fields can be added without a migration (unknown fields are ignored, missing
+//! ones take their defaults).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// A provisioned volume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// Our opaque volume ID (see `engine::ids`).
+    pub id: String,
+    /// The CO-chosen name that made it; CreateVolume's idempotency key.
+    pub name: String,
+    /// Creation order; assigned by the store on first insert.
+    #[serde(default)]
+    pub seq: u64,
+    /// Which backend holds the data (`dir`).
+    pub backend: String,
+    /// Capacity promised to the CO, in bytes (0 = not specified).
+    pub capacity_bytes: u64,
+    /// StorageClass parameters the volume was created with (without provisioner metadata).
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    /// Access modes requested at creation, by CSI enum name.
+    #[serde(default)]
+    pub access_modes: Vec<String>,
+    /// The node whose topology segment the volume is accessible from.
+    pub accessible_node: String,
+    /// Seconds since the epoch at creation.
+    #[serde(default)]
+    pub created_unix: u64,
+    /// Provisioner metadata (PV name, PVC name and namespace), when the CO sent it.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A volume published (bind-mounted) at a path on this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublicationRecord {
+    pub volume_id: String,
+    /// The absolute, normalised target path.
+    pub path: String,
+    pub node_id: String,
+    pub readonly: bool,
+    /// CSI access mode name the volume was published with.
+    pub access_mode: String,
+    /// Mount flags applied, as given by the CO (validated).
+    #[serde(default)]
+    pub mount_flags: Vec<String>,
+}
