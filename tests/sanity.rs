@@ -1,0 +1,104 @@
+//! Runs csi-sanity, the official CSI conformance suite (kubernetes-csi/csi-test), against the
+//! real binary over its socket. `scripts/install-test-tools.sh` installs the pinned csi-sanity
+//! into a cache outside the work tree; without it the test skips with a printed reason, unless
+//! `K8SCSI_REQUIRE_TOOLS=1` (set by CI) turns the absence into a failure.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::Driver;
+
+/// Specs csi-sanity v5.6.0 runs for the capabilities k8scsi advertises today; fewer means a
+/// capability silently stopped being exercised.
+const MIN_PASSED: u32 = 37;
+
+fn csi_sanity() -> Option<PathBuf> {
+    if let Ok(path) = std::env::var("K8SCSI_CSI_SANITY") {
+        return Some(PathBuf::from(path));
+    }
+    let tools = std::env::var("K8SCSI_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/root".into()))
+                .join(".cache/k8scsi-tools")
+        });
+    let path = tools.join("bin/csi-sanity");
+    path.exists().then_some(path)
+}
+
+/// Parses "SUCCESS! -- 37 Passed | 0 Failed | 1 Pending | 65 Skipped" into (passed, failed).
+fn summary(output: &str) -> Option<(u32, u32)> {
+    let line = output
+        .lines()
+        .rev()
+        .find(|l| l.contains(" Passed | ") && l.contains(" Failed"))?;
+    let number_before = |word: &str| -> Option<u32> {
+        let end = line.find(word)?;
+        line[..end].split_whitespace().last()?.parse().ok()
+    };
+    Some((number_before(" Passed")?, number_before(" Failed")?))
+}
+
+#[test]
+fn csi_sanity_passes() {
+    require_root!();
+    let Some(sanity) = csi_sanity() else {
+        assert!(
+            std::env::var("K8SCSI_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "csi-sanity is required (K8SCSI_REQUIRE_TOOLS=1) but not installed: run scripts/install-test-tools.sh"
+        );
+        eprintln!("SKIPPED: csi-sanity not installed (run scripts/install-test-tools.sh)");
+        return;
+    };
+    let driver = Driver::start();
+    let work = driver.kubelet_dir();
+    let output = Command::new(&sanity)
+        .arg(format!("--csi.endpoint={}", driver.socket().display()))
+        .arg(format!(
+            "--csi.mountdir={}",
+            work.join("sanity-mnt").display()
+        ))
+        .arg(format!(
+            "--csi.stagingdir={}",
+            work.join("sanity-stg").display()
+        ))
+        .arg(format!("--csi.testvolumesize={}", 64 << 20))
+        .arg("--ginkgo.no-color")
+        .arg("--ginkgo.timeout=10m")
+        .output()
+        .expect("run csi-sanity");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let failures: Vec<&str> = text.lines().filter(|l| l.contains("[FAIL]")).collect();
+    let (passed, failed) =
+        summary(&text).unwrap_or_else(|| panic!("no csi-sanity summary:\n{text}"));
+    println!("csi-sanity: {passed} passed, {failed} failed");
+    assert!(
+        output.status.success() && failed == 0,
+        "csi-sanity failed:\n{}\n--- server log ---\n{}",
+        failures.join("\n"),
+        driver.log()
+    );
+    assert!(
+        passed >= MIN_PASSED,
+        "csi-sanity ran only {passed} specs (expected at least {MIN_PASSED})"
+    );
+}
+
+#[test]
+fn parses_sanity_summary() {
+    assert_eq!(
+        summary("Ran 37 of 103\nSUCCESS! -- 37 Passed | 0 Failed | 1 Pending | 65 Skipped\n"),
+        Some((37, 0))
+    );
+    assert_eq!(
+        summary("FAIL! -- 30 Passed | 7 Failed | 1 Pending | 65 Skipped"),
+        Some((30, 7))
+    );
+    assert_eq!(summary("nothing"), None);
+}
