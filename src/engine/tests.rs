@@ -89,8 +89,16 @@ impl Fixture {
 #[tokio::test]
 async fn create_is_idempotent_and_detects_conflicts() {
     let f = fixture();
-    let a = f.engine.create_volume(create("pvc-1", 1 << 20)).await.unwrap();
-    let again = f.engine.create_volume(create("pvc-1", 1 << 20)).await.unwrap();
+    let a = f
+        .engine
+        .create_volume(create("pvc-1", 1 << 20))
+        .await
+        .unwrap();
+    let again = f
+        .engine
+        .create_volume(create("pvc-1", 1 << 20))
+        .await
+        .unwrap();
     assert_eq!(a, again);
     assert!(matches!(
         f.engine.create_volume(create("pvc-1", 2 << 20)).await,
@@ -236,12 +244,22 @@ async fn single_writer_allows_one_publication() {
     let f = fixture();
     let v = f.engine.create_volume(create("pvc-5", 0)).await.unwrap();
     f.engine
-        .publish(f.publish(&v.id, &f.target("p1"), AccessMode::SingleNodeSingleWriter, false))
+        .publish(f.publish(
+            &v.id,
+            &f.target("p1"),
+            AccessMode::SingleNodeSingleWriter,
+            false,
+        ))
         .await
         .unwrap();
     assert!(matches!(
         f.engine
-            .publish(f.publish(&v.id, &f.target("p2"), AccessMode::SingleNodeSingleWriter, false))
+            .publish(f.publish(
+                &v.id,
+                &f.target("p2"),
+                AccessMode::SingleNodeSingleWriter,
+                false
+            ))
             .await,
         Err(Error::Precondition(_))
     ));
@@ -256,15 +274,19 @@ async fn publish_rejects_hostile_paths_and_flags() {
             f.engine
                 .publish(f.publish(&v.id, target, AccessMode::SingleNodeWriter, false))
                 .await,
-            Err(Error::Invalid { field: "target_path", .. })
+            Err(Error::Invalid {
+                field: "target_path",
+                ..
+            })
         ));
     }
     let escape = format!("{}/pods/../../etc", f.kubelet.display());
-    assert!(f
-        .engine
-        .publish(f.publish(&v.id, &escape, AccessMode::SingleNodeWriter, false))
-        .await
-        .is_err());
+    assert!(
+        f.engine
+            .publish(f.publish(&v.id, &escape, AccessMode::SingleNodeWriter, false))
+            .await
+            .is_err()
+    );
     let mut flags = f.publish(&v.id, &f.target("p1"), AccessMode::SingleNodeWriter, false);
     flags.capability.access_type = AccessType::Mount {
         fs_type: String::new(),
@@ -299,7 +321,11 @@ async fn unpublish_leaves_foreign_mounts_alone() {
 #[tokio::test]
 async fn stats_report_usage_and_condition() {
     let f = fixture();
-    let v = f.engine.create_volume(create("pvc-9", 8 << 20)).await.unwrap();
+    let v = f
+        .engine
+        .create_volume(create("pvc-9", 8 << 20))
+        .await
+        .unwrap();
     let target = f.target("p1");
     f.engine
         .publish(f.publish(&v.id, &target, AccessMode::SingleNodeWriter, false))
@@ -325,7 +351,9 @@ async fn stats_report_usage_and_condition() {
         Err(Error::NotFound(_))
     ));
     assert!(matches!(
-        f.engine.stats("dir-00000000000000000000000000000000", &target).await,
+        f.engine
+            .stats("dir-00000000000000000000000000000000", &target)
+            .await,
         Err(Error::VolumeNotFound(_))
     ));
 }

@@ -137,7 +137,11 @@ impl Driver {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("k8scsi exited with {status}: {}", self.log());
             }
-            assert!(Instant::now() < deadline, "k8scsi did not start: {}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "k8scsi did not start: {}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -222,7 +226,11 @@ pub fn create_request(name: &str, bytes: i64) -> CreateVolumeRequest {
 }
 
 /// A NodePublishVolume request.
-pub fn publish_request(volume_id: &str, target: &str, readonly: bool) -> proto::NodePublishVolumeRequest {
+pub fn publish_request(
+    volume_id: &str,
+    target: &str,
+    readonly: bool,
+) -> proto::NodePublishVolumeRequest {
     proto::NodePublishVolumeRequest {
         volume_id: volume_id.to_string(),
         target_path: target.to_string(),
