@@ -43,6 +43,11 @@ pub const SCHEMA_VERSION: u64 = 1;
 /// Name of the database file inside the state directory.
 pub const STORE_FILE: &str = "k8scsi.redb";
 
+/// Page cache of the database. redb's default (1 GiB) is sized for servers that own the
+/// machine; a node plugin shares the node with workloads, and 10,000 volume records fit in a
+/// few MiB.
+const CACHE_BYTES: usize = 16 << 20;
+
 /// How many queued mutations one transaction takes at most; bounds the latency a caller can be
 /// made to wait behind others.
 const MAX_BATCH: usize = 512;
@@ -133,7 +138,7 @@ impl Store {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| StoreError::io(format!("creating {}", state_dir.display()), e))?;
         let path = state_dir.join(STORE_FILE);
-        let db = db_err!(Database::create(&path))?;
+        let db = db_err!(Database::builder().set_cache_size(CACHE_BYTES).create(&path))?;
         let txn = db_err!(db.begin_write())?;
         {
             let mut meta = db_err!(txn.open_table(META))?;
