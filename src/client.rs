@@ -149,13 +149,14 @@ pub async fn run(endpoint: &Endpoint, command: ClientCommand) -> Result<(), Stri
                     .into_inner()
                     .capabilities
                     .iter()
-                    .filter_map(|c| match &c.r#type {
-                        Some(proto::controller_service_capability::Type::Rpc(r)) => Some(
+                    .filter_map(|c| {
+                        let proto::controller_service_capability::Type::Rpc(r) =
+                            c.r#type.as_ref()?;
+                        Some(
                             proto::controller_service_capability::rpc::Type::try_from(r.r#type)
                                 .map(|t| t.as_str_name().to_string())
                                 .unwrap_or_else(|_| r.r#type.to_string()),
-                        ),
-                        None => None,
+                        )
                     })
                     .collect();
                 println!("controller: {}", names.join(" "));
