@@ -138,7 +138,11 @@ impl Store {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| StoreError::io(format!("creating {}", state_dir.display()), e))?;
         let path = state_dir.join(STORE_FILE);
-        let db = db_err!(Database::builder().set_cache_size(CACHE_BYTES).create(&path))?;
+        let db = db_err!(
+            Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .create(&path)
+        )?;
         let txn = db_err!(db.begin_write())?;
         {
             let mut meta = db_err!(txn.open_table(META))?;
