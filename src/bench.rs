@@ -75,6 +75,20 @@ mod tempfile_dir {
     }
 }
 
+impl Spawned {
+    /// Stops the server with SIGTERM and returns its closing statistics line, if any.
+    fn stop(mut self) -> Option<String> {
+        let pid = rustix::process::Pid::from_raw(self.child.id() as i32)?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM).ok()?;
+        self.child.wait().ok()?;
+        let log = std::fs::read_to_string(self._dir.path().join("server.log")).ok()?;
+        log.lines()
+            .rev()
+            .find(|l| l.contains("group-commit"))
+            .map(str::to_string)
+    }
+}
+
 impl Drop for Spawned {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -370,6 +384,8 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     show_rss("idle at end");
-    drop(spawned);
+    if let Some(line) = spawned.and_then(Spawned::stop) {
+        println!("server: {line}");
+    }
     Ok(())
 }

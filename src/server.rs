@@ -185,6 +185,42 @@ pub fn build_engine(config: &ServeConfig) -> Result<Arc<Engine>, ServeError> {
     )))
 }
 
+/// How long in-flight calls get to finish after SIGTERM. A connection that never completes its
+/// HTTP/2 handshake, or a frozen client, would otherwise hold graceful shutdown open forever.
+const DRAIN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Runs a server future built around `shutdown`, but gives up waiting for connections to drain
+/// [`DRAIN_DEADLINE`] after `shutdown` fired.
+async fn with_drain_deadline<F>(
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    serve: impl FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> F,
+) -> Result<(), tonic::transport::Error>
+where
+    F: std::future::Future<Output = Result<(), tonic::transport::Error>>,
+{
+    let (fired, mut on_fire) = tokio::sync::oneshot::channel::<()>();
+    let server = serve(Box::pin(async move {
+        shutdown.await;
+        let _ = fired.send(());
+    }));
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result,
+        Ok(()) = &mut on_fire => {
+            match tokio::time::timeout(DRAIN_DEADLINE, server).await {
+                Ok(result) => result,
+                Err(_) => {
+                    tracing::warn!(
+                        deadline_s = DRAIN_DEADLINE.as_secs(),
+                        "connections did not drain in time; stopping anyway"
+                    );
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
 /// Serves until `shutdown` resolves.
 pub async fn serve(
     config: ServeConfig,
@@ -229,9 +265,10 @@ pub async fn serve(
             claim_socket(path)?;
             let listener =
                 UnixListener::bind(path).map_err(io_err(format!("binding {}", path.display())))?;
-            let result = router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-                .await;
+            let result = with_drain_deadline(shutdown, |shutdown| {
+                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+            })
+            .await;
             let _ = std::fs::remove_file(path);
             result?;
         }
@@ -239,12 +276,20 @@ pub async fn serve(
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(io_err(format!("binding {addr}")))?;
-            router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-                .await?;
+            with_drain_deadline(shutdown, |shutdown| {
+                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+            })
+            .await?;
         }
     }
-    tracing::info!("k8scsi stopped");
+    let stats = engine.store().commit_stats();
+    tracing::info!(
+        transactions = stats.transactions,
+        mutations = stats.mutations,
+        mean_batch = stats.mutations as f64 / stats.transactions.max(1) as f64,
+        mean_commit_us = stats.total_commit_time.as_micros() as u64 / stats.transactions.max(1),
+        "k8scsi stopped; state store group-commit statistics"
+    );
     Ok(())
 }
 

@@ -1238,8 +1238,6 @@ async fn sigterm_shuts_down_with_a_connected_client() {
 }
 
 #[tokio::test]
-#[ignore = "bug: a connection that never speaks HTTP/2 blocks SIGTERM shutdown forever \
-            (server.rs serve_with_incoming_shutdown drains without a deadline; hyper#4170)"]
 async fn sigterm_shuts_down_despite_a_silent_connection() {
     let mut d = Driver::start();
     create(&mut d.controller().await, "pvc-1", MIB).await;
@@ -1580,8 +1578,6 @@ async fn publish_of_a_missing_volume_is_not_found() {
 }
 
 #[tokio::test]
-#[ignore = "bug: NodeUnpublishVolume answers NOT_FOUND when the target's parent directory is \
-            gone (engine/node.rs unpublish propagates MountError::ParentMissing from inspect)"]
 async fn unpublish_succeeds_when_the_target_is_already_gone() {
     require_root!();
     let d = Driver::start();

@@ -1,7 +1,7 @@
 //! The node half of the engine: publishing volumes at kubelet paths, unpublishing them, and
 //! reporting their usage and health.
 
-use crate::mount::{ConfinedPath, MountOptions, PathState};
+use crate::mount::{ConfinedPath, MountError, MountOptions, PathState};
 use crate::store::{Mutation, PublicationRecord};
 
 use super::error::{Error, Result};
@@ -139,7 +139,12 @@ impl Engine {
         let mounter = self.mounter.clone();
         let state = {
             let (m, t) = (mounter.clone(), target.clone());
-            blocking(move || Ok(m.inspect(&t)?)).await?
+            blocking(move || match m.inspect(&t) {
+                // The kubelet may already have removed the pod directory: nothing to undo.
+                Err(MountError::ParentMissing { .. }) => Ok(None),
+                other => Ok(other?),
+            })
+            .await?
         };
         if let Some(state) = state {
             if state.is_mount_point {

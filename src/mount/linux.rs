@@ -37,6 +37,19 @@ fn io(op: &'static str, path: impl Into<PathBuf>, errno: Errno) -> MountError {
     }
 }
 
+/// Refines ENOTDIR from opening `name` in `dir` with `O_DIRECTORY | O_NOFOLLOW`: when `name` is
+/// a symlink, say so rather than "not a directory".
+fn not_a_directory(dir: &OwnedFd, name: &str, path: PathBuf) -> MountError {
+    let is_symlink = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)
+        .map(|st| rustix::fs::FileType::from_raw_mode(st.st_mode) == rustix::fs::FileType::Symlink)
+        .unwrap_or(false);
+    if is_symlink {
+        MountError::Symlink { path }
+    } else {
+        MountError::NotADirectory { path }
+    }
+}
+
 fn resolve_flags() -> ResolveFlags {
     ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS
 }
@@ -60,6 +73,31 @@ fn open_parent(path: &ConfinedPath) -> Result<OwnedFd, MountError> {
         Errno::NOENT => MountError::ParentMissing {
             path: path.absolute(),
         },
+        Errno::NOTDIR => {
+            // The last parent component exists but is not a directory: find out whether it is
+            // a symlink by looking at it from its own parent.
+            let (up, name) = match path.parent_components().split_last() {
+                Some((name, up)) => (up.join("/"), name.as_str()),
+                None => {
+                    return MountError::NotADirectory {
+                        path: path.absolute(),
+                    };
+                }
+            };
+            let up = if up.is_empty() { ".".to_string() } else { up };
+            match rustix::fs::openat2(
+                &root,
+                up,
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+                resolve_flags(),
+            ) {
+                Ok(dir) => not_a_directory(&dir, name, path.absolute()),
+                Err(_) => MountError::NotADirectory {
+                    path: path.absolute(),
+                },
+            }
+        }
         other => io("open", path.absolute(), other),
     })
 }
@@ -148,7 +186,10 @@ impl Mounter for LinuxMounter {
             Mode::empty(),
             resolve_flags(),
         )
-        .map_err(|e| io("open", target.absolute(), e))?;
+        .map_err(|e| match e {
+            Errno::NOTDIR => not_a_directory(&parent, target.leaf(), target.absolute()),
+            other => io("open", target.absolute(), other),
+        })?;
         let tree = open_tree(
             CWD,
             source,

@@ -58,6 +58,15 @@ pub enum StoreError {
     /// redb reported an error (I/O, corruption, lock held by another process).
     #[error("state store: {0}")]
     Database(#[from] redb::Error),
+    /// The database file could not be opened (a lock held by another process, corruption).
+    #[error(
+        "opening state store {path}: {source} (is another k8scsi process using this state directory?)"
+    )]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: redb::DatabaseError,
+    },
     /// A stored record could not be decoded.
     #[error("state store record {key}: {source}")]
     Corrupt {
@@ -138,11 +147,13 @@ impl Store {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| StoreError::io(format!("creating {}", state_dir.display()), e))?;
         let path = state_dir.join(STORE_FILE);
-        let db = db_err!(
-            Database::builder()
-                .set_cache_size(CACHE_BYTES)
-                .create(&path)
-        )?;
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
+            .map_err(|source| StoreError::Open {
+                path: path.clone(),
+                source,
+            })?;
         let txn = db_err!(db.begin_write())?;
         {
             let mut meta = db_err!(txn.open_table(META))?;
@@ -314,6 +325,7 @@ fn run_writer(
     mut queue: mpsc::UnboundedReceiver<CommitRequest>,
     stats: Arc<std::sync::Mutex<CommitStats>>,
 ) {
+    let syncer = DirSyncer::start();
     while let Some(first) = queue.blocking_recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -323,7 +335,7 @@ fn run_writer(
             }
         }
         let started = Instant::now();
-        let result = apply_batch(&db, &batch);
+        let result = apply_batch(&db, &batch, syncer.as_ref());
         let elapsed = started.elapsed();
         {
             let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -341,13 +353,71 @@ fn run_writer(
     }
 }
 
-fn apply_batch(db: &Database, batch: &[CommitRequest]) -> Result<(), StoreError> {
-    let mut dirs: Vec<&PathBuf> = batch.iter().flat_map(|r| r.sync_dirs.iter()).collect();
+/// A thread that fsyncs directories while the writer commits the transaction, so a batch
+/// waits for the slower of the two flushes instead of their sum (on a journaling filesystem
+/// the two often share one journal commit).
+///
+/// Either flush may reach the disk first if the machine dies in between; both orders recover,
+/// because the reply waits for both: an unrecorded volume directory is adopted by the retried
+/// CreateVolume (IDs derive from names) or removed by the retried DeleteVolume, and a record
+/// whose directory is missing is reported by reconciliation and recreated on retry.
+struct DirSyncer {
+    requests: std::sync::mpsc::Sender<Vec<PathBuf>>,
+    results: std::sync::mpsc::Receiver<Result<(), StoreError>>,
+}
+
+impl DirSyncer {
+    /// Starts the thread; `None` (sync inline) if the thread cannot be spawned.
+    fn start() -> Option<DirSyncer> {
+        let (requests, work) = std::sync::mpsc::channel::<Vec<PathBuf>>();
+        let (done, results) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("store-dirsync".into())
+            .spawn(move || {
+                for dirs in work {
+                    if done.send(sync_dirs(&dirs)).is_err() {
+                        break;
+                    }
+                }
+            })
+            .ok()?;
+        Some(DirSyncer { requests, results })
+    }
+}
+
+fn sync_dirs(dirs: &[PathBuf]) -> Result<(), StoreError> {
+    dirs.iter().try_for_each(|d| sync_dir(d))
+}
+
+fn apply_batch(
+    db: &Database,
+    batch: &[CommitRequest],
+    syncer: Option<&DirSyncer>,
+) -> Result<(), StoreError> {
+    let mut dirs: Vec<PathBuf> = batch
+        .iter()
+        .flat_map(|r| r.sync_dirs.iter().cloned())
+        .collect();
     dirs.sort();
     dirs.dedup();
-    for dir in dirs {
-        sync_dir(dir)?;
+    let pending_sync = match syncer {
+        Some(syncer) if !dirs.is_empty() => syncer.requests.send(dirs).is_ok().then_some(syncer),
+        _ => {
+            sync_dirs(&dirs)?;
+            None
+        }
+    };
+    let committed = commit_mutations(db, batch);
+    if let Some(syncer) = pending_sync {
+        syncer
+            .results
+            .recv()
+            .map_err(|_| StoreError::WriterGone)??;
     }
+    committed
+}
+
+fn commit_mutations(db: &Database, batch: &[CommitRequest]) -> Result<(), StoreError> {
     let txn = db_err!(db.begin_write())?;
     {
         let mut volumes = db_err!(txn.open_table(VOLUMES))?;
