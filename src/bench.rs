@@ -33,6 +33,13 @@ pub struct BenchArgs {
     /// Seconds each workload runs at each concurrency.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
+    /// Workloads to run, comma separated: create-delete, publish-unpublish.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "create-delete,publish-unpublish"
+    )]
+    pub workloads: Vec<String>,
     /// Log level of the spawned server (its log goes to a file in the temp directory).
     #[arg(long, default_value = "info")]
     pub server_log_level: String,
@@ -322,7 +329,8 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     tokio::time::sleep(Duration::from_millis(300)).await;
     show_rss("idle after start");
 
-    for &c in &args.concurrency {
+    let wants = |w: &str| args.workloads.iter().any(|x| x == w);
+    for &c in args.concurrency.iter().filter(|_| wants("create-delete")) {
         // One HTTP/2 connection per worker, as independent sidecars would use.
         let mut channels = Vec::new();
         for _ in 0..c {
@@ -338,6 +346,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
 
     let is_root = rustix::process::geteuid().is_root();
     match (&kubelet_dir, is_root) {
+        _ if !wants("publish-unpublish") => {}
         (Some(kubelet), true) => {
             let mut controller = ControllerClient::new(channel.clone());
             let max_c = args.concurrency.iter().copied().max().unwrap_or(1);

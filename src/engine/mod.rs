@@ -235,6 +235,7 @@ impl Engine {
             )));
         }
 
+        let intent = self.store.intent();
         let backend = self.backend.clone();
         let id = new_id.clone();
         blocking(move || Ok(backend.create(&id, capacity)?)).await?;
@@ -258,7 +259,7 @@ impl Engine {
             metadata: params.metadata,
         };
         // The directory entry and the record become durable in the same group commit.
-        self.store
+        intent
             .commit(
                 vec![Mutation::PutVolume(record.clone())],
                 self.backend.sync_dirs(),
@@ -280,6 +281,7 @@ impl Engine {
             )));
         }
         let record = self.store.volume(id.as_str())?;
+        let intent = self.store.intent();
         let backend = self.backend.clone();
         let id2 = id.clone();
         // Storage first, record second: a crash in between leaves a record whose storage is
@@ -289,9 +291,7 @@ impl Engine {
             Some(_) => vec![Mutation::DeleteVolume { id: id.to_string() }],
             None => vec![],
         };
-        self.store
-            .commit(mutations, self.backend.sync_dirs())
-            .await?;
+        intent.commit(mutations, self.backend.sync_dirs()).await?;
         Ok(())
     }
 

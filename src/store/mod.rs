@@ -18,7 +18,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use tokio::sync::oneshot;
 
 pub use records::{PublicationRecord, VolumeRecord};
 
@@ -47,6 +50,11 @@ pub const STORE_FILE: &str = "k8scsi.redb";
 /// machine; a node plugin shares the node with workloads, and 10,000 volume records fit in a
 /// few MiB.
 const CACHE_BYTES: usize = 16 << 20;
+
+/// How long the writer waits for commits that callers announced (see [`Store::intent`]) before
+/// it commits what it has. Shorter than one fsync: folding a follower into the current
+/// transaction saves it a whole commit of its own.
+const GATHER_WINDOW: Duration = Duration::from_micros(250);
 
 /// How many queued mutations one transaction takes at most; bounds the latency a caller can be
 /// made to wait behind others.
@@ -137,8 +145,45 @@ pub struct CommitStats {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
-    writer: mpsc::UnboundedSender<CommitRequest>,
+    writer: mpsc::Sender<CommitRequest>,
     stats: Arc<std::sync::Mutex<CommitStats>>,
+    /// Commits announced by callers that are still preparing them.
+    announced: Arc<AtomicUsize>,
+}
+
+/// A caller's announcement that it will commit shortly. While any are outstanding the writer
+/// holds a batch open for up to [`GATHER_WINDOW`], so concurrent operations share one fsync.
+/// Dropping it without committing withdraws the announcement.
+pub struct CommitIntent {
+    store: Store,
+    active: bool,
+}
+
+impl CommitIntent {
+    fn withdraw(&mut self) {
+        if std::mem::take(&mut self.active) {
+            self.store.announced.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Commits as [`Store::commit`] does, withdrawing the announcement as the request is
+    /// queued.
+    pub async fn commit(
+        mut self,
+        mutations: Vec<Mutation>,
+        sync_dirs: Vec<PathBuf>,
+    ) -> Result<(), StoreError> {
+        let store = self.store.clone();
+        store
+            .commit_then(mutations, sync_dirs, || self.withdraw())
+            .await
+    }
+}
+
+impl Drop for CommitIntent {
+    fn drop(&mut self) {
+        self.withdraw();
+    }
 }
 
 impl Store {
@@ -177,14 +222,21 @@ impl Store {
 
         let db = Arc::new(db);
         let stats = Arc::new(std::sync::Mutex::new(CommitStats::default()));
-        let (writer, queue) = mpsc::unbounded_channel();
+        let (writer, queue) = mpsc::channel();
+        let announced = Arc::new(AtomicUsize::new(0));
         let thread_db = db.clone();
         let thread_stats = stats.clone();
+        let thread_announced = announced.clone();
         std::thread::Builder::new()
             .name("store-writer".into())
-            .spawn(move || run_writer(thread_db, queue, thread_stats))
+            .spawn(move || run_writer(thread_db, queue, thread_stats, thread_announced))
             .map_err(|e| StoreError::io("starting writer thread", e))?;
-        Ok(Store { db, writer, stats })
+        Ok(Store {
+            db,
+            writer,
+            stats,
+            announced,
+        })
     }
 
     /// Applies `mutations` atomically and durably. Each directory in `sync_dirs` is fsynced
@@ -196,7 +248,28 @@ impl Store {
         mutations: Vec<Mutation>,
         sync_dirs: Vec<PathBuf>,
     ) -> Result<(), StoreError> {
+        self.commit_then(mutations, sync_dirs, || {}).await
+    }
+
+    /// Announces a commit this caller will make shortly (see [`CommitIntent`]).
+    pub fn intent(&self) -> CommitIntent {
+        self.announced.fetch_add(1, Ordering::AcqRel);
+        CommitIntent {
+            store: self.clone(),
+            active: true,
+        }
+    }
+
+    async fn commit_then(
+        &self,
+        mutations: Vec<Mutation>,
+        sync_dirs: Vec<PathBuf>,
+        queued: impl FnOnce(),
+    ) -> Result<(), StoreError> {
         let (reply, done) = oneshot::channel();
+        // Withdraw before queueing: a writer that saw the announcement and then our request
+        // would otherwise wait out its gather window for a commit that has already arrived.
+        queued();
         self.writer
             .send(CommitRequest {
                 mutations,
@@ -322,15 +395,27 @@ pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 
 fn run_writer(
     db: Arc<Database>,
-    mut queue: mpsc::UnboundedReceiver<CommitRequest>,
+    queue: mpsc::Receiver<CommitRequest>,
     stats: Arc<std::sync::Mutex<CommitStats>>,
+    announced: Arc<AtomicUsize>,
 ) {
     let syncer = DirSyncer::start();
-    while let Some(first) = queue.blocking_recv() {
+    while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match queue.try_recv() {
-                Ok(next) => batch.push(next),
+        batch.extend(queue.try_iter().take(MAX_BATCH - 1));
+        // Hold the batch open briefly while other callers have announced commits: joining
+        // this transaction costs them less than waiting for the next one.
+        let deadline = Instant::now() + GATHER_WINDOW;
+        while batch.len() < MAX_BATCH && announced.load(Ordering::Acquire) > 0 {
+            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            match queue.recv_timeout(left) {
+                Ok(next) => {
+                    batch.push(next);
+                    let room = MAX_BATCH - batch.len();
+                    batch.extend(queue.try_iter().take(room));
+                }
                 Err(_) => break,
             }
         }
@@ -566,6 +651,25 @@ mod tests {
         let mut seqs: Vec<u64> = store.all_volumes().unwrap().iter().map(|v| v.seq).collect();
         seqs.dedup();
         assert_eq!(seqs.len(), 200);
+    }
+
+    #[tokio::test]
+    async fn intents_are_withdrawn_on_commit_and_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let a = store.intent();
+        let b = store.intent();
+        assert_eq!(store.announced.load(Ordering::Acquire), 2);
+        drop(a);
+        assert_eq!(store.announced.load(Ordering::Acquire), 1);
+        b.commit(
+            vec![Mutation::PutVolume(volume("v", "n"))],
+            vec![dir.path().to_path_buf()],
+        )
+        .await
+        .unwrap();
+        assert_eq!(store.announced.load(Ordering::Acquire), 0);
+        assert!(store.volume("v").unwrap().is_some());
     }
 
     #[tokio::test]
