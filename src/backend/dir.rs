@@ -1,14 +1,17 @@
 //! The `dir` backend: each volume is a directory `<data-dir>/volumes/<volume-id>`.
 //!
-//! Capacity is recorded, not enforced (enforcement through btrfs qgroups and project quotas is
-//! a later backend option). Usage is measured by walking the tree without crossing into other
-//! filesystems or following symlinks.
+//! Capacity is enforced when the data directory is on btrfs: each volume is then a subvolume
+//! with a qgroup limit (see [`super::btrfs`]). Elsewhere (ext4 and XFS without project quota
+//! support in this build) a volume can only be created when the StorageClass opts out of
+//! enforcement with `enforceCapacity: "false"`; its size is then recorded, not enforced. Usage of
+//! unenforced volumes is measured by walking the tree without crossing into other filesystems or
+//! following symlinks.
 
 use std::collections::HashSet;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::{Backend, BackendError, FsCapacity, Usage};
+use super::{Backend, BackendError, Enforcement, FsCapacity, Usage, VolumeOptions, btrfs};
 use crate::engine::ids::VolumeId;
 
 /// Mode of a new volume's root: writable by any pod user, as Kubernetes expects of a fresh
@@ -20,6 +23,10 @@ const VOLUME_DIR_MODE: u32 = 0o777;
 #[derive(Debug, Clone)]
 pub struct DirBackend {
     volumes: PathBuf,
+    /// How this node can enforce volume sizes, detected at start.
+    enforcement: Enforcement,
+    /// Why enforcement is unavailable, for error messages.
+    unenforceable_reason: String,
 }
 
 impl DirBackend {
@@ -29,7 +36,44 @@ impl DirBackend {
         std::fs::create_dir_all(&volumes).map_err(|e| BackendError::io("mkdir", &volumes, e))?;
         std::fs::set_permissions(&volumes, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| BackendError::io("chmod", &volumes, e))?;
-        Ok(DirBackend { volumes })
+        let (enforcement, unenforceable_reason) = detect_enforcement(&volumes);
+        match enforcement {
+            Enforcement::BtrfsQgroup => tracing::info!(
+                data_dir = %data_dir.display(),
+                "capacity enforcement: btrfs subvolumes with qgroup limits"
+            ),
+            Enforcement::None => tracing::warn!(
+                data_dir = %data_dir.display(),
+                reason = %unenforceable_reason,
+                "capacity enforcement unavailable; only StorageClasses with enforceCapacity: \"false\" can provision"
+            ),
+        }
+        Ok(DirBackend {
+            volumes,
+            enforcement,
+            unenforceable_reason,
+        })
+    }
+
+    /// How volume sizes are enforced on this node.
+    pub fn enforcement(&self) -> Enforcement {
+        self.enforcement
+    }
+
+    /// The backend over an existing data directory, without creating or changing anything (for
+    /// the operator's read-only commands).
+    pub fn at(data_dir: &Path) -> DirBackend {
+        let volumes = data_dir.join("volumes");
+        let (enforcement, unenforceable_reason) = if btrfs::is_btrfs(&volumes) {
+            (Enforcement::BtrfsQgroup, String::new())
+        } else {
+            (Enforcement::None, "not on btrfs".to_string())
+        };
+        DirBackend {
+            volumes,
+            enforcement,
+            unenforceable_reason,
+        }
     }
 }
 
@@ -38,8 +82,34 @@ impl Backend for DirBackend {
         "dir"
     }
 
-    fn create(&self, id: &VolumeId, _capacity_bytes: u64) -> Result<(), BackendError> {
+    fn create(&self, id: &VolumeId, options: &VolumeOptions) -> Result<Enforcement, BackendError> {
         let path = self.volume_path(id);
+        if self.enforcement == Enforcement::BtrfsQgroup {
+            if !btrfs::is_subvolume(&path) {
+                if path.exists() || path.is_symlink() {
+                    return Err(BackendError::io(
+                        "create",
+                        &path,
+                        std::io::Error::other("exists and is not a btrfs subvolume"),
+                    ));
+                }
+                btrfs::create_subvolume(&path)?;
+            }
+            if options.capacity_bytes > 0 {
+                btrfs::set_limit(&path, options.capacity_bytes)?;
+            }
+            set_volume_mode(&path)?;
+            return Ok(Enforcement::BtrfsQgroup);
+        }
+        if options.require_enforcement {
+            return Err(BackendError::Unenforceable(format!(
+                "capacity cannot be enforced in {}: {}; put the data directory on btrfs, or set \
+                 the StorageClass parameter enforceCapacity: \"false\" to accept volumes whose \
+                 size is recorded but not enforced",
+                self.volumes.display(),
+                self.unenforceable_reason
+            )));
+        }
         match std::fs::create_dir(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
@@ -57,13 +127,24 @@ impl Backend for DirBackend {
             }
             Err(e) => return Err(BackendError::io("mkdir", &path, e)),
         }
-        // Explicit chmod: the process umask must not decide what pods can write.
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(VOLUME_DIR_MODE))
-            .map_err(|e| BackendError::io("chmod", &path, e))
+        set_volume_mode(&path)?;
+        Ok(Enforcement::None)
+    }
+
+    fn expand(&self, id: &VolumeId, capacity_bytes: u64) -> Result<(), BackendError> {
+        let path = self.volume_path(id);
+        if btrfs::is_subvolume(&path) {
+            btrfs::set_limit(&path, capacity_bytes)?;
+        }
+        // Unenforced directories have nothing to grow: the new size is recorded by the engine.
+        Ok(())
     }
 
     fn delete(&self, id: &VolumeId) -> Result<(), BackendError> {
         let path = self.volume_path(id);
+        if btrfs::is_subvolume(&path) {
+            return btrfs::delete_subvolume(&path);
+        }
         // std's remove_dir_all never follows symlinks inside the tree.
         match std::fs::remove_dir_all(&path) {
             Ok(()) => Ok(()),
@@ -102,6 +183,14 @@ impl Backend for DirBackend {
 
     fn usage(&self, id: &VolumeId) -> Result<Usage, BackendError> {
         let root = self.volume_path(id);
+        if btrfs::is_subvolume(&root) {
+            // The qgroup's referenced bytes are what the limit is checked against.
+            let (used_bytes, _) = btrfs::usage(&root)?;
+            return Ok(Usage {
+                used_bytes,
+                used_inodes: count_inodes(&root)?,
+            });
+        }
         let root_meta =
             std::fs::symlink_metadata(&root).map_err(|e| BackendError::io("stat", &root, e))?;
         let device = root_meta.dev();
@@ -154,17 +243,78 @@ impl Backend for DirBackend {
     }
 }
 
+/// Detects how this node can enforce sizes under `volumes`, and why not when it cannot.
+fn detect_enforcement(volumes: &Path) -> (Enforcement, String) {
+    if btrfs::is_btrfs(volumes) {
+        match btrfs::enable_quota(volumes) {
+            Ok(()) => return (Enforcement::BtrfsQgroup, String::new()),
+            Err(e) => {
+                return (
+                    Enforcement::None,
+                    format!("btrfs quota cannot be enabled: {e}"),
+                );
+            }
+        }
+    }
+    let fs = rustix::fs::statfs(volumes)
+        .map(|st| format!("filesystem type {:#x}", st.f_type))
+        .unwrap_or_else(|e| format!("statfs failed: {e}"));
+    (
+        Enforcement::None,
+        format!(
+            "the data directory is not on btrfs ({fs}); ext4/XFS project quotas are not \
+             supported by this build"
+        ),
+    )
+}
+
+/// Explicit chmod: the process umask must not decide what pods can write.
+fn set_volume_mode(path: &Path) -> Result<(), BackendError> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(VOLUME_DIR_MODE))
+        .map_err(|e| BackendError::io("chmod", path, e))
+}
+
+/// Counts inodes under `root` (itself included) on its own filesystem.
+fn count_inodes(root: &Path) -> Result<u64, BackendError> {
+    let device = std::fs::symlink_metadata(root)
+        .map_err(|e| BackendError::io("stat", root, e))?
+        .dev();
+    let mut count = 1;
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.metadata() else { continue };
+            if meta.dev() != device {
+                continue;
+            }
+            count += 1;
+            if meta.is_dir() {
+                pending.push(entry.path());
+            }
+        }
+    }
+    Ok(count)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const UNENFORCED: VolumeOptions = VolumeOptions {
+        capacity_bytes: 0,
+        require_enforcement: false,
+    };
 
     #[test]
     fn create_is_idempotent_and_usage_counts_files() {
         let data = tempfile::tempdir().unwrap();
         let backend = DirBackend::new(data.path()).unwrap();
         let id = VolumeId::for_name(backend.name(), "pvc-1");
-        backend.create(&id, 0).unwrap();
-        backend.create(&id, 0).unwrap();
+        backend.create(&id, &UNENFORCED).unwrap();
+        backend.create(&id, &UNENFORCED).unwrap();
         assert!(backend.exists(&id).unwrap());
         let path = backend.volume_path(&id);
         std::fs::write(path.join("a"), vec![7u8; 64 * 1024]).unwrap();
@@ -187,7 +337,7 @@ mod tests {
         let backend = DirBackend::new(data.path()).unwrap();
         let id = VolumeId::for_name(backend.name(), "pvc-2");
         std::os::unix::fs::symlink("/etc", backend.volume_path(&id)).unwrap();
-        assert!(backend.create(&id, 0).is_err());
+        assert!(backend.create(&id, &UNENFORCED).is_err());
         assert!(!backend.exists(&id).unwrap());
     }
 }

@@ -1,6 +1,7 @@
 //! Where volume data lives. The engine knows backends only through [`Backend`]; each backend
 //! owns a subtree of the data directory and maps volume IDs to storage inside it.
 
+pub mod btrfs;
 pub mod dir;
 
 use std::path::{Path, PathBuf};
@@ -18,6 +19,19 @@ pub enum BackendError {
         #[source]
         source: std::io::Error,
     },
+    /// An external tool (btrfs, mkfs, ...) failed.
+    #[error("{command} {path}: {stderr}")]
+    Command {
+        command: String,
+        path: PathBuf,
+        stderr: String,
+    },
+    /// The volume needs capacity enforcement this node cannot provide.
+    #[error("{0}")]
+    Unenforceable(String),
+    /// The operation is not possible for this volume (e.g. shrinking).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl BackendError {
@@ -31,8 +45,15 @@ impl BackendError {
 
     /// Whether the failure means the filesystem is out of space or inodes.
     pub fn is_out_of_space(&self) -> bool {
-        let BackendError::Io { source, .. } = self;
-        matches!(source.raw_os_error(), Some(28) | Some(122)) // ENOSPC, EDQUOT
+        match self {
+            BackendError::Io { source, .. } => {
+                matches!(source.raw_os_error(), Some(28) | Some(122)) // ENOSPC, EDQUOT
+            }
+            BackendError::Command { stderr, .. } => {
+                stderr.contains("No space left") || stderr.contains("Disk quota exceeded")
+            }
+            _ => false,
+        }
     }
 }
 
@@ -52,14 +73,45 @@ pub struct Usage {
     pub used_inodes: u64,
 }
 
+/// What a new volume must be, as far as its storage is concerned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VolumeOptions {
+    /// Requested size in bytes (0 = unspecified).
+    pub capacity_bytes: u64,
+    /// Whether creation must fail when the size cannot be enforced.
+    pub require_enforcement: bool,
+}
+
+/// How a volume's capacity is enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Enforcement {
+    /// A btrfs subvolume with a qgroup limit.
+    BtrfsQgroup,
+    /// Not enforced: the size is recorded only.
+    None,
+}
+
+impl Enforcement {
+    /// The name recorded and reported (`btrfs-qgroup`, `none`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Enforcement::BtrfsQgroup => "btrfs-qgroup",
+            Enforcement::None => "none",
+        }
+    }
+}
+
 /// A place volumes are created in.
 pub trait Backend: Send + Sync + 'static {
     /// The backend's name in StorageClass parameters and records (`dir`).
     fn name(&self) -> &'static str;
 
-    /// Creates the storage for `id`. Must be idempotent: storage left by an interrupted earlier
-    /// attempt for the same ID is adopted.
-    fn create(&self, id: &VolumeId, capacity_bytes: u64) -> Result<(), BackendError>;
+    /// Creates the storage for `id` and says how its size is enforced. Must be idempotent:
+    /// storage left by an interrupted earlier attempt for the same ID is adopted.
+    fn create(&self, id: &VolumeId, options: &VolumeOptions) -> Result<Enforcement, BackendError>;
+
+    /// Grows the volume's storage to `capacity_bytes` (never shrinks).
+    fn expand(&self, id: &VolumeId, capacity_bytes: u64) -> Result<(), BackendError>;
 
     /// Removes the storage of `id`; absent storage is success.
     fn delete(&self, id: &VolumeId) -> Result<(), BackendError>;

@@ -30,6 +30,7 @@ impl ControllerService {
             Type::GetVolume,
             Type::VolumeCondition,
             Type::SingleNodeMultiWriter,
+            Type::ExpandVolume,
         ];
         // Only a process that also serves the node side knows where volumes are published.
         if self.engine.config().serves_node {
@@ -239,9 +240,27 @@ impl Controller for ControllerService {
 
     async fn controller_expand_volume(
         &self,
-        _request: Request<proto::ControllerExpandVolumeRequest>,
+        request: Request<proto::ControllerExpandVolumeRequest>,
     ) -> Result<Response<proto::ControllerExpandVolumeResponse>, Status> {
-        unimplemented("ControllerExpandVolume")
+        let r = request.into_inner();
+        handle("ControllerExpandVolume", &r.volume_id.clone(), async {
+            if r.volume_id.is_empty() {
+                return Err(Error::Missing("volume_id"));
+            }
+            if r.capacity_range.is_none() {
+                return Err(Error::Missing("capacity_range"));
+            }
+            let capacity = self
+                .engine
+                .expand_volume(&r.volume_id, convert::capacity_range(r.capacity_range)?)
+                .await?;
+            Ok(proto::ControllerExpandVolumeResponse {
+                capacity_bytes: convert::int64(capacity),
+                // Directory volumes grow by raising their limit; nothing to do on the node.
+                node_expansion_required: false,
+            })
+        })
+        .await
     }
 
     async fn controller_get_volume(

@@ -47,7 +47,7 @@ impl Identity for IdentityService {
         if self.serves_controller {
             types.insert(0, service::Type::ControllerService);
         }
-        let capabilities = types
+        let mut capabilities: Vec<PluginCapability> = types
             .into_iter()
             .map(|t| PluginCapability {
                 r#type: Some(plugin_capability::Type::Service(Service {
@@ -55,6 +55,14 @@ impl Identity for IdentityService {
                 })),
             })
             .collect();
+        // Volumes grow while published (a raised qgroup limit takes effect at once).
+        capabilities.push(PluginCapability {
+            r#type: Some(plugin_capability::Type::VolumeExpansion(
+                plugin_capability::VolumeExpansion {
+                    r#type: plugin_capability::volume_expansion::Type::Online as i32,
+                },
+            )),
+        });
         Ok(Response::new(proto::GetPluginCapabilitiesResponse {
             capabilities,
         }))

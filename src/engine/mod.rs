@@ -22,12 +22,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use error::{Error, Result};
 pub use reconcile::ReconcileReport;
 
-use crate::backend::Backend;
+use crate::backend::{Backend, VolumeOptions};
 use crate::mount::Mounter;
 use crate::store::{Mutation, Store, VolumeRecord};
 use ids::{IdError, VolumeId};
 use locks::{InFlight, InFlightGuard};
 use types::*;
+
+/// Volume context key saying how the volume's size is enforced (`btrfs-qgroup`, `none`).
+pub const CONTEXT_ENFORCEMENT: &str = "k8scsi.io/capacity-enforcement";
 
 /// What the engine needs to know about its node and deployment.
 #[derive(Debug, Clone)]
@@ -130,10 +133,14 @@ impl Engine {
     fn volume_from_record(&self, record: &VolumeRecord) -> Result<Volume> {
         let id = VolumeId::parse(&record.id)
             .map_err(|e| Error::Internal(format!("stored volume ID: {e}")))?;
+        let enforcement = match record.enforcement.as_str() {
+            "" => "none",
+            other => other,
+        };
         Ok(Volume {
             id,
             capacity_bytes: record.capacity_bytes,
-            context: BTreeMap::new(),
+            context: BTreeMap::from([(CONTEXT_ENFORCEMENT.to_string(), enforcement.to_string())]),
             accessible_topology: vec![BTreeMap::from([(
                 self.config.topology_key.clone(),
                 record.accessible_node.clone(),
@@ -214,7 +221,12 @@ impl Engine {
                 tracing::warn!(volume_id = %id, "recreating missing storage of an existing volume");
                 let backend = self.backend.clone();
                 let id2 = id.clone();
-                blocking(move || Ok(backend.create(&id2, capacity)?)).await?;
+                let options = VolumeOptions {
+                    capacity_bytes: record.capacity_bytes,
+                    require_enforcement: record.enforcement != "none"
+                        && !record.enforcement.is_empty(),
+                };
+                blocking(move || Ok(backend.create(&id2, &options)?)).await?;
                 self.store.commit(vec![], self.backend.sync_dirs()).await?;
             }
             return self.volume_from_record(&record);
@@ -238,7 +250,14 @@ impl Engine {
         let intent = self.store.intent();
         let backend = self.backend.clone();
         let id = new_id.clone();
-        blocking(move || Ok(backend.create(&id, capacity)?)).await?;
+        let options = VolumeOptions {
+            capacity_bytes: capacity,
+            require_enforcement: params.enforce_capacity,
+        };
+        let enforcement = blocking(move || Ok(backend.create(&id, &options)?)).await?;
+        if enforcement == crate::backend::Enforcement::None {
+            tracing::warn!(volume_id = %new_id, capacity, "volume size is recorded but not enforced");
+        }
         let record = VolumeRecord {
             id: new_id.to_string(),
             name,
@@ -252,6 +271,7 @@ impl Engine {
                 .map(|c| c.access_mode.name().to_string())
                 .collect(),
             accessible_node: self.config.node_id.clone(),
+            enforcement: enforcement.name().to_string(),
             created_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -266,6 +286,47 @@ impl Engine {
             )
             .await?;
         self.volume_from_record(&record)
+    }
+
+    /// ControllerExpandVolume: grows the volume to the range's required (else limit) bytes and
+    /// returns the new capacity. Shrinking is refused.
+    pub async fn expand_volume(&self, raw_id: &str, range: CapacityRange) -> Result<u64> {
+        let id = Self::existing_id(raw_id)?;
+        let requested = resolve_capacity(range)?;
+        if requested == 0 {
+            return Err(Error::Missing("capacity_range"));
+        }
+        let _guard = self.lock(vec![format!("vol:{id}")])?;
+        let mut record = self
+            .store
+            .volume(id.as_str())?
+            .ok_or_else(|| Error::VolumeNotFound(raw_id.to_string()))?;
+        if requested < record.capacity_bytes {
+            return Err(Error::CapacityOutOfRange(format!(
+                "volume {id} is {} bytes; shrinking it to {requested} is not supported",
+                record.capacity_bytes
+            )));
+        }
+        if requested == record.capacity_bytes {
+            // A repeated expansion that already happened.
+            return Ok(requested);
+        }
+        let fs = self.backend.capacity()?;
+        let growth = requested - record.capacity_bytes;
+        if growth > fs.available_bytes {
+            return Err(Error::Exhausted(format!(
+                "growing volume {id} by {growth} bytes but only {} bytes are available",
+                fs.available_bytes
+            )));
+        }
+        let backend = self.backend.clone();
+        let id2 = id.clone();
+        blocking(move || Ok(backend.expand(&id2, requested)?)).await?;
+        record.capacity_bytes = requested;
+        self.store
+            .commit(vec![Mutation::PutVolume(record)], vec![])
+            .await?;
+        Ok(requested)
     }
 
     /// DeleteVolume. Deleting what does not exist succeeds.

@@ -13,6 +13,8 @@ const METADATA_KEYS: &[&str] = &[PV_NAME, PVC_NAME, PVC_NAMESPACE];
 
 /// The `type` parameter choosing the backend.
 pub const TYPE: &str = "type";
+/// `"false"` accepts volumes whose size cannot be enforced on this node (default `"true"`).
+pub const ENFORCE_CAPACITY: &str = "enforceCapacity";
 
 /// CSI's limit on a map's total size.
 pub const MAX_MAP_BYTES: usize = 4096;
@@ -22,6 +24,8 @@ pub const MAX_MAP_BYTES: usize = 4096;
 pub struct Parameters {
     /// Backend name (`dir`).
     pub backend: String,
+    /// Whether creation must fail when the size cannot be enforced.
+    pub enforce_capacity: bool,
     /// Parameters that define the volume; compared for CreateVolume idempotency.
     pub defining: BTreeMap<String, String>,
     /// Provisioner metadata (PV/PVC names); recorded, never compared.
@@ -51,6 +55,7 @@ pub fn parse(raw: &BTreeMap<String, String>) -> Result<Parameters> {
     check_map("parameters", raw)?;
     let mut out = Parameters {
         backend: "dir".to_string(),
+        enforce_capacity: true,
         ..Default::default()
     };
     for (key, value) in raw {
@@ -71,6 +76,19 @@ pub fn parse(raw: &BTreeMap<String, String>) -> Result<Parameters> {
                     ));
                 }
             },
+            ENFORCE_CAPACITY => {
+                out.enforce_capacity = match value.as_str() {
+                    "true" => true,
+                    "false" => false,
+                    other => {
+                        return Err(Error::invalid(
+                            "parameters",
+                            format!("enforceCapacity must be \"true\" or \"false\", not {other:?}"),
+                        ));
+                    }
+                };
+                out.defining.insert(key.clone(), value.clone());
+            }
             _ => return Err(Error::UnknownParameter(key.clone())),
         }
     }

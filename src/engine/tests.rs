@@ -60,7 +60,7 @@ fn create(name: &str, bytes: u64) -> CreateVolume {
             limit_bytes: 0,
         },
         capabilities: vec![mount_cap(AccessMode::SingleNodeWriter)],
-        parameters: BTreeMap::new(),
+        parameters: BTreeMap::from([("enforceCapacity".to_string(), "false".to_string())]),
         topology: None,
         has_content_source: false,
     }
@@ -396,7 +396,16 @@ async fn reconcile_reports_orphans_and_missing_storage() {
     let f = fixture();
     let v = f.engine.create_volume(create("pvc-r", 0)).await.unwrap();
     let orphan = VolumeId::for_name("dir", "never-recorded");
-    f.engine.backend.create(&orphan, 0).unwrap();
+    f.engine
+        .backend
+        .create(
+            &orphan,
+            &crate::backend::VolumeOptions {
+                capacity_bytes: 0,
+                require_enforcement: false,
+            },
+        )
+        .unwrap();
     std::fs::remove_dir(f.engine.backend.volume_path(&v.id)).unwrap();
     let report = f.engine.reconcile().unwrap();
     assert_eq!(report.orphaned_storage, vec![orphan.to_string()]);
@@ -405,4 +414,66 @@ async fn reconcile_reports_orphans_and_missing_storage() {
     assert!(f.engine.backend.exists(&orphan).unwrap());
     let (_, status) = f.engine.get_volume(v.id.as_str()).unwrap();
     assert!(status.condition.abnormal);
+}
+
+#[tokio::test]
+async fn unenforceable_sizes_are_refused_unless_the_class_opts_out() {
+    let f = fixture();
+    if crate::backend::btrfs::is_btrfs(f._dir.path()) {
+        eprintln!("SKIPPED: the temp dir is on btrfs, where sizes are enforceable");
+        return;
+    }
+    let mut strict = create("pvc-strict", 1 << 20);
+    strict.parameters.clear();
+    match f.engine.create_volume(strict).await {
+        Err(Error::Backend(crate::backend::BackendError::Unenforceable(message))) => {
+            assert!(message.contains("enforceCapacity"), "{message}")
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(f.engine.store().all_volumes().unwrap().is_empty());
+    let relaxed = f
+        .engine
+        .create_volume(create("pvc-relaxed", 1 << 20))
+        .await
+        .unwrap();
+    assert_eq!(relaxed.context[CONTEXT_ENFORCEMENT], "none");
+}
+
+#[tokio::test]
+async fn expansion_grows_and_never_shrinks() {
+    let f = fixture();
+    let v = f
+        .engine
+        .create_volume(create("pvc-grow", 1 << 20))
+        .await
+        .unwrap();
+    let grow = CapacityRange {
+        required_bytes: 4 << 20,
+        limit_bytes: 0,
+    };
+    assert_eq!(
+        f.engine.expand_volume(v.id.as_str(), grow).await.unwrap(),
+        4 << 20
+    );
+    assert_eq!(
+        f.engine.expand_volume(v.id.as_str(), grow).await.unwrap(),
+        4 << 20
+    );
+    let shrink = CapacityRange {
+        required_bytes: 2 << 20,
+        limit_bytes: 0,
+    };
+    assert!(matches!(
+        f.engine.expand_volume(v.id.as_str(), shrink).await,
+        Err(Error::CapacityOutOfRange(_))
+    ));
+    let (volume, _) = f.engine.get_volume(v.id.as_str()).unwrap();
+    assert_eq!(volume.capacity_bytes, 4 << 20);
+    assert!(matches!(
+        f.engine
+            .expand_volume("dir-00000000000000000000000000000000", grow)
+            .await,
+        Err(Error::VolumeNotFound(_))
+    ));
 }

@@ -570,6 +570,7 @@ mod tests {
             access_modes: vec![],
             accessible_node: "node-a".into(),
             created_unix: 0,
+            enforcement: String::new(),
             metadata: BTreeMap::new(),
         }
     }

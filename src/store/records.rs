@@ -31,6 +31,10 @@ pub struct VolumeRecord {
     /// Seconds since the epoch at creation.
     #[serde(default)]
     pub created_unix: u64,
+    /// How the size is enforced (`btrfs-qgroup`, `none`); empty in records from before
+    /// enforcement existed, which were all unenforced.
+    #[serde(default)]
+    pub enforcement: String,
     /// Provisioner metadata (PV name, PVC name and namespace), when the CO sent it.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,

@@ -48,6 +48,26 @@ impl Driver {
         Self::start_with(&[])
     }
 
+    /// Starts a server after `prepare` has set up its (still empty) data directory, e.g. by
+    /// mounting a filesystem there.
+    pub fn start_on(prepare: impl FnOnce(&Path)) -> Driver {
+        let dir = tempfile::Builder::new()
+            .prefix("k8scsi-test-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("kubelet/pods")).unwrap();
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        prepare(&dir.path().join("data"));
+        let mut driver = Driver {
+            dir,
+            node_id: "node-1".to_string(),
+            child: None,
+            extra_args: vec![],
+        };
+        driver.spawn();
+        driver
+    }
+
     /// Starts a server with extra `serve` arguments.
     pub fn start_with(extra: &[&str]) -> Driver {
         let dir = tempfile::Builder::new()
@@ -212,7 +232,13 @@ impl Drop for Driver {
     }
 }
 
-/// A CreateVolume request for a single-node-writer mount volume of `bytes`.
+/// StorageClass parameters for tests that run on whatever filesystem holds the temp dir: most
+/// are not about capacity enforcement, which needs btrfs (see tests/capacity.rs).
+pub fn unenforced() -> std::collections::HashMap<String, String> {
+    [("enforceCapacity".to_string(), "false".to_string())].into()
+}
+
+/// A CreateVolume request for a single-node-writer mount volume of `bytes`, unenforced.
 pub fn create_request(name: &str, bytes: i64) -> CreateVolumeRequest {
     CreateVolumeRequest {
         name: name.to_string(),
@@ -221,6 +247,7 @@ pub fn create_request(name: &str, bytes: i64) -> CreateVolumeRequest {
             limit_bytes: 0,
         }),
         volume_capabilities: vec![mount_capability(Mode::SingleNodeWriter, vec![])],
+        parameters: unenforced(),
         ..Default::default()
     }
 }

@@ -1,0 +1,242 @@
+//! Capacity enforcement for real: a btrfs filesystem on a loop device as the data directory,
+//! volumes as subvolumes with qgroup limits, writes past the size failing inside the published
+//! volume, and online expansion visible without unmounting. Needs root and btrfs-progs (CI has
+//! both); skips with a printed reason otherwise.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+use std::process::Command;
+
+use common::{Driver, create_request, publish_request};
+use k8scsi::csi::proto;
+use tonic::Code;
+
+const MIB: i64 = 1 << 20;
+
+fn tool_available(tool: &str) -> bool {
+    Command::new(tool).arg("--version").output().is_ok()
+}
+
+/// Formats a 512 MiB btrfs image in `data`'s parent and mounts it at `data` (mount(8) sets up
+/// the loop device with autoclear, so unmounting frees it).
+fn mount_btrfs(data: &Path) {
+    let image = data.parent().unwrap().join("btrfs.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(512 << 20)
+        .unwrap();
+    let mkfs = Command::new("mkfs.btrfs")
+        .arg("-q")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(mkfs.status.success(), "mkfs.btrfs: {mkfs:?}");
+    let mount = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(mount.status.success(), "mount: {mount:?}");
+}
+
+fn skip_reason() -> Option<&'static str> {
+    if !common::is_root() {
+        return Some("needs root (loop devices, mounts)");
+    }
+    if !tool_available("mkfs.btrfs") || !tool_available("btrfs") {
+        return Some("btrfs-progs is not installed (scripts/install-test-tools.sh installs it)");
+    }
+    None
+}
+
+macro_rules! require_btrfs {
+    () => {
+        if let Some(reason) = skip_reason() {
+            assert!(
+                std::env::var("K8SCSI_REQUIRE_TOOLS").as_deref() != Ok("1") || !common::is_root(),
+                "required tools missing: {reason}"
+            );
+            eprintln!("SKIPPED: {reason}");
+            return;
+        }
+    };
+}
+
+/// Writes `bytes` of data to `path`, syncing, and returns the first error.
+fn write_bytes(path: &Path, bytes: usize) -> std::io::Result<()> {
+    let mut file = std::fs::File::create(path)?;
+    let chunk = vec![0x5au8; 1 << 20];
+    let mut written = 0;
+    while written < bytes {
+        file.write_all(&chunk)?;
+        written += chunk.len();
+    }
+    file.sync_all()
+}
+
+fn is_quota_error(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(122) | Some(28)) // EDQUOT, ENOSPC
+}
+
+#[tokio::test]
+async fn btrfs_volumes_enforce_their_size_and_grow_online() {
+    require_btrfs!();
+    let d = Driver::start_on(mount_btrfs);
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+
+    // No enforceCapacity parameter: enforcement is required, and btrfs provides it.
+    let mut request = create_request("pvc-quota", 16 * MIB);
+    request.parameters.clear();
+    let volume = c
+        .create_volume(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        volume
+            .volume_context
+            .get("k8scsi.io/capacity-enforcement")
+            .map(String::as_str),
+        Some("btrfs-qgroup")
+    );
+    let target = d.target("pod-a");
+    n.node_publish_volume(publish_request(&volume.volume_id, &target, false))
+        .await
+        .unwrap();
+
+    // Within the size: fine. Past it: EDQUOT (or ENOSPC), inside the published volume.
+    write_bytes(&Path::new(&target).join("small"), 8 << 20).unwrap();
+    let err = write_bytes(&Path::new(&target).join("big"), 32 << 20).unwrap_err();
+    assert!(is_quota_error(&err), "expected EDQUOT/ENOSPC, got {err:?}");
+    std::fs::remove_file(Path::new(&target).join("big")).unwrap();
+
+    // Stats report the qgroup's numbers against the requested size.
+    let stats = n
+        .node_get_volume_stats(proto::NodeGetVolumeStatsRequest {
+            volume_id: volume.volume_id.clone(),
+            volume_path: target.clone(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let bytes = stats
+        .usage
+        .iter()
+        .find(|u| u.unit == proto::volume_usage::Unit::Bytes as i32)
+        .unwrap();
+    assert_eq!(bytes.total, 16 * MIB);
+    assert!(bytes.used >= 8 * MIB, "{bytes:?}");
+
+    // Online expansion: the bigger limit applies to the mounted volume at once.
+    let expanded = c
+        .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: 64 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(expanded.capacity_bytes, 64 * MIB);
+    assert!(!expanded.node_expansion_required);
+    write_bytes(&Path::new(&target).join("bigger"), 32 << 20).unwrap();
+
+    // Shrinking is refused.
+    let shrink = c
+        .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: 8 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(shrink.code(), Code::OutOfRange, "{shrink:?}");
+
+    // Delete removes the subvolume.
+    n.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        target_path: target.clone(),
+    })
+    .await
+    .unwrap();
+    c.delete_volume(proto::DeleteVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        secrets: Default::default(),
+    })
+    .await
+    .unwrap();
+    assert!(
+        !d.data_dir()
+            .join("volumes")
+            .join(&volume.volume_id)
+            .exists()
+    );
+}
+
+#[tokio::test]
+async fn unenforceable_sizes_fail_with_a_clear_error() {
+    let d = Driver::start();
+    if k8scsi::backend::btrfs::is_btrfs(&d.data_dir()) {
+        eprintln!("SKIPPED: the temp dir is on btrfs, where sizes are enforceable");
+        return;
+    }
+    let mut c = d.controller().await;
+    let mut request = create_request("pvc-strict", 16 * MIB);
+    request.parameters.clear();
+    let status = c.create_volume(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    assert!(status.message().contains("enforceCapacity"), "{status:?}");
+    assert!(
+        std::fs::read_dir(d.data_dir().join("volumes"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+
+    // Opting out works, and the volume says it is unenforced.
+    let volume = c
+        .create_volume(create_request("pvc-relaxed", 16 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        volume
+            .volume_context
+            .get("k8scsi.io/capacity-enforcement")
+            .map(String::as_str),
+        Some("none")
+    );
+    let got = c
+        .controller_get_volume(proto::ControllerGetVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        got.volume.unwrap().volume_context["k8scsi.io/capacity-enforcement"],
+        "none"
+    );
+    // A bad value of the parameter is refused by name.
+    let mut bad = create_request("pvc-bad", MIB);
+    bad.parameters
+        .insert("enforceCapacity".into(), "maybe".into());
+    let status = c.create_volume(bad).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("enforceCapacity"));
+}
