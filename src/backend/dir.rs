@@ -145,6 +145,12 @@ impl Backend for DirBackend {
         if btrfs::is_subvolume(&path) {
             return btrfs::delete_subvolume(&path);
         }
+        // Most deleted volumes are empty or nearly so: try a plain rmdir before walking.
+        match std::fs::remove_dir(&path) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(_) => {}
+        }
         // std's remove_dir_all never follows symlinks inside the tree.
         match std::fs::remove_dir_all(&path) {
             Ok(()) => Ok(()),
