@@ -6,16 +6,22 @@
 //! - [`mount`]: confined path resolution and mount syscalls behind the [`mount::Mounter`] trait;
 //! - [`store`]: durable metadata in redb with group commit;
 //! - [`csi`]: the thin gRPC adapters that translate CSI requests to engine calls;
-//! - [`server`], [`client`] and [`bench`]: what the `k8scsi` binary runs.
+//! - [`server`], [`client`] and [`bench`]: what the `k8scsi` binary runs;
+//! - [`metrics`] and [`health`]: Prometheus metrics, `/healthz` and readiness of a server;
+//! - [`ops`]: the operator's commands (`volumes`, `snapshots`, `usage`, `doctor`).
 //!
 //! Only [`csi`], [`server`], [`client`] and [`bench`] know about gRPC.
 
+pub mod admin;
 pub mod backend;
 pub mod bench;
 pub mod client;
 pub mod csi;
 pub mod engine;
+pub mod health;
+pub mod metrics;
 pub mod mount;
+pub mod ops;
 pub mod server;
 pub mod store;
 pub mod units;

@@ -74,9 +74,23 @@ enum Command {
             default_value = "topology.k8scsi.io/node"
         )]
         topology_key: String,
+        /// Serve Prometheus /metrics and a plain /healthz on this address (host:port; port 0
+        /// picks a free port and logs it). Off when unset.
+        #[arg(long, env = "K8SCSI_METRICS_ADDRESS")]
+        metrics_address: Option<String>,
+        /// How often volume usage is measured for the metrics (500ms, 60s, 5m, ...).
+        #[arg(long, env = "K8SCSI_USAGE_INTERVAL", default_value = "60s",
+              value_parser = k8scsi::units::parse_duration)]
+        usage_interval: std::time::Duration,
+        /// How often reconciliation re-runs for the metrics (0: only at start).
+        #[arg(long, env = "K8SCSI_RECONCILE_INTERVAL", default_value = "10m",
+              value_parser = k8scsi::units::parse_duration)]
+        reconcile_interval: std::time::Duration,
         #[command(flatten)]
         log: LogArgs,
     },
+    #[command(flatten)]
+    Ops(k8scsi::ops::Command),
     /// Talk to a running CSI driver.
     Client {
         /// The driver's endpoint.
@@ -123,6 +137,11 @@ async fn shutdown_signal() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let command = match cli.command {
+        // The operator commands read the store and the node directly; they need no server.
+        Command::Ops(command) => return k8scsi::ops::run(command),
+        command => command,
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .max_blocking_threads(64)
@@ -135,7 +154,7 @@ fn main() -> ExitCode {
         }
     };
     let result: Result<(), String> = runtime.block_on(async {
-        match cli.command {
+        match command {
             Command::Serve {
                 endpoint,
                 node_id,
@@ -146,6 +165,9 @@ fn main() -> ExitCode {
                 max_volumes_per_node,
                 kubelet_dir,
                 topology_key,
+                metrics_address,
+                usage_interval,
+                reconcile_interval,
                 log,
             } => {
                 init_logging(&log);
@@ -159,6 +181,9 @@ fn main() -> ExitCode {
                     max_volumes_per_node,
                     kubelet_dir,
                     topology_key,
+                    metrics_address,
+                    usage_interval,
+                    reconcile_interval,
                 };
                 k8scsi::server::serve(config, shutdown_signal())
                     .await
@@ -168,6 +193,7 @@ fn main() -> ExitCode {
                 k8scsi::client::run(&Endpoint::parse(&endpoint)?, command).await
             }
             Command::Bench(args) => k8scsi::bench::run(args).await,
+            Command::Ops(_) => unreachable!("handled before the runtime starts"),
         }
     });
     match result {

@@ -8,12 +8,15 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 use tonic::transport::Server;
 
+use crate::backend::Backend;
 use crate::backend::dir::DirBackend;
 use crate::csi::proto::controller_server::ControllerServer;
 use crate::csi::proto::identity_server::IdentityServer;
 use crate::csi::proto::node_server::NodeServer;
 use crate::csi::{ControllerService, IdentityService, NodeService};
 use crate::engine::{Engine, EngineConfig};
+use crate::health::Health;
+use crate::metrics::sampler::{Sampled, Sampler};
 use crate::mount::linux::LinuxMounter;
 use crate::store::Store;
 
@@ -73,6 +76,12 @@ pub struct ServeConfig {
     pub max_volumes_per_node: u64,
     pub kubelet_dir: PathBuf,
     pub topology_key: String,
+    /// Where to serve `/metrics` and `/healthz` (`host:port`; port 0 picks one and logs it).
+    pub metrics_address: Option<String>,
+    /// How often volume usage is walked for the metrics.
+    pub usage_interval: std::time::Duration,
+    /// How often reconciliation re-runs for the metrics (zero: only at start).
+    pub reconcile_interval: std::time::Duration,
 }
 
 /// Start-up failures.
@@ -155,6 +164,11 @@ fn claim_socket(path: &Path) -> Result<(), ServeError> {
 
 /// Builds the engine for a configuration (also used by tests and the bench).
 pub fn build_engine(config: &ServeConfig) -> Result<Arc<Engine>, ServeError> {
+    Ok(build_parts(config)?.0)
+}
+
+/// Builds the engine and returns it with its backend (which the usage sampler walks).
+fn build_parts(config: &ServeConfig) -> Result<(Arc<Engine>, Arc<dyn Backend>), ServeError> {
     if config.node_id.is_empty() || config.node_id.len() > 256 {
         return Err(ServeError::Config(
             "--node-id must be 1-256 bytes".to_string(),
@@ -170,8 +184,8 @@ pub fn build_engine(config: &ServeConfig) -> Result<Arc<Engine>, ServeError> {
     let data_dir = prepare_dir(&config.data_dir, "data directory")?;
     let kubelet_dir = prepare_dir(&config.kubelet_dir, "kubelet directory")?;
     let store = Store::open(&state_dir)?;
-    let backend = Arc::new(DirBackend::new(&data_dir)?);
-    Ok(Arc::new(Engine::new(
+    let backend: Arc<dyn Backend> = Arc::new(DirBackend::new(&data_dir)?);
+    let engine = Arc::new(Engine::new(
         EngineConfig {
             node_id: config.node_id.clone(),
             topology_key: config.topology_key.clone(),
@@ -180,9 +194,10 @@ pub fn build_engine(config: &ServeConfig) -> Result<Arc<Engine>, ServeError> {
             serves_node: config.mode != Mode::Controller,
         },
         store,
-        backend,
+        backend.clone(),
         Arc::new(LinuxMounter),
-    )))
+    ));
+    Ok((engine, backend))
 }
 
 /// How long in-flight calls get to finish after SIGTERM. A connection that never completes its
@@ -221,23 +236,98 @@ where
     }
 }
 
+/// A task that stops when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Background work that lives as long as the server when `--metrics-address` is set: the
+/// metrics sampler and the HTTP endpoint. Dropping it stops both.
+struct Observers {
+    _sampler: Option<crate::metrics::sampler::SamplerTasks>,
+    _http: Option<AbortOnDrop>,
+}
+
+async fn start_observers(
+    config: &ServeConfig,
+    engine: &Arc<Engine>,
+    backend: Arc<dyn Backend>,
+    health: &Health,
+    sampled: Arc<Sampled>,
+) -> Result<Observers, ServeError> {
+    if config.usage_interval.is_zero() {
+        return Err(ServeError::Config(
+            "--usage-interval must be more than zero".to_string(),
+        ));
+    }
+    let sampler = Sampler {
+        engine: engine.clone(),
+        backend: backend.clone(),
+        health: health.clone(),
+        data_dir: config.data_dir.clone(),
+        sampled: sampled.clone(),
+        usage_interval: config.usage_interval,
+        reconcile_interval: config.reconcile_interval,
+    };
+    let Some(address) = &config.metrics_address else {
+        return Ok(Observers {
+            _sampler: None,
+            _http: None,
+        });
+    };
+    let (listener, bound) = crate::metrics::http::bind(address)
+        .await
+        .map_err(io_err(format!("binding the metrics address {address}")))?;
+    tracing::info!(address = %bound, "serving /metrics and /healthz");
+    let app = Arc::new(crate::metrics::http::MetricsApp {
+        metrics: crate::metrics::Metrics::new(engine.store().clone(), sampled, backend.name()),
+        health: health.clone(),
+    });
+    Ok(Observers {
+        _sampler: Some(sampler.spawn()),
+        _http: Some(AbortOnDrop(tokio::spawn(crate::metrics::http::serve(
+            listener, app,
+        )))),
+    })
+}
+
 /// Serves until `shutdown` resolves.
 pub async fn serve(
     config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let engine = build_engine(&config)?;
+    let (engine, backend) = build_parts(&config)?;
+    let sampled = Arc::new(Sampled::new(backend.name()));
     {
         let engine = engine.clone();
-        tokio::task::spawn_blocking(move || engine.reconcile())
+        let report = tokio::task::spawn_blocking(move || engine.reconcile())
             .await
             .map_err(|e| ServeError::Config(format!("reconcile task: {e}")))??;
+        sampled.set_reconcile(report);
     }
+    let health = Health::new(
+        engine.clone(),
+        config.data_dir.clone(),
+        config.state_dir.clone(),
+    );
+    let _observers = start_observers(&config, &engine, backend, &health, sampled).await?;
+    let admin_listener = crate::admin::bind(&config.state_dir).map_err(io_err(format!(
+        "binding the admin socket in {}",
+        config.state_dir.display()
+    )))?;
+    let _admin = AbortOnDrop(tokio::spawn(crate::admin::serve(
+        admin_listener,
+        engine.store().clone(),
+    )));
     let serves_controller = config.mode != Mode::Node;
     let serves_node = config.mode != Mode::Controller;
     let router = Server::builder()
         .add_service(IdentityServer::new(IdentityService::new(
-            engine.clone(),
+            health.clone(),
             config.driver_name.clone(),
             serves_controller,
         )))
@@ -282,6 +372,7 @@ pub async fn serve(
             .await?;
         }
     }
+    let _ = std::fs::remove_file(crate::admin::socket_path(&config.state_dir));
     let stats = engine.store().commit_stats();
     tracing::info!(
         transactions = stats.transactions,

@@ -42,6 +42,31 @@ pub fn format_size(bytes: u64) -> String {
     }
 }
 
+/// Parses a duration: a number with a unit (`ms`, `s`, `m`, `h`), or `0`.
+pub fn parse_duration(raw: &str) -> Result<std::time::Duration, String> {
+    let raw = raw.trim();
+    if raw == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (digits, unit) = raw.split_at(split);
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration (examples: 500ms, 60s, 5m, 1h)"))?;
+    let millis: u64 = match unit {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" => 60_000,
+        "h" => 3_600_000,
+        "" => return Err(format!("{raw:?} needs a unit: ms, s, m or h")),
+        other => return Err(format!("unknown duration unit {other:?} in {raw:?}")),
+    };
+    number
+        .checked_mul(millis)
+        .map(std::time::Duration::from_millis)
+        .ok_or_else(|| format!("{raw:?} is too long"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +81,17 @@ mod tests {
         assert!(parse_size("99999999999Ti").is_err());
         assert_eq!(format_size(1 << 30), "1.0Gi");
         assert_eq!(format_size(512), "512");
+    }
+
+    #[test]
+    fn parses_durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("60s").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("0").unwrap(), Duration::ZERO);
+        assert!(parse_duration("60").is_err());
+        assert!(parse_duration("1d").is_err());
+        assert!(parse_duration("s").is_err());
     }
 }

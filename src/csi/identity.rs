@@ -1,25 +1,25 @@
 //! The CSI Identity service.
 
-use std::sync::Arc;
+use std::time::Instant;
 
-use tonic::{Request, Response, Status};
+use tonic::{Code, Request, Response, Status};
 
 use super::proto::identity_server::Identity;
 use super::proto::plugin_capability::{Service, service};
 use super::proto::{self, PluginCapability, plugin_capability};
-use crate::engine::Engine;
+use crate::health::Health;
 
 /// Identity: name, version, capabilities and readiness.
 pub struct IdentityService {
-    engine: Arc<Engine>,
+    health: Health,
     driver_name: String,
     serves_controller: bool,
 }
 
 impl IdentityService {
-    pub fn new(engine: Arc<Engine>, driver_name: String, serves_controller: bool) -> Self {
+    pub fn new(health: Health, driver_name: String, serves_controller: bool) -> Self {
         IdentityService {
-            engine,
+            health,
             driver_name,
             serves_controller,
         }
@@ -32,6 +32,7 @@ impl Identity for IdentityService {
         &self,
         _request: Request<proto::GetPluginInfoRequest>,
     ) -> Result<Response<proto::GetPluginInfoResponse>, Status> {
+        let _call = Observed::new("GetPluginInfo");
         Ok(Response::new(proto::GetPluginInfoResponse {
             name: self.driver_name.clone(),
             vendor_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -43,6 +44,7 @@ impl Identity for IdentityService {
         &self,
         _request: Request<proto::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<proto::GetPluginCapabilitiesResponse>, Status> {
+        let _call = Observed::new("GetPluginCapabilities");
         let mut types = vec![service::Type::VolumeAccessibilityConstraints];
         if self.serves_controller {
             types.insert(0, service::Type::ControllerService);
@@ -72,10 +74,42 @@ impl Identity for IdentityService {
         &self,
         _request: Request<proto::ProbeRequest>,
     ) -> Result<Response<proto::ProbeResponse>, Status> {
-        let engine = self.engine.clone();
-        let ready = tokio::task::spawn_blocking(move || engine.ready())
-            .await
-            .unwrap_or(false);
-        Ok(Response::new(proto::ProbeResponse { ready: Some(ready) }))
+        let _call = Observed::new("Probe");
+        let report = self.health.check().await;
+        if !report.ready() {
+            tracing::warn!(problems = ?report.problems, "Probe: not ready");
+        }
+        Ok(Response::new(proto::ProbeResponse {
+            ready: Some(report.ready()),
+        }))
+    }
+}
+
+/// Records an Identity call in the CSI call metrics when it ends. Identity calls cannot fail, so
+/// they are always `OK`; they are logged at debug level only, because the livenessprobe sidecar
+/// calls Probe every few seconds.
+struct Observed {
+    method: &'static str,
+    started: Instant,
+}
+
+impl Observed {
+    fn new(method: &'static str) -> Observed {
+        Observed {
+            method,
+            started: Instant::now(),
+        }
+    }
+}
+
+impl Drop for Observed {
+    fn drop(&mut self) {
+        let elapsed = self.started.elapsed();
+        crate::metrics::record_call(self.method, Code::Ok, elapsed);
+        tracing::debug!(
+            method = self.method,
+            duration_us = elapsed.as_micros() as u64,
+            code = "OK"
+        );
     }
 }

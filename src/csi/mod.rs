@@ -70,7 +70,10 @@ pub(crate) async fn handle<T>(
     let request_id = NEXT_REQUEST.fetch_add(1, Ordering::Relaxed);
     let started = Instant::now();
     let result = call.await.map_err(status);
-    let micros = started.elapsed().as_micros() as u64;
+    let elapsed = started.elapsed();
+    let code = result.as_ref().err().map_or(Code::Ok, Status::code);
+    crate::metrics::record_call(method, code, elapsed);
+    let micros = elapsed.as_micros() as u64;
     match &result {
         Ok(_) => tracing::info!(request_id, method, ids, duration_us = micros, code = "OK"),
         Err(s) if s.code() == Code::Internal => tracing::error!(

@@ -9,6 +9,7 @@
 //! Reads use redb read transactions directly from the caller's thread: they never wait for the
 //! writer and always see the last durable commit.
 
+mod reader;
 mod records;
 
 use std::collections::BTreeMap;
@@ -23,6 +24,7 @@ use std::sync::mpsc;
 
 use tokio::sync::oneshot;
 
+pub use reader::{ReadSource, StateDump, read_file};
 pub use records::{PublicationRecord, VolumeRecord};
 
 /// Volume ID → JSON [`VolumeRecord`].

@@ -1,0 +1,295 @@
+//! Background measurements the metrics expose: volume usage (walked every `--usage-interval`),
+//! readiness and backend health (every [`HEALTH_INTERVAL`]) and reconciliation findings (every
+//! `--reconcile-interval`). Each runs in its own task, does its filesystem work on the blocking
+//! pool, and replaces a snapshot that scrapes read; a scrape never waits for a measurement.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::task::JoinHandle;
+
+use crate::backend::{Backend, FsCapacity, Usage};
+use crate::engine::ids::VolumeId;
+use crate::engine::params::{PV_NAME, PVC_NAME, PVC_NAMESPACE};
+use crate::engine::{Engine, ReconcileReport};
+use crate::health::Health;
+
+/// How often readiness and the backend's filesystem are checked for the metrics.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(10);
+
+/// One volume in a usage sample.
+#[derive(Debug, Clone)]
+pub struct VolumeSample {
+    pub id: String,
+    pub pv: Option<String>,
+    pub pvc: Option<String>,
+    pub namespace: Option<String>,
+    pub capacity_bytes: u64,
+    /// `None` when the volume could not be measured (its storage is missing, say).
+    pub used: Option<Usage>,
+}
+
+impl VolumeSample {
+    /// The metric labels: the volume ID, then what the provisioner told us, named as the
+    /// kubelet's `kubelet_volume_stats_*` metrics name them.
+    pub fn labels(&self) -> Vec<(&'static str, &str)> {
+        let mut labels = vec![("volume_id", self.id.as_str())];
+        if let Some(pv) = &self.pv {
+            labels.push(("persistentvolume", pv));
+        }
+        if let Some(pvc) = &self.pvc {
+            labels.push(("persistentvolumeclaim", pvc));
+        }
+        if let Some(ns) = &self.namespace {
+            labels.push(("namespace", ns));
+        }
+        labels
+    }
+}
+
+/// The result of one pass over every volume.
+#[derive(Debug, Clone, Default)]
+pub struct UsageSnapshot {
+    pub volumes: Vec<VolumeSample>,
+    pub publications: u64,
+    pub duration: Duration,
+    /// Unix time the sample finished; 0 before the first.
+    pub finished_unix: f64,
+    /// Volumes whose usage could not be measured.
+    pub errors: u64,
+}
+
+/// Readiness and backend health.
+#[derive(Debug, Clone, Default)]
+pub struct HealthSnapshot {
+    pub ready: bool,
+    pub backend_up: bool,
+    pub filesystem: Option<FsCapacity>,
+}
+
+/// The last reconciliation.
+#[derive(Debug, Clone)]
+pub struct ReconcileSnapshot {
+    pub report: ReconcileReport,
+    pub finished_unix: f64,
+}
+
+/// The latest measurements, shared by the sampler tasks (writers) and scrapes (readers).
+#[derive(Debug)]
+pub struct Sampled {
+    backend_name: &'static str,
+    usage: RwLock<Arc<UsageSnapshot>>,
+    health: RwLock<HealthSnapshot>,
+    reconcile: RwLock<Option<Arc<ReconcileSnapshot>>>,
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
+impl Sampled {
+    pub fn new(backend_name: &'static str) -> Sampled {
+        Sampled {
+            backend_name,
+            usage: RwLock::default(),
+            health: RwLock::default(),
+            reconcile: RwLock::default(),
+        }
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        self.backend_name
+    }
+
+    pub fn usage(&self) -> Arc<UsageSnapshot> {
+        self.usage.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn health(&self) -> HealthSnapshot {
+        self.health
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn reconcile(&self) -> Option<Arc<ReconcileSnapshot>> {
+        self.reconcile
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Records a reconciliation report (the server's start-up one, or a periodic one).
+    pub fn set_reconcile(&self, report: ReconcileReport) {
+        *self.reconcile.write().unwrap_or_else(|p| p.into_inner()) =
+            Some(Arc::new(ReconcileSnapshot {
+                report,
+                finished_unix: unix_now(),
+            }));
+    }
+}
+
+/// Walks every recorded volume once.
+pub fn sample_usage(engine: &Engine, backend: &dyn Backend) -> Result<UsageSnapshot, String> {
+    let started = Instant::now();
+    let store = engine.store();
+    let records = store
+        .all_volumes()
+        .map_err(|e| format!("reading volumes: {e}"))?;
+    let publications = store
+        .all_publications()
+        .map_err(|e| format!("reading publications: {e}"))?
+        .len() as u64;
+    let mut errors = 0;
+    let mut volumes = Vec::with_capacity(records.len());
+    for record in records {
+        let used = match VolumeId::parse(&record.id) {
+            Ok(id) => backend.usage(&id).ok(),
+            Err(_) => None,
+        };
+        errors += u64::from(used.is_none());
+        let mut metadata = record.metadata;
+        volumes.push(VolumeSample {
+            pv: metadata.remove(PV_NAME),
+            pvc: metadata.remove(PVC_NAME),
+            namespace: metadata.remove(PVC_NAMESPACE),
+            id: record.id,
+            capacity_bytes: record.capacity_bytes,
+            used,
+        });
+    }
+    Ok(UsageSnapshot {
+        volumes,
+        publications,
+        duration: started.elapsed(),
+        finished_unix: unix_now(),
+        errors,
+    })
+}
+
+/// What the sampler tasks need.
+#[derive(Clone)]
+pub struct Sampler {
+    pub engine: Arc<Engine>,
+    pub backend: Arc<dyn Backend>,
+    pub health: Health,
+    pub data_dir: PathBuf,
+    pub sampled: Arc<Sampled>,
+    pub usage_interval: Duration,
+    /// Zero: only the start-up reconciliation.
+    pub reconcile_interval: Duration,
+}
+
+/// The running sampler tasks; dropping this stops them.
+pub struct SamplerTasks(Vec<JoinHandle<()>>);
+
+impl Drop for SamplerTasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+impl Sampler {
+    /// Starts the tasks. The first usage sample and health check run at once.
+    pub fn spawn(self) -> SamplerTasks {
+        let mut tasks = Vec::new();
+        let this = self.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(this.usage_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                this.refresh_usage().await;
+            }
+        }));
+        let this = self.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEALTH_INTERVAL.min(this.usage_interval));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                this.refresh_health().await;
+            }
+        }));
+        if !self.reconcile_interval.is_zero() {
+            let this = self;
+            tasks.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(this.reconcile_interval);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                tick.tick().await; // the server reconciled at start
+                loop {
+                    tick.tick().await;
+                    this.refresh_reconcile().await;
+                }
+            }));
+        }
+        SamplerTasks(tasks)
+    }
+
+    /// Takes a usage sample now.
+    pub async fn refresh_usage(&self) {
+        let (engine, backend) = (self.engine.clone(), self.backend.clone());
+        match tokio::task::spawn_blocking(move || sample_usage(&engine, backend.as_ref())).await {
+            Ok(Ok(snapshot)) => {
+                tracing::debug!(
+                    volumes = snapshot.volumes.len(),
+                    errors = snapshot.errors,
+                    duration_ms = snapshot.duration.as_millis() as u64,
+                    "usage sampled"
+                );
+                *self
+                    .sampled
+                    .usage
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner()) = Arc::new(snapshot);
+            }
+            Ok(Err(e)) => tracing::warn!(error = %e, "usage sample failed"),
+            Err(e) => tracing::warn!(error = %e, "usage sample task failed"),
+        }
+    }
+
+    /// Checks readiness and the backend's filesystem now.
+    pub async fn refresh_health(&self) {
+        let report = self.health.check().await;
+        let (backend, data_dir) = (self.backend.clone(), self.data_dir.clone());
+        let filesystem = tokio::time::timeout(
+            crate::health::CHECK_TIMEOUT,
+            tokio::task::spawn_blocking(move || {
+                let fs = backend.capacity().ok();
+                let writable = crate::health::filesystem_problem("data", &data_dir).is_none();
+                (fs, writable)
+            }),
+        )
+        .await;
+        let (filesystem, writable) = match filesystem {
+            Ok(Ok(result)) => result,
+            _ => (None, false),
+        };
+        let snapshot = HealthSnapshot {
+            ready: report.ready(),
+            backend_up: filesystem.is_some() && writable,
+            filesystem,
+        };
+        *self
+            .sampled
+            .health
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = snapshot;
+    }
+
+    /// Reconciles now (the engine logs each finding).
+    pub async fn refresh_reconcile(&self) {
+        let engine = self.engine.clone();
+        match tokio::task::spawn_blocking(move || engine.reconcile()).await {
+            Ok(Ok(report)) => self.sampled.set_reconcile(report),
+            Ok(Err(e)) => tracing::warn!(error = %e, "periodic reconcile failed"),
+            Err(e) => tracing::warn!(error = %e, "periodic reconcile task failed"),
+        }
+    }
+}
