@@ -194,7 +194,7 @@ fn build_parts(config: &ServeConfig) -> Result<(Arc<Engine>, Arc<dyn Backend>), 
             serves_node: config.mode != Mode::Controller,
         },
         store,
-        backend.clone(),
+        vec![backend.clone()],
         Arc::new(LinuxMounter),
     ));
     Ok((engine, backend))

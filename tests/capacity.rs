@@ -232,6 +232,23 @@ async fn unenforceable_sizes_fail_with_a_clear_error() {
         got.volume.unwrap().volume_context["k8scsi.io/capacity-enforcement"],
         "none"
     );
+    // Capacity tracking: this node offers nothing to classes that require enforcement.
+    let strict = c
+        .get_capacity(proto::GetCapacityRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(strict.available_capacity, 0, "{strict:?}");
+    let relaxed = c
+        .get_capacity(proto::GetCapacityRequest {
+            parameters: common::unenforced(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(relaxed.available_capacity > 0, "{relaxed:?}");
+
     // A bad value of the parameter is refused by name.
     let mut bad = create_request("pvc-bad", MIB);
     bad.parameters

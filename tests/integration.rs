@@ -811,9 +811,9 @@ async fn get_capacity_follows_topology_and_capabilities() {
     let mut c = d.controller().await;
     let own = c
         .get_capacity(proto::GetCapacityRequest {
+            parameters: common::unenforced(),
             accessible_topology: Some(segment(TOPOLOGY_KEY, "node-1")),
             volume_capabilities: vec![capability(Mode::SingleNodeWriter, &[])],
-            ..Default::default()
         })
         .await
         .unwrap()
@@ -822,7 +822,10 @@ async fn get_capacity_follows_topology_and_capabilities() {
     assert!(own.maximum_volume_size.unwrap_or(0) > 0, "{own:?}");
 
     let unconstrained = c
-        .get_capacity(proto::GetCapacityRequest::default())
+        .get_capacity(proto::GetCapacityRequest {
+            parameters: common::unenforced(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -830,6 +833,7 @@ async fn get_capacity_follows_topology_and_capabilities() {
 
     let other = c
         .get_capacity(proto::GetCapacityRequest {
+            parameters: common::unenforced(),
             accessible_topology: Some(segment(TOPOLOGY_KEY, "node-2")),
             ..Default::default()
         })
@@ -840,6 +844,7 @@ async fn get_capacity_follows_topology_and_capabilities() {
 
     let multi = c
         .get_capacity(proto::GetCapacityRequest {
+            parameters: common::unenforced(),
             volume_capabilities: vec![capability(Mode::MultiNodeMultiWriter, &[])],
             ..Default::default()
         })
@@ -904,6 +909,7 @@ async fn topology_key_and_volume_limit_can_be_configured() {
 
     let cap = c
         .get_capacity(proto::GetCapacityRequest {
+            parameters: common::unenforced(),
             accessible_topology: Some(segment("example.com/node", "node-1")),
             ..Default::default()
         })

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use super::{Backend, BackendError, Enforcement, FsCapacity, Usage, VolumeOptions, btrfs};
 use crate::engine::ids::VolumeId;
+use crate::engine::types::{AccessType, Capability};
 
 /// Mode of a new volume's root: writable by any pod user, as Kubernetes expects of a fresh
 /// volume when no fsGroup is set. The data directory above it is 0700 and root-owned, so the
@@ -80,6 +81,26 @@ impl DirBackend {
 impl Backend for DirBackend {
     fn name(&self) -> &'static str {
         "dir"
+    }
+
+    fn can_enforce_capacity(&self) -> bool {
+        self.enforcement != Enforcement::None
+    }
+
+    fn check_capability(&self, capability: &Capability) -> Result<(), String> {
+        if let AccessType::Block = capability.access_type {
+            return Err("block access is not supported by directory volumes".to_string());
+        }
+        if !capability.access_mode.is_single_node() {
+            return Err(format!(
+                "access mode {} is not supported: directory volumes live on one node",
+                capability.access_mode.name()
+            ));
+        }
+        if let AccessType::Mount { mount_flags, .. } = &capability.access_type {
+            crate::mount::MountOptions::from_flags(mount_flags, false)?;
+        }
+        Ok(())
     }
 
     fn create(&self, id: &VolumeId, options: &VolumeOptions) -> Result<Enforcement, BackendError> {

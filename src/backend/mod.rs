@@ -7,6 +7,7 @@ pub mod dir;
 use std::path::{Path, PathBuf};
 
 use crate::engine::ids::VolumeId;
+use crate::engine::types::Capability;
 
 /// Failures of a backend.
 #[derive(Debug, thiserror::Error)]
@@ -103,8 +104,14 @@ impl Enforcement {
 
 /// A place volumes are created in.
 pub trait Backend: Send + Sync + 'static {
-    /// The backend's name in StorageClass parameters and records (`dir`).
+    /// The backend's name in StorageClass parameters, volume IDs and records (`dir`).
     fn name(&self) -> &'static str;
+
+    /// Whether this node can enforce volume sizes.
+    fn can_enforce_capacity(&self) -> bool;
+
+    /// Whether volumes of this backend can be used with `capability`; `Err` says why not.
+    fn check_capability(&self, capability: &Capability) -> Result<(), String>;
 
     /// Creates the storage for `id` and says how its size is enforced. Must be idempotent:
     /// storage left by an interrupted earlier attempt for the same ID is adopted.

@@ -48,7 +48,8 @@ pub struct EngineConfig {
 pub struct Engine {
     config: EngineConfig,
     store: Store,
-    backend: Arc<dyn Backend>,
+    /// Configured backends by name; a volume ID's prefix names its backend.
+    backends: BTreeMap<&'static str, Arc<dyn Backend>>,
     mounter: Arc<dyn Mounter>,
     in_flight: Arc<InFlight>,
 }
@@ -66,13 +67,13 @@ impl Engine {
     pub fn new(
         config: EngineConfig,
         store: Store,
-        backend: Arc<dyn Backend>,
+        backends: Vec<Arc<dyn Backend>>,
         mounter: Arc<dyn Mounter>,
     ) -> Engine {
         Engine {
             config,
             store,
-            backend,
+            backends: backends.into_iter().map(|b| (b.name(), b)).collect(),
             mounter,
             in_flight: Arc::new(InFlight::default()),
         }
@@ -84,6 +85,27 @@ impl Engine {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The backend a StorageClass names.
+    fn backend_named(&self, name: &str) -> Result<Arc<dyn Backend>> {
+        self.backends.get(name).cloned().ok_or_else(|| {
+            Error::invalid(
+                "parameters",
+                format!(
+                    "type {name:?} is not served by this node (configured: {})",
+                    self.backends.keys().copied().collect::<Vec<_>>().join(", ")
+                ),
+            )
+        })
+    }
+
+    /// The backend holding a volume; IDs of backends this process does not serve are unknown.
+    fn backend_of(&self, id: &VolumeId) -> Result<Arc<dyn Backend>> {
+        self.backends
+            .get(id.backend())
+            .cloned()
+            .ok_or_else(|| Error::VolumeNotFound(id.to_string()))
     }
 
     fn lock(&self, keys: Vec<String>) -> Result<InFlightGuard> {
@@ -104,30 +126,9 @@ impl Engine {
         segment.get(&self.config.topology_key) == Some(&self.config.node_id)
     }
 
-    /// Whether the store and data directory are usable.
+    /// Whether the store and every backend's data directory are usable.
     pub fn ready(&self) -> bool {
-        self.store.next_sequence().is_ok() && self.backend.capacity().is_ok()
-    }
-
-    /// Checks one capability against what the backend can do; `Err` says why not.
-    fn check_capability(&self, capability: &Capability) -> std::result::Result<(), String> {
-        if let AccessType::Block = capability.access_type {
-            return Err(format!(
-                "block access is not supported by the {} backend",
-                self.backend.name()
-            ));
-        }
-        if !capability.access_mode.is_single_node() {
-            return Err(format!(
-                "access mode {} is not supported: {} volumes live on one node",
-                capability.access_mode.name(),
-                self.backend.name()
-            ));
-        }
-        if let AccessType::Mount { mount_flags, .. } = &capability.access_type {
-            crate::mount::MountOptions::from_flags(mount_flags, false)?;
-        }
-        Ok(())
+        self.store.next_sequence().is_ok() && self.backends.values().all(|b| b.capacity().is_ok())
     }
 
     fn volume_from_record(&self, record: &VolumeRecord) -> Result<Volume> {
@@ -175,8 +176,10 @@ impl Engine {
             return Err(Error::Missing("volume_capabilities"));
         }
         let params = params::parse(&request.parameters)?;
+        let backend = self.backend_named(&params.backend)?;
         for capability in &request.capabilities {
-            self.check_capability(capability)
+            backend
+                .check_capability(capability)
                 .map_err(|reason| Error::invalid("volume_capabilities", reason))?;
         }
         if request.has_content_source {
@@ -215,11 +218,12 @@ impl Engine {
             check_compatible(&record, &params.defining, &request)?;
             let id = VolumeId::parse(&record.id)
                 .map_err(|e| Error::Internal(format!("stored volume ID: {e}")))?;
-            if !self.backend.exists(&id)? {
+            let backend = self.backend_of(&id)?;
+            if !backend.exists(&id)? {
                 // A DeleteVolume was interrupted after removing the storage; the volume still
                 // exists as far as the CO knows, so give it back its (empty) storage.
                 tracing::warn!(volume_id = %id, "recreating missing storage of an existing volume");
-                let backend = self.backend.clone();
+                let sync_dirs = backend.sync_dirs();
                 let id2 = id.clone();
                 let options = VolumeOptions {
                     capacity_bytes: record.capacity_bytes,
@@ -227,12 +231,12 @@ impl Engine {
                         && !record.enforcement.is_empty(),
                 };
                 blocking(move || Ok(backend.create(&id2, &options)?)).await?;
-                self.store.commit(vec![], self.backend.sync_dirs()).await?;
+                self.store.commit(vec![], sync_dirs).await?;
             }
             return self.volume_from_record(&record);
         }
 
-        let fs = self.backend.capacity()?;
+        let fs = backend.capacity()?;
         if capacity > fs.total_bytes {
             return Err(Error::CapacityOutOfRange(format!(
                 "requested {capacity} bytes is larger than the whole data filesystem \
@@ -248,7 +252,7 @@ impl Engine {
         }
 
         let intent = self.store.intent();
-        let backend = self.backend.clone();
+        let sync_dirs = backend.sync_dirs();
         let id = new_id.clone();
         let options = VolumeOptions {
             capacity_bytes: capacity,
@@ -280,10 +284,7 @@ impl Engine {
         };
         // The directory entry and the record become durable in the same group commit.
         intent
-            .commit(
-                vec![Mutation::PutVolume(record.clone())],
-                self.backend.sync_dirs(),
-            )
+            .commit(vec![Mutation::PutVolume(record.clone())], sync_dirs)
             .await?;
         self.volume_from_record(&record)
     }
@@ -311,7 +312,8 @@ impl Engine {
             // A repeated expansion that already happened.
             return Ok(requested);
         }
-        let fs = self.backend.capacity()?;
+        let backend = self.backend_of(&id)?;
+        let fs = backend.capacity()?;
         let growth = requested - record.capacity_bytes;
         if growth > fs.available_bytes {
             return Err(Error::Exhausted(format!(
@@ -319,7 +321,6 @@ impl Engine {
                 fs.available_bytes
             )));
         }
-        let backend = self.backend.clone();
         let id2 = id.clone();
         blocking(move || Ok(backend.expand(&id2, requested)?)).await?;
         record.capacity_bytes = requested;
@@ -334,6 +335,10 @@ impl Engine {
         let Some(id) = Self::parse_id(raw_id)? else {
             return Ok(());
         };
+        // A volume of a backend this process does not serve cannot exist here.
+        let Some(backend) = self.backends.get(id.backend()).cloned() else {
+            return Ok(());
+        };
         let _guard = self.lock(vec![format!("vol:{id}")])?;
         let publications = self.store.publications(id.as_str())?;
         if let Some(path) = publications.keys().next() {
@@ -343,7 +348,7 @@ impl Engine {
         }
         let record = self.store.volume(id.as_str())?;
         let intent = self.store.intent();
-        let backend = self.backend.clone();
+        let sync_dirs = backend.sync_dirs();
         let id2 = id.clone();
         // Storage first, record second: a crash in between leaves a record whose storage is
         // gone, and the retried DeleteVolume finishes the job.
@@ -352,7 +357,7 @@ impl Engine {
             Some(_) => vec![Mutation::DeleteVolume { id: id.to_string() }],
             None => vec![],
         };
-        intent.commit(mutations, self.backend.sync_dirs()).await?;
+        intent.commit(mutations, sync_dirs).await?;
         Ok(())
     }
 
@@ -360,12 +365,13 @@ impl Engine {
         let id = VolumeId::parse(&record.id)
             .map_err(|e| Error::Internal(format!("stored volume ID: {e}")))?;
         let published = !self.store.publications(&record.id)?.is_empty();
-        let condition = if self.backend.exists(&id)? {
+        let backend = self.backend_of(&id)?;
+        let condition = if backend.exists(&id)? {
             Condition::healthy()
         } else {
             Condition::abnormal(format!(
                 "backing storage {} is missing",
-                self.backend.volume_path(&id).display()
+                backend.volume_path(&id).display()
             ))
         };
         Ok(VolumeStatus {
@@ -432,8 +438,9 @@ impl Engine {
             .store
             .volume(id.as_str())?
             .ok_or_else(|| Error::VolumeNotFound(raw_id.to_string()))?;
+        let backend = self.backend_of(&id)?;
         for capability in capabilities {
-            if let Err(reason) = self.check_capability(capability) {
+            if let Err(reason) = backend.check_capability(capability) {
                 return Ok(Err(reason));
             }
         }
@@ -454,11 +461,14 @@ impl Engine {
         parameters: &BTreeMap<String, String>,
         topology: Option<&Segment>,
     ) -> Result<CapacityReport> {
-        params::parse(parameters)?;
+        let params = params::parse(parameters)?;
+        let backend = self.backend_named(&params.backend)?;
+        // Zero where this node cannot take the volume, so capacity-aware scheduling skips it.
         let excluded = topology.is_some_and(|s| !self.segment_is_local(s))
             || capabilities
                 .iter()
-                .any(|c| self.check_capability(c).is_err());
+                .any(|c| backend.check_capability(c).is_err())
+            || (params.enforce_capacity && !backend.can_enforce_capacity());
         if excluded {
             return Ok(CapacityReport {
                 available_bytes: 0,
@@ -466,7 +476,7 @@ impl Engine {
                 minimum_volume_size: 0,
             });
         }
-        let fs = self.backend.capacity()?;
+        let fs = backend.capacity()?;
         Ok(CapacityReport {
             available_bytes: fs.available_bytes,
             maximum_volume_size: fs.available_bytes,

@@ -20,9 +20,11 @@ impl Engine {
 
     /// Whether `state` shows the volume's own storage (a bind mount of it).
     pub(super) fn shows_volume(&self, id: &VolumeId, state: &PathState) -> bool {
-        self.mounter
-            .identity(&self.backend.volume_path(id))
-            .is_ok_and(|(dev, ino)| state.dev == dev && state.ino == ino)
+        self.backend_of(id).is_ok_and(|backend| {
+            self.mounter
+                .identity(&backend.volume_path(id))
+                .is_ok_and(|(dev, ino)| state.dev == dev && state.ino == ino)
+        })
     }
 
     /// NodeGetInfo.
@@ -41,8 +43,6 @@ impl Engine {
         }
         let target = self.confine("target_path", &request.target_path)?;
         let capability = request.capability;
-        self.check_capability(&capability)
-            .map_err(|reason| Error::invalid("volume_capability", reason))?;
         let flags = match &capability.access_type {
             AccessType::Mount { mount_flags, .. } => mount_flags.clone(),
             AccessType::Block => vec![],
@@ -51,9 +51,13 @@ impl Engine {
         let options = MountOptions::from_flags(&flags, readonly)
             .map_err(|reason| Error::invalid("volume_capability", reason))?;
         let id = Self::existing_id(&request.volume_id)?;
+        let backend = self.backend_of(&id)?;
+        backend
+            .check_capability(&capability)
+            .map_err(|reason| Error::invalid("volume_capability", reason))?;
 
         let _guard = self.lock(vec![format!("vol:{id}")])?;
-        if !self.backend.exists(&id)? {
+        if !backend.exists(&id)? {
             return Err(Error::VolumeNotFound(id.to_string()));
         }
         let wanted = PublicationRecord {
@@ -87,7 +91,7 @@ impl Engine {
         }
 
         let mounter = self.mounter.clone();
-        let source = self.backend.volume_path(&id);
+        let source = backend.volume_path(&id);
         let state = {
             let (m, t) = (mounter.clone(), target.clone());
             blocking(move || Ok(m.inspect(&t)?)).await?
@@ -190,7 +194,8 @@ impl Engine {
             }
         };
         let record = self.store.volume(id.as_str())?;
-        let backing = self.backend.exists(&id)?;
+        let backend = self.backend_of(&id)?;
+        let backing = backend.exists(&id)?;
         if record.is_none() && !backing {
             return Err(Error::VolumeNotFound(id.to_string()));
         }
@@ -211,7 +216,7 @@ impl Engine {
         let condition = if !backing {
             Condition::abnormal(format!(
                 "backing directory {} is missing",
-                self.backend.volume_path(&id).display()
+                backend.volume_path(&id).display()
             ))
         } else if !shows {
             Condition::abnormal(format!(
@@ -220,7 +225,6 @@ impl Engine {
         } else {
             Condition::healthy()
         };
-        let backend = self.backend.clone();
         let (fs, usage) = blocking(move || {
             let fs = backend.capacity()?;
             let usage = if backing {

@@ -2,7 +2,8 @@
 //! and reports every difference. Nothing is deleted: an orphaned directory may hold someone's
 //! data, so the operator decides.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
 
 use crate::mount::{ConfinedPath, mountinfo};
 
@@ -39,20 +40,25 @@ impl Engine {
             .into_iter()
             .map(|v| v.id)
             .collect();
-        let on_disk: BTreeSet<String> = self
-            .backend
-            .list()?
-            .into_iter()
-            .map(|id| id.to_string())
-            .collect();
-        for id in on_disk.difference(&recorded) {
-            tracing::warn!(volume_id = %id, path = %self.backend.volume_path(&VolumeId::parse(id).expect("listed IDs parse")).display(),
-                "reconcile: storage without a record (left alone; delete it by volume ID to remove it)");
-            report.orphaned_storage.push(id.clone());
+        let mut on_disk: BTreeMap<String, PathBuf> = BTreeMap::new();
+        for backend in self.backends.values() {
+            for id in backend.list()? {
+                on_disk.insert(id.to_string(), backend.volume_path(&id));
+            }
         }
-        for id in recorded.difference(&on_disk) {
-            tracing::warn!(volume_id = %id, "reconcile: record whose storage is missing");
-            report.missing_storage.push(id.clone());
+        for (id, path) in &on_disk {
+            if !recorded.contains(id) {
+                tracing::warn!(volume_id = %id, path = %path.display(),
+                    "reconcile: storage without a record (left alone; delete it by volume ID to remove it)");
+                report.orphaned_storage.push(id.clone());
+            }
+        }
+        for id in &recorded {
+            let served = VolumeId::parse(id).is_ok_and(|v| self.backends.contains_key(v.backend()));
+            if served && !on_disk.contains_key(id) {
+                tracing::warn!(volume_id = %id, "reconcile: record whose storage is missing");
+                report.missing_storage.push(id.clone());
+            }
         }
 
         let publications = self.store.all_publications()?;
@@ -77,12 +83,8 @@ impl Engine {
             Ok(table) => {
                 let published: BTreeSet<&str> =
                     publications.iter().map(|p| p.path.as_str()).collect();
-                for id in &on_disk {
-                    let Ok(vid) = VolumeId::parse(id) else {
-                        continue;
-                    };
-                    let dir = self.backend.volume_path(&vid);
-                    for entry in mountinfo::bind_mounts_of(&table, &dir) {
+                for (id, dir) in &on_disk {
+                    for entry in mountinfo::bind_mounts_of(&table, dir) {
                         let point = entry.mount_point.to_string_lossy();
                         if !published.contains(point.as_ref()) {
                             tracing::warn!(volume_id = %id, mount_point = %point,

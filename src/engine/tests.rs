@@ -31,7 +31,7 @@ fn fixture() -> Fixture {
             serves_node: true,
         },
         store,
-        backend,
+        vec![backend],
         mounter.clone(),
     );
     Fixture {
@@ -151,7 +151,7 @@ async fn create_rejects_bad_input_without_touching_disk() {
         Err(Error::Exhausted(_))
     ));
     assert!(f.engine.store().all_volumes().unwrap().is_empty());
-    assert!(f.engine.backend.list().unwrap().is_empty());
+    assert!(f.engine.backends["dir"].list().unwrap().is_empty());
 }
 
 #[tokio::test]
@@ -332,7 +332,7 @@ async fn stats_report_usage_and_condition() {
         .await
         .unwrap();
     std::fs::write(
-        f.engine.backend.volume_path(&v.id).join("data"),
+        f.engine.backends["dir"].volume_path(&v.id).join("data"),
         vec![1u8; 1 << 20],
     )
     .unwrap();
@@ -396,8 +396,7 @@ async fn reconcile_reports_orphans_and_missing_storage() {
     let f = fixture();
     let v = f.engine.create_volume(create("pvc-r", 0)).await.unwrap();
     let orphan = VolumeId::for_name("dir", "never-recorded");
-    f.engine
-        .backend
+    f.engine.backends["dir"]
         .create(
             &orphan,
             &crate::backend::VolumeOptions {
@@ -406,12 +405,12 @@ async fn reconcile_reports_orphans_and_missing_storage() {
             },
         )
         .unwrap();
-    std::fs::remove_dir(f.engine.backend.volume_path(&v.id)).unwrap();
+    std::fs::remove_dir(f.engine.backends["dir"].volume_path(&v.id)).unwrap();
     let report = f.engine.reconcile().unwrap();
     assert_eq!(report.orphaned_storage, vec![orphan.to_string()]);
     assert_eq!(report.missing_storage, vec![v.id.to_string()]);
     // Nothing was deleted.
-    assert!(f.engine.backend.exists(&orphan).unwrap());
+    assert!(f.engine.backends["dir"].exists(&orphan).unwrap());
     let (_, status) = f.engine.get_volume(v.id.as_str()).unwrap();
     assert!(status.condition.abnormal);
 }
