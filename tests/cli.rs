@@ -322,7 +322,7 @@ async fn doctor_reports_this_node() {
     ] {
         assert_eq!(verdict(&run, check), ["PASS"], "{check}: {}", run.stdout);
     }
-    assert!(run.stdout.contains("1 volumes, 0 publications"));
+    assert!(run.stdout.contains("1 volume, 0 publications"));
     assert!(run.stdout.contains("admin socket"), "{}", run.stdout);
     assert!(run.stdout.contains("answers at unix://"), "{}", run.stdout);
     assert_eq!(verdict(&run, "mount propagation").len(), 1);

@@ -560,3 +560,46 @@ async fn scrape_of_10000_volumes_is_bounded() {
         "scraping 10,000 volumes took {median:?}"
     );
 }
+
+/// Every metric the Grafana dashboard queries is one the server exports.
+#[tokio::test]
+async fn dashboard_queries_only_exported_metrics() {
+    let (driver, address) = start();
+    driver
+        .controller()
+        .await
+        .create_volume(create_request("pvc-dash", 1 << 20))
+        .await
+        .unwrap();
+    let metrics = scrape_until(&address, "a usage sample", |m| {
+        m.value("k8scsi_volumes", &[]) == Some(1.0)
+    });
+    let exported: std::collections::BTreeSet<&str> = metrics
+        .families
+        .values()
+        .flat_map(|f| f.samples.iter().map(|s| s.name.as_str()))
+        .collect();
+    let dashboard = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/k8scsi-dashboard.json"),
+    )
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(&dashboard).expect("dashboard is JSON");
+    assert_eq!(json["title"], "k8scsi");
+    let mut used = std::collections::BTreeSet::new();
+    for (at, _) in dashboard.match_indices("k8scsi_") {
+        let name: String = dashboard[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        if name != "k8scsi_" {
+            used.insert(name);
+        }
+    }
+    assert!(used.len() >= 10, "{used:?}");
+    for name in &used {
+        assert!(
+            exported.contains(name.as_str()),
+            "the dashboard queries {name}, which /metrics does not export"
+        );
+    }
+}

@@ -204,10 +204,10 @@ fn check_store(report: &mut Report, state_dir: &Path) -> Option<StateDump> {
             report.pass(
                 "state store",
                 format!(
-                    "{}: {} volumes, {} publications, schema {} ({how})",
+                    "{}: {}, {}, schema {} ({how})",
                     file.display(),
-                    dump.volumes.len(),
-                    dump.publications.len(),
+                    plural(dump.volumes.len(), "volume"),
+                    plural(dump.publications.len(), "publication"),
                     dump.schema_version.unwrap_or(crate::store::SCHEMA_VERSION),
                 ),
             );
@@ -218,6 +218,11 @@ fn check_store(report: &mut Report, state_dir: &Path) -> Option<StateDump> {
             None
         }
     }
+}
+
+/// `1 volume`, `2 volumes`.
+fn plural(n: usize, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }
 
 /// Type and space of the filesystem holding `path`.
@@ -458,8 +463,8 @@ fn check_consistency(report: &mut Report, store: &StateDump, dirs: &NodeDirs) {
         report.pass(
             "orphans",
             format!(
-                "every volume directory has a record and every record a directory ({} volumes)",
-                recorded.len()
+                "every volume directory has a record and every record a directory ({})",
+                plural(recorded.len(), "volume")
             ),
         );
     }
@@ -514,7 +519,10 @@ fn check_consistency(report: &mut Report, store: &StateDump, dirs: &NodeDirs) {
     if leftover.is_empty() && lost.is_empty() {
         report.pass(
             "leftover mounts",
-            format!("every mount of a volume has a publication record and every record its mount ({total} publications)"),
+            format!(
+                "every mount of a volume has a publication record and every record its mount ({})",
+                plural(total, "publication")
+            ),
         );
     }
     if !leftover.is_empty() {
