@@ -167,8 +167,11 @@ pub fn build_engine(config: &ServeConfig) -> Result<Arc<Engine>, ServeError> {
     Ok(build_parts(config)?.0)
 }
 
-/// Builds the engine and returns it with its backend (which the usage sampler walks).
-fn build_parts(config: &ServeConfig) -> Result<(Arc<Engine>, Arc<dyn Backend>), ServeError> {
+/// The backends a server serves, in the engine's order.
+type Backends = Vec<Arc<dyn Backend>>;
+
+/// Builds the engine and returns it with its backends (which the usage sampler walks).
+fn build_parts(config: &ServeConfig) -> Result<(Arc<Engine>, Backends), ServeError> {
     if config.node_id.is_empty() || config.node_id.len() > 256 {
         return Err(ServeError::Config(
             "--node-id must be 1-256 bytes".to_string(),
@@ -184,7 +187,7 @@ fn build_parts(config: &ServeConfig) -> Result<(Arc<Engine>, Arc<dyn Backend>), 
     let data_dir = prepare_dir(&config.data_dir, "data directory")?;
     let kubelet_dir = prepare_dir(&config.kubelet_dir, "kubelet directory")?;
     let store = Store::open(&state_dir)?;
-    let backend: Arc<dyn Backend> = Arc::new(DirBackend::new(&data_dir)?);
+    let backends: Backends = vec![Arc::new(DirBackend::new(&data_dir)?)];
     let engine = Arc::new(Engine::new(
         EngineConfig {
             node_id: config.node_id.clone(),
@@ -194,10 +197,10 @@ fn build_parts(config: &ServeConfig) -> Result<(Arc<Engine>, Arc<dyn Backend>), 
             serves_node: config.mode != Mode::Controller,
         },
         store,
-        vec![backend.clone()],
+        backends.clone(),
         Arc::new(LinuxMounter),
     ));
-    Ok((engine, backend))
+    Ok((engine, backends))
 }
 
 /// How long in-flight calls get to finish after SIGTERM. A connection that never completes its
@@ -255,7 +258,7 @@ struct Observers {
 async fn start_observers(
     config: &ServeConfig,
     engine: &Arc<Engine>,
-    backend: Arc<dyn Backend>,
+    backends: Backends,
     health: &Health,
     sampled: Arc<Sampled>,
 ) -> Result<Observers, ServeError> {
@@ -266,7 +269,7 @@ async fn start_observers(
     }
     let sampler = Sampler {
         engine: engine.clone(),
-        backend: backend.clone(),
+        backends: backends.clone(),
         health: health.clone(),
         data_dir: config.data_dir.clone(),
         sampled: sampled.clone(),
@@ -284,7 +287,11 @@ async fn start_observers(
         .map_err(io_err(format!("binding the metrics address {address}")))?;
     tracing::info!(address = %bound, "serving /metrics and /healthz");
     let app = Arc::new(crate::metrics::http::MetricsApp {
-        metrics: crate::metrics::Metrics::new(engine.store().clone(), sampled, backend.name()),
+        metrics: crate::metrics::Metrics::new(
+            engine.store().clone(),
+            sampled,
+            &backends.iter().map(|b| b.name()).collect::<Vec<_>>(),
+        ),
         health: health.clone(),
     });
     Ok(Observers {
@@ -300,8 +307,8 @@ pub async fn serve(
     config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let (engine, backend) = build_parts(&config)?;
-    let sampled = Arc::new(Sampled::new(backend.name()));
+    let (engine, backends) = build_parts(&config)?;
+    let sampled = Arc::new(Sampled::default());
     {
         let engine = engine.clone();
         let report = tokio::task::spawn_blocking(move || engine.reconcile())
@@ -314,7 +321,7 @@ pub async fn serve(
         config.data_dir.clone(),
         config.state_dir.clone(),
     );
-    let _observers = start_observers(&config, &engine, backend, &health, sampled).await?;
+    let _observers = start_observers(&config, &engine, backends, &health, sampled).await?;
     let admin_listener = crate::admin::bind(&config.state_dir).map_err(io_err(format!(
         "binding the admin socket in {}",
         config.state_dir.display()

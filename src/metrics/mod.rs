@@ -92,14 +92,14 @@ pub struct Metrics {
 impl Metrics {
     /// Builds the registry over the process's call metrics, the store's commit statistics and
     /// what the sampler measures.
-    pub fn new(store: Store, sampled: Arc<Sampled>, backend: &'static str) -> Metrics {
+    pub fn new(store: Store, sampled: Arc<Sampled>, backends: &[&'static str]) -> Metrics {
         let mut registry = Registry::with_prefix(PREFIX);
         registry.register(
             "build",
-            "k8scsi version and backend",
+            "k8scsi version and the backends this process serves",
             Info::new(vec![
-                ("version", env!("CARGO_PKG_VERSION")),
-                ("backend", backend),
+                ("version", env!("CARGO_PKG_VERSION").to_string()),
+                ("backends", backends.join(",")),
             ]),
         );
         registry.register(
@@ -278,47 +278,51 @@ impl Collector for SampledCollector {
             None,
             u64::from(health.ready),
         )?;
-        {
-            let labels = [("backend", self.sampled.backend_name())];
-            let mut up = encoder.encode_descriptor(
-                "backend_up",
-                "1 when the backend's filesystem answered statvfs and is writable.",
+        let mut up = encoder.encode_descriptor(
+            "backend_up",
+            "1 when the backend's filesystem answered statvfs and the data directory is writable.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for backend in &health.backends {
+            up.encode_family(&[("backend", backend.name)])?
+                .encode_gauge(&u64::from(backend.up))?;
+        }
+        type FsValue = fn(&crate::backend::FsCapacity) -> u64;
+        let fs_gauges: [(&str, &str, Option<Unit>, FsValue); 4] = [
+            (
+                "backend_filesystem_size",
+                "Size of the filesystem the backend allocates from.",
+                Some(Unit::Bytes),
+                |fs| fs.total_bytes,
+            ),
+            (
+                "backend_filesystem_available",
+                "Space available to new volumes on the backend's filesystem.",
+                Some(Unit::Bytes),
+                |fs| fs.available_bytes,
+            ),
+            (
+                "backend_filesystem_inodes",
+                "Inodes of the backend's filesystem.",
                 None,
-                MetricType::Gauge,
-            )?;
-            up.encode_family(&labels)?
-                .encode_gauge(&u64::from(health.backend_up))?;
-            if let Some(fs) = health.filesystem {
-                let fs_gauges = [
-                    (
-                        "backend_filesystem_size",
-                        "Size of the filesystem volumes are allocated from.",
-                        Some(Unit::Bytes),
-                        fs.total_bytes,
-                    ),
-                    (
-                        "backend_filesystem_available",
-                        "Space available to new volumes on the backend's filesystem.",
-                        Some(Unit::Bytes),
-                        fs.available_bytes,
-                    ),
-                    (
-                        "backend_filesystem_inodes",
-                        "Inodes of the backend's filesystem.",
-                        None,
-                        fs.total_inodes,
-                    ),
-                    (
-                        "backend_filesystem_free_inodes",
-                        "Free inodes of the backend's filesystem.",
-                        None,
-                        fs.free_inodes,
-                    ),
-                ];
-                for (name, help, unit, value) in fs_gauges {
-                    let mut family =
-                        encoder.encode_descriptor(name, help, unit.as_ref(), MetricType::Gauge)?;
-                    family.encode_family(&labels)?.encode_gauge(&value)?;
+                |fs| fs.total_inodes,
+            ),
+            (
+                "backend_filesystem_free_inodes",
+                "Free inodes of the backend's filesystem.",
+                None,
+                |fs| fs.free_inodes,
+            ),
+        ];
+        for (name, help, unit, value) in &fs_gauges {
+            let mut family =
+                encoder.encode_descriptor(name, help, unit.as_ref(), MetricType::Gauge)?;
+            for backend in &health.backends {
+                if let Some(fs) = &backend.filesystem {
+                    family
+                        .encode_family(&[("backend", backend.name)])?
+                        .encode_gauge(&value(fs))?;
                 }
             }
         }

@@ -64,7 +64,15 @@ pub struct UsageSnapshot {
 #[derive(Debug, Clone, Default)]
 pub struct HealthSnapshot {
     pub ready: bool,
-    pub backend_up: bool,
+    pub backends: Vec<BackendHealth>,
+}
+
+/// One backend's filesystem.
+#[derive(Debug, Clone)]
+pub struct BackendHealth {
+    pub name: &'static str,
+    /// The filesystem answered statvfs and the data directory is writable.
+    pub up: bool,
     pub filesystem: Option<FsCapacity>,
 }
 
@@ -76,9 +84,8 @@ pub struct ReconcileSnapshot {
 }
 
 /// The latest measurements, shared by the sampler tasks (writers) and scrapes (readers).
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Sampled {
-    backend_name: &'static str,
     usage: RwLock<Arc<UsageSnapshot>>,
     health: RwLock<HealthSnapshot>,
     reconcile: RwLock<Option<Arc<ReconcileSnapshot>>>,
@@ -92,19 +99,6 @@ fn unix_now() -> f64 {
 }
 
 impl Sampled {
-    pub fn new(backend_name: &'static str) -> Sampled {
-        Sampled {
-            backend_name,
-            usage: RwLock::default(),
-            health: RwLock::default(),
-            reconcile: RwLock::default(),
-        }
-    }
-
-    pub fn backend_name(&self) -> &'static str {
-        self.backend_name
-    }
-
     pub fn usage(&self) -> Arc<UsageSnapshot> {
         self.usage.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -133,8 +127,11 @@ impl Sampled {
     }
 }
 
-/// Walks every recorded volume once.
-pub fn sample_usage(engine: &Engine, backend: &dyn Backend) -> Result<UsageSnapshot, String> {
+/// Walks every recorded volume once, each with the backend its ID names.
+pub fn sample_usage(
+    engine: &Engine,
+    backends: &[Arc<dyn Backend>],
+) -> Result<UsageSnapshot, String> {
     let started = Instant::now();
     let store = engine.store();
     let records = store
@@ -147,10 +144,12 @@ pub fn sample_usage(engine: &Engine, backend: &dyn Backend) -> Result<UsageSnaps
     let mut errors = 0;
     let mut volumes = Vec::with_capacity(records.len());
     for record in records {
-        let used = match VolumeId::parse(&record.id) {
-            Ok(id) => backend.usage(&id).ok(),
-            Err(_) => None,
-        };
+        let used = VolumeId::parse(&record.id).ok().and_then(|id| {
+            backends
+                .iter()
+                .find(|b| b.name() == id.backend())
+                .and_then(|b| b.usage(&id).ok())
+        });
         errors += u64::from(used.is_none());
         let mut metadata = record.metadata;
         volumes.push(VolumeSample {
@@ -175,7 +174,7 @@ pub fn sample_usage(engine: &Engine, backend: &dyn Backend) -> Result<UsageSnaps
 #[derive(Clone)]
 pub struct Sampler {
     pub engine: Arc<Engine>,
-    pub backend: Arc<dyn Backend>,
+    pub backends: Vec<Arc<dyn Backend>>,
     pub health: Health,
     pub data_dir: PathBuf,
     pub sampled: Arc<Sampled>,
@@ -234,8 +233,8 @@ impl Sampler {
 
     /// Takes a usage sample now.
     pub async fn refresh_usage(&self) {
-        let (engine, backend) = (self.engine.clone(), self.backend.clone());
-        match tokio::task::spawn_blocking(move || sample_usage(&engine, backend.as_ref())).await {
+        let (engine, backends) = (self.engine.clone(), self.backends.clone());
+        match tokio::task::spawn_blocking(move || sample_usage(&engine, &backends)).await {
             Ok(Ok(snapshot)) => {
                 tracing::debug!(
                     volumes = snapshot.volumes.len(),
@@ -257,24 +256,41 @@ impl Sampler {
     /// Checks readiness and the backend's filesystem now.
     pub async fn refresh_health(&self) {
         let report = self.health.check().await;
-        let (backend, data_dir) = (self.backend.clone(), self.data_dir.clone());
-        let filesystem = tokio::time::timeout(
+        let (backends, data_dir) = (self.backends.clone(), self.data_dir.clone());
+        let names: Vec<&'static str> = backends.iter().map(|b| b.name()).collect();
+        let checked = tokio::time::timeout(
             crate::health::CHECK_TIMEOUT,
             tokio::task::spawn_blocking(move || {
-                let fs = backend.capacity().ok();
                 let writable = crate::health::filesystem_problem("data", &data_dir).is_none();
-                (fs, writable)
+                backends
+                    .iter()
+                    .map(|b| {
+                        let filesystem = b.capacity().ok();
+                        BackendHealth {
+                            name: b.name(),
+                            up: writable && filesystem.is_some(),
+                            filesystem,
+                        }
+                    })
+                    .collect::<Vec<_>>()
             }),
         )
         .await;
-        let (filesystem, writable) = match filesystem {
+        let backends = match checked {
             Ok(Ok(result)) => result,
-            _ => (None, false),
+            // A hung filesystem: every backend is down.
+            _ => names
+                .into_iter()
+                .map(|name| BackendHealth {
+                    name,
+                    up: false,
+                    filesystem: None,
+                })
+                .collect(),
         };
         let snapshot = HealthSnapshot {
             ready: report.ready(),
-            backend_up: filesystem.is_some() && writable,
-            filesystem,
+            backends,
         };
         *self
             .sampled
