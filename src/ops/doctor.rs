@@ -439,7 +439,12 @@ fn check_consistency(report: &mut Report, store: &StateDump, dirs: &NodeDirs) {
     let records = &store.volumes;
     let publications = store.publications_by_volume();
     let backend = DirBackend::at(&dirs.data_dir);
-    let recorded: BTreeSet<String> = records.iter().map(|r| r.id.clone()).collect();
+    // Only directory volumes live in the volumes directory; other backends keep their own.
+    let recorded: BTreeSet<String> = records
+        .iter()
+        .filter(|r| VolumeId::parse(&r.id).is_ok_and(|id| id.backend() == backend.name()))
+        .map(|r| r.id.clone())
+        .collect();
     let on_disk: BTreeSet<String> = match backend.list() {
         Ok(ids) => ids.into_iter().map(|id| id.to_string()).collect(),
         Err(_) if !dirs.data_dir.join("volumes").exists() => BTreeSet::new(),

@@ -97,7 +97,8 @@ pub fn list(dirs: &NodeDirs, output: Output) -> Result<(), String> {
 struct VolumeDetails {
     #[serde(flatten)]
     record: VolumeRecord,
-    storage_path: String,
+    /// `None` for volumes of backends this command does not inspect.
+    storage_path: Option<String>,
     storage_present: bool,
     used_bytes: Option<u64>,
     used_inodes: Option<u64>,
@@ -127,8 +128,10 @@ pub fn show(dirs: &NodeDirs, wanted: &str, output: Output) -> Result<(), String>
         .unwrap_or_default();
     let backend = DirBackend::at(&dirs.data_dir);
     let id = VolumeId::parse(&record.id).map_err(|e| format!("stored volume ID: {e}"))?;
+    // Only directory volumes are inspected here; other backends keep their storage elsewhere.
+    let inspectable = id.backend() == backend.name();
     let storage = backend.volume_path(&id);
-    let present = backend.exists(&id).unwrap_or(false);
+    let present = inspectable && backend.exists(&id).unwrap_or(false);
     let usage = present.then(|| backend.usage(&id).ok()).flatten();
     let table = mountinfo::read().unwrap_or_default();
     let mounts: Vec<String> = mountinfo::bind_mounts_of(&table, &storage)
@@ -136,7 +139,7 @@ pub fn show(dirs: &NodeDirs, wanted: &str, output: Output) -> Result<(), String>
         .map(|e| e.mount_point.to_string_lossy().into_owned())
         .collect();
     let details = VolumeDetails {
-        storage_path: storage.display().to_string(),
+        storage_path: inspectable.then(|| storage.display().to_string()),
         storage_present: present,
         used_bytes: usage.map(|u| u.used_bytes),
         used_inodes: usage.map(|u| u.used_inodes),
@@ -189,15 +192,11 @@ pub fn show(dirs: &NodeDirs, wanted: &str, output: Output) -> Result<(), String>
     );
     field(
         "Storage",
-        &format!(
-            "{} ({})",
-            details.storage_path,
-            if details.storage_present {
-                "present"
-            } else {
-                "MISSING"
-            }
-        ),
+        &match &details.storage_path {
+            Some(path) if details.storage_present => format!("{path} (present)"),
+            Some(path) => format!("{path} (MISSING)"),
+            None => format!("kept by the {:?} backend (not inspected here)", r.backend),
+        },
     );
     if let (Some(bytes), Some(inodes)) = (details.used_bytes, details.used_inodes) {
         field(
