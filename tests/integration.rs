@@ -405,8 +405,9 @@ async fn identity_reports_name_version_capabilities_and_readiness() {
         .collect();
     assert!(node.contains(&(NodeCap::GetVolumeStats as i32)));
     assert!(node.contains(&(NodeCap::VolumeCondition as i32)));
-    // No staging: the kubelet must not call NodeStageVolume.
-    assert!(!node.contains(&(NodeCap::StageUnstageVolume as i32)));
+    // Staging (a no-op for directory volumes, a mount for loop volumes) and node expansion.
+    assert!(node.contains(&(NodeCap::StageUnstageVolume as i32)));
+    assert!(node.contains(&(NodeCap::ExpandVolume as i32)));
 }
 
 #[tokio::test]
@@ -2229,15 +2230,16 @@ async fn optional_rpcs_are_unimplemented() {
             .await,
         Code::Unimplemented,
     );
+    // Node RPCs with missing fields are invalid, not unimplemented.
     let mut n = d.node().await;
     expect_code(
         n.node_stage_volume(proto::NodeStageVolumeRequest::default())
             .await,
-        Code::Unimplemented,
+        Code::InvalidArgument,
     );
     expect_code(
         n.node_expand_volume(proto::NodeExpandVolumeRequest::default())
             .await,
-        Code::Unimplemented,
+        Code::InvalidArgument,
     );
 }

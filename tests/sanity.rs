@@ -12,7 +12,7 @@ use common::Driver;
 
 /// Specs csi-sanity v5.6.0 runs for the capabilities k8scsi advertises today; fewer means a
 /// capability silently stopped being exercised.
-const MIN_PASSED: u32 = 40;
+const MIN_PASSED: u32 = 49;
 
 fn csi_sanity() -> Option<PathBuf> {
     if let Ok(path) = std::env::var("K8SCSI_CSI_SANITY") {

@@ -47,6 +47,11 @@ pub fn status(error: Error) -> Status {
         Error::Backend(BackendError::Unenforceable(_)) => Code::FailedPrecondition,
         Error::Backend(BackendError::Unsupported(_)) => Code::InvalidArgument,
         Error::Backend(BackendError::Io { .. } | BackendError::Command { .. }) => Code::Internal,
+        Error::Backend(BackendError::Mount(
+            MountError::Symlink { .. } | MountError::NotADirectory { .. },
+        )) => Code::InvalidArgument,
+        Error::Backend(BackendError::Mount(MountError::ParentMissing { .. })) => Code::NotFound,
+        Error::Backend(BackendError::Mount(_)) => Code::Internal,
         Error::Mount(MountError::Symlink { .. } | MountError::NotADirectory { .. }) => {
             Code::InvalidArgument
         }

@@ -24,26 +24,57 @@ impl NodeService {
     }
 }
 
-fn unimplemented<T>(what: &str) -> Result<Response<T>, Status> {
-    Err(Status::unimplemented(format!(
-        "{what} is not supported by k8scsi"
-    )))
-}
-
 #[tonic::async_trait]
 impl Node for NodeService {
     async fn node_stage_volume(
         &self,
-        _request: Request<proto::NodeStageVolumeRequest>,
+        request: Request<proto::NodeStageVolumeRequest>,
     ) -> Result<Response<proto::NodeStageVolumeResponse>, Status> {
-        unimplemented("NodeStageVolume")
+        let r = request.into_inner();
+        let ids = format!("{} {}", r.volume_id, r.staging_target_path);
+        handle("NodeStageVolume", &ids, async {
+            if r.volume_id.is_empty() {
+                return Err(Error::Missing("volume_id"));
+            }
+            if r.staging_target_path.is_empty() {
+                return Err(Error::Missing("staging_target_path"));
+            }
+            let capability = r
+                .volume_capability
+                .ok_or(Error::Missing("volume_capability"))?;
+            crate::engine::params::check_map("secrets", &convert::sorted(r.secrets))?;
+            crate::engine::params::check_map("volume_context", &convert::sorted(r.volume_context))?;
+            self.engine
+                .stage(
+                    &r.volume_id,
+                    &r.staging_target_path,
+                    convert::capability("volume_capability", capability)?,
+                )
+                .await?;
+            Ok(proto::NodeStageVolumeResponse {})
+        })
+        .await
     }
 
     async fn node_unstage_volume(
         &self,
-        _request: Request<proto::NodeUnstageVolumeRequest>,
+        request: Request<proto::NodeUnstageVolumeRequest>,
     ) -> Result<Response<proto::NodeUnstageVolumeResponse>, Status> {
-        unimplemented("NodeUnstageVolume")
+        let r = request.into_inner();
+        let ids = format!("{} {}", r.volume_id, r.staging_target_path);
+        handle("NodeUnstageVolume", &ids, async {
+            if r.volume_id.is_empty() {
+                return Err(Error::Missing("volume_id"));
+            }
+            if r.staging_target_path.is_empty() {
+                return Err(Error::Missing("staging_target_path"));
+            }
+            self.engine
+                .unstage(&r.volume_id, &r.staging_target_path)
+                .await?;
+            Ok(proto::NodeUnstageVolumeResponse {})
+        })
+        .await
     }
 
     async fn node_publish_volume(
@@ -68,6 +99,7 @@ impl Node for NodeService {
                 .publish(Publish {
                     volume_id: r.volume_id,
                     target_path: r.target_path,
+                    staging_target_path: r.staging_target_path,
                     capability: convert::capability("volume_capability", capability)?,
                     readonly: r.readonly,
                 })
@@ -127,9 +159,26 @@ impl Node for NodeService {
 
     async fn node_expand_volume(
         &self,
-        _request: Request<proto::NodeExpandVolumeRequest>,
+        request: Request<proto::NodeExpandVolumeRequest>,
     ) -> Result<Response<proto::NodeExpandVolumeResponse>, Status> {
-        unimplemented("NodeExpandVolume")
+        let r = request.into_inner();
+        let ids = format!("{} {}", r.volume_id, r.volume_path);
+        handle("NodeExpandVolume", &ids, async {
+            if r.volume_id.is_empty() {
+                return Err(Error::Missing("volume_id"));
+            }
+            if r.volume_path.is_empty() {
+                return Err(Error::Missing("volume_path"));
+            }
+            let capacity = self
+                .engine
+                .node_expand(&r.volume_id, &r.volume_path)
+                .await?;
+            Ok(proto::NodeExpandVolumeResponse {
+                capacity_bytes: convert::int64(capacity),
+            })
+        })
+        .await
     }
 
     async fn node_get_capabilities(
@@ -137,6 +186,8 @@ impl Node for NodeService {
         _request: Request<proto::NodeGetCapabilitiesRequest>,
     ) -> Result<Response<proto::NodeGetCapabilitiesResponse>, Status> {
         let capabilities = [
+            Type::StageUnstageVolume,
+            Type::ExpandVolume,
             Type::GetVolumeStats,
             Type::VolumeCondition,
             Type::SingleNodeMultiWriter,

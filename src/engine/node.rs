@@ -1,6 +1,7 @@
 //! The node half of the engine: publishing volumes at kubelet paths, unpublishing them, and
 //! reporting their usage and health.
 
+use crate::backend::PublishSource;
 use crate::mount::{ConfinedPath, MountError, MountOptions, PathState};
 use crate::store::{Mutation, PublicationRecord};
 
@@ -18,13 +19,142 @@ impl Engine {
             .map_err(|e| Error::invalid(field, e.to_string()))
     }
 
-    /// Whether `state` shows the volume's own storage (a bind mount of it).
+    /// Where the volume is staged on this node, per the store.
+    fn staging_of(&self, id: &VolumeId) -> Result<Option<ConfinedPath>> {
+        Ok(self
+            .store
+            .publications(id.as_str())?
+            .values()
+            .find(|p| p.staging)
+            .and_then(|p| ConfinedPath::new(&self.config.kubelet_dir, &p.path).ok()))
+    }
+
+    /// Whether `state` shows the volume (a bind mount of what it publishes).
     pub(super) fn shows_volume(&self, id: &VolumeId, state: &PathState) -> bool {
-        self.backend_of(id).is_ok_and(|backend| {
-            self.mounter
-                .identity(&backend.volume_path(id))
-                .is_ok_and(|(dev, ino)| state.dev == dev && state.ino == ino)
-        })
+        let Ok(backend) = self.backend_of(id) else {
+            return false;
+        };
+        let staging = self.staging_of(id).ok().flatten();
+        backend
+            .publish_source(id, staging.as_ref())
+            .ok()
+            .and_then(|source| self.mounter.identity(source.path()).ok())
+            .is_some_and(|(dev, ino)| state.dev == dev && state.ino == ino)
+    }
+
+    /// NodeStageVolume: prepares the volume at the staging path (for loop volumes: attach the
+    /// image and mount its filesystem there). Idempotent.
+    pub async fn stage(
+        &self,
+        raw_id: &str,
+        raw_staging: &str,
+        capability: Capability,
+    ) -> Result<()> {
+        if raw_id.is_empty() {
+            return Err(Error::Missing("volume_id"));
+        }
+        let staging = self.confine("staging_target_path", raw_staging)?;
+        let id = Self::existing_id(raw_id)?;
+        let backend = self.backend_of(&id)?;
+        backend
+            .check_capability(&capability)
+            .map_err(|reason| Error::invalid("volume_capability", reason))?;
+        let _guard = self.lock(vec![format!("vol:{id}")])?;
+        if !backend.exists(&id)? {
+            return Err(Error::VolumeNotFound(id.to_string()));
+        }
+        let publications = self.store.publications(id.as_str())?;
+        if let Some(other) = publications
+            .values()
+            .find(|p| p.staging && p.path != staging.as_string())
+        {
+            return Err(Error::Precondition(format!(
+                "volume {id} is already staged at {}",
+                other.path
+            )));
+        }
+        let wanted = PublicationRecord {
+            volume_id: id.to_string(),
+            path: staging.as_string(),
+            node_id: self.config.node_id.clone(),
+            readonly: false,
+            access_mode: capability.access_mode.name().to_string(),
+            mount_flags: match &capability.access_type {
+                AccessType::Mount { mount_flags, .. } => mount_flags.clone(),
+                AccessType::Block => vec![],
+            },
+            staging: true,
+        };
+        let intent = self.store.intent();
+        let (mounter, access, s, i) = (
+            self.mounter.clone(),
+            capability.access_type.clone(),
+            staging.clone(),
+            id.clone(),
+        );
+        blocking(move || Ok(backend.stage(&i, &access, &s, mounter.as_ref())?)).await?;
+        if publications.get(&wanted.path) != Some(&wanted) {
+            intent
+                .commit(vec![Mutation::PutPublication(wanted)], vec![])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// NodeUnstageVolume: undoes [`Engine::stage`]; unstaging what is not staged succeeds.
+    pub async fn unstage(&self, raw_id: &str, raw_staging: &str) -> Result<()> {
+        if raw_id.is_empty() {
+            return Err(Error::Missing("volume_id"));
+        }
+        let staging = self.confine("staging_target_path", raw_staging)?;
+        let Some(id) = Self::parse_id(raw_id)? else {
+            return Ok(());
+        };
+        let Ok(backend) = self.backend_of(&id) else {
+            return Ok(());
+        };
+        let _guard = self.lock(vec![format!("vol:{id}")])?;
+        let publications = self.store.publications(id.as_str())?;
+        if let Some(target) = publications.values().find(|p| !p.staging) {
+            return Err(Error::Precondition(format!(
+                "volume {id} is still published at {}; unpublish it first",
+                target.path
+            )));
+        }
+        let recorded = publications.contains_key(&staging.as_string());
+        let (mounter, s, i) = (self.mounter.clone(), staging.clone(), id.clone());
+        blocking(move || Ok(backend.unstage(&i, &s, mounter.as_ref())?)).await?;
+        if recorded {
+            self.store
+                .commit(
+                    vec![Mutation::DeletePublication {
+                        volume_id: id.to_string(),
+                        path: staging.as_string(),
+                    }],
+                    vec![],
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// NodeExpandVolume: grows the device and filesystem the node sees; returns the size now
+    /// visible (the recorded capacity when the node has nothing to grow).
+    pub async fn node_expand(&self, raw_id: &str, raw_path: &str) -> Result<u64> {
+        let id = Self::existing_id(raw_id)?;
+        if raw_path.is_empty() {
+            return Err(Error::Missing("volume_path"));
+        }
+        self.confine("volume_path", raw_path)?;
+        let backend = self.backend_of(&id)?;
+        let _guard = self.lock(vec![format!("vol:{id}")])?;
+        let record = self
+            .store
+            .volume(id.as_str())?
+            .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
+        let staging = self.staging_of(&id)?;
+        let grown = blocking(move || Ok(backend.node_expand(&id, staging.as_ref())?)).await?;
+        Ok(grown.unwrap_or(record.capacity_bytes))
     }
 
     /// NodeGetInfo.
@@ -42,6 +172,10 @@ impl Engine {
             return Err(Error::Missing("volume_id"));
         }
         let target = self.confine("target_path", &request.target_path)?;
+        let staging = match request.staging_target_path.as_str() {
+            "" => None,
+            raw => Some(self.confine("staging_target_path", raw)?),
+        };
         let capability = request.capability;
         let flags = match &capability.access_type {
             AccessType::Mount { mount_flags, .. } => mount_flags.clone(),
@@ -60,6 +194,9 @@ impl Engine {
         if !backend.exists(&id)? {
             return Err(Error::VolumeNotFound(id.to_string()));
         }
+        if backend.stages_mounts() && staging.is_none() {
+            return Err(Error::Missing("staging_target_path"));
+        }
         let wanted = PublicationRecord {
             volume_id: id.to_string(),
             path: target.as_string(),
@@ -67,6 +204,7 @@ impl Engine {
             readonly: options.readonly,
             access_mode: capability.access_mode.name().to_string(),
             mount_flags: flags,
+            staging: false,
         };
         let publications = self.store.publications(id.as_str())?;
         if let Some(existing) = publications.get(&wanted.path)
@@ -80,7 +218,8 @@ impl Engine {
         }
         let single_writer = AccessMode::SingleNodeSingleWriter.name();
         if let Some(other) = publications.values().find(|p| {
-            p.path != wanted.path
+            !p.staging
+                && p.path != wanted.path
                 && (p.access_mode == single_writer || wanted.access_mode == single_writer)
         }) {
             return Err(Error::Precondition(format!(
@@ -91,7 +230,7 @@ impl Engine {
         }
 
         let mounter = self.mounter.clone();
-        let source = backend.volume_path(&id);
+        let source = backend.publish_source(&id, staging.as_ref())?;
         let state = {
             let (m, t) = (mounter.clone(), target.clone());
             blocking(move || Ok(m.inspect(&t)?)).await?
@@ -105,15 +244,15 @@ impl Engine {
                     "something other than volume {id} is mounted at {target}"
                 )));
             }
-            Some(state) if !state.is_dir => {
+            Some(state) if state.is_dir != matches!(source, PublishSource::Directory(_)) => {
                 return Err(Error::invalid(
                     "target_path",
-                    format!("{target} exists and is not a directory"),
+                    format!("{target} exists and is the wrong kind of file for this volume"),
                 ));
             }
             _ => {
                 let t = target.clone();
-                blocking(move || Ok(mounter.bind(&source, &t, &options)?)).await?;
+                blocking(move || Ok(mounter.bind(source.path(), &t, &options)?)).await?;
             }
         }
         if publications.get(&wanted.path) != Some(&wanted) {
@@ -225,10 +364,11 @@ impl Engine {
         } else {
             Condition::healthy()
         };
+        let at = path.absolute();
         let (fs, usage) = blocking(move || {
             let fs = backend.capacity()?;
             let usage = if backing {
-                Some(backend.usage(&id)?)
+                Some(backend.usage_at(&id, &at)?)
             } else {
                 None
             };

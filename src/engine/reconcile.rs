@@ -67,6 +67,25 @@ impl Engine {
                 let Ok(id) = VolumeId::parse(&publication.volume_id) else {
                     continue;
                 };
+                let Ok(backend) = self.backend_of(&id) else {
+                    continue;
+                };
+                if publication.staging {
+                    // Staging mounts something only for some backends.
+                    if backend.stages_mounts() {
+                        let mounted =
+                            ConfinedPath::new(&self.config.kubelet_dir, &publication.path)
+                                .ok()
+                                .and_then(|p| self.mounter.inspect(&p).ok().flatten())
+                                .is_some_and(|s| s.is_mount_point);
+                        if !mounted {
+                            tracing::warn!(volume_id = %id, path = %publication.path,
+                                "reconcile: recorded staging is not mounted (reboot?); the next NodeStageVolume restores it");
+                            report.lost_publications.push(publication.path.clone());
+                        }
+                    }
+                    continue;
+                }
                 let shown = ConfinedPath::new(&self.config.kubelet_dir, &publication.path)
                     .ok()
                     .and_then(|p| self.mounter.inspect(&p).ok().flatten())

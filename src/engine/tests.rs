@@ -80,6 +80,7 @@ impl Fixture {
         Publish {
             volume_id: id.to_string(),
             target_path: target.into(),
+            staging_target_path: String::new(),
             capability: mount_cap(mode),
             readonly,
         }

@@ -158,6 +158,8 @@ pub struct CapacityReport {
 pub struct Publish {
     pub volume_id: String,
     pub target_path: String,
+    /// Where the volume was staged; empty when the CO did not stage it.
+    pub staging_target_path: String,
     pub capability: Capability,
     pub readonly: bool,
 }

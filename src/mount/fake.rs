@@ -90,6 +90,16 @@ impl Mounter for FakeMounter {
         Ok(())
     }
 
+    fn mount_device(
+        &self,
+        device: &Path,
+        _fs_type: &str,
+        target: &ConfinedPath,
+        options: &MountOptions,
+    ) -> Result<(), MountError> {
+        self.bind(device, target, options)
+    }
+
     fn unmount(&self, target: &ConfinedPath) -> Result<(), MountError> {
         let mut state = self.inner.lock().unwrap();
         state.calls.push(Call::Unmount(target.absolute()));

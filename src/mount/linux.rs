@@ -131,7 +131,75 @@ fn remount_flags(options: &MountOptions) -> MountFlags {
     flags
 }
 
+/// Creates (if needed) and opens the target: a directory, or an empty file for a device node.
+/// Never follows a symlink at the target.
+fn create_target(
+    parent: &OwnedFd,
+    target: &ConfinedPath,
+    directory: bool,
+) -> Result<OwnedFd, MountError> {
+    if directory {
+        match rustix::fs::mkdirat(parent, target.leaf(), Mode::from_raw_mode(TARGET_DIR_MODE)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(io("mkdir", target.absolute(), e)),
+        }
+    } else {
+        match rustix::fs::openat(
+            parent,
+            target.leaf(),
+            OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o640),
+        ) {
+            Ok(_) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(io("create", target.absolute(), e)),
+        }
+    }
+    let kind = if directory {
+        OFlags::DIRECTORY
+    } else {
+        OFlags::empty()
+    };
+    let fd = rustix::fs::openat2(
+        parent,
+        target.leaf(),
+        OFlags::PATH | kind | OFlags::CLOEXEC | OFlags::NOFOLLOW,
+        Mode::empty(),
+        resolve_flags(),
+    )
+    .map_err(|e| match e {
+        Errno::NOTDIR => not_a_directory(parent, target.leaf(), target.absolute()),
+        other => io("open", target.absolute(), other),
+    })?;
+    if !directory {
+        // O_PATH without O_DIRECTORY also opens a symlink itself: make sure it is a plain file.
+        let st = rustix::fs::fstat(&fd).map_err(|e| io("stat", target.absolute(), e))?;
+        if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+            return Err(MountError::Symlink {
+                path: target.absolute(),
+            });
+        }
+    }
+    Ok(fd)
+}
+
 impl Mounter for LinuxMounter {
+    fn mount_device(
+        &self,
+        device: &Path,
+        fs_type: &str,
+        target: &ConfinedPath,
+        options: &MountOptions,
+    ) -> Result<(), MountError> {
+        let parent = open_parent(target)?;
+        let target_fd = create_target(&parent, target, true)?;
+        // mount(2) through the descriptor's procfs link lands on exactly the directory we
+        // resolved, whatever happens to the path meanwhile.
+        let at = format!("/proc/self/fd/{}", target_fd.as_raw_fd());
+        let flags = remount_flags(options) - MountFlags::BIND;
+        rustix::mount::mount(device, at.as_str(), fs_type, flags, None)
+            .map_err(|e| io("mount", target.absolute(), e))
+    }
+
     fn inspect(&self, path: &ConfinedPath) -> Result<Option<PathState>, MountError> {
         let parent = open_parent(path)?;
         let parent_stat = rustix::fs::statx(
@@ -175,21 +243,16 @@ impl Mounter for LinuxMounter {
         options: &MountOptions,
     ) -> Result<(), MountError> {
         let parent = open_parent(target)?;
-        match rustix::fs::mkdirat(&parent, target.leaf(), Mode::from_raw_mode(TARGET_DIR_MODE)) {
-            Ok(()) | Err(Errno::EXIST) => {}
-            Err(e) => return Err(io("mkdir", target.absolute(), e)),
-        }
-        let target_fd = rustix::fs::openat2(
-            &parent,
-            target.leaf(),
-            OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC | OFlags::NOFOLLOW,
-            Mode::empty(),
-            resolve_flags(),
-        )
-        .map_err(|e| match e {
-            Errno::NOTDIR => not_a_directory(&parent, target.leaf(), target.absolute()),
-            other => io("open", target.absolute(), other),
-        })?;
+        // A directory is bound onto a directory; a block device node onto a file, as CSI asks
+        // for raw block volumes.
+        let source_is_dir = std::fs::metadata(source)
+            .map_err(|e| MountError::Io {
+                op: "stat",
+                path: source.to_path_buf(),
+                source: e,
+            })?
+            .is_dir();
+        let target_fd = create_target(&parent, target, source_is_dir)?;
         let tree = open_tree(
             CWD,
             source,

@@ -118,11 +118,20 @@ pub trait Mounter: Send + Sync + 'static {
     /// path or one of its parents below the root is a symlink.
     fn inspect(&self, path: &ConfinedPath) -> Result<Option<PathState>, MountError>;
 
-    /// Creates the target directory if needed and bind-mounts `source` (a trusted directory of
-    /// ours) on it with `options`.
+    /// Bind-mounts `source` (a trusted directory or block device node of ours) on `target`
+    /// with `options`, creating the target (a directory, or a file for a device) if needed.
     fn bind(
         &self,
         source: &Path,
+        target: &ConfinedPath,
+        options: &MountOptions,
+    ) -> Result<(), MountError>;
+
+    /// Creates the target directory if needed and mounts the filesystem on `device` there.
+    fn mount_device(
+        &self,
+        device: &Path,
+        fs_type: &str,
         target: &ConfinedPath,
         options: &MountOptions,
     ) -> Result<(), MountError>;

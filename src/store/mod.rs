@@ -686,6 +686,7 @@ mod tests {
             readonly: false,
             access_mode: "SINGLE_NODE_WRITER".into(),
             mount_flags: vec![],
+            staging: false,
         };
         store
             .commit(

@@ -53,4 +53,7 @@ pub struct PublicationRecord {
     /// Mount flags applied, as given by the CO (validated).
     #[serde(default)]
     pub mount_flags: Vec<String>,
+    /// Whether this is the volume's staging path (NodeStageVolume) rather than a target.
+    #[serde(default)]
+    pub staging: bool,
 }
