@@ -8,7 +8,8 @@ pub mod loopdev;
 use std::path::{Path, PathBuf};
 
 use crate::engine::ids::VolumeId;
-use crate::engine::types::Capability;
+use crate::engine::types::{AccessType, Capability};
+use crate::mount::{ConfinedPath, MountError, Mounter};
 
 /// Failures of a backend.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,9 @@ pub enum BackendError {
     /// The operation is not possible for this volume (e.g. shrinking).
     #[error("{0}")]
     Unsupported(String),
+    /// Mounting or unmounting failed.
+    #[error(transparent)]
+    Mount(#[from] MountError),
 }
 
 impl BackendError {
@@ -103,6 +107,23 @@ impl Enforcement {
     }
 }
 
+/// What NodePublishVolume binds at a target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishSource {
+    /// A directory: the volume's own, or where its filesystem is staged.
+    Directory(PathBuf),
+    /// A block device node, bound onto a file at the target.
+    Device(PathBuf),
+}
+
+impl PublishSource {
+    pub fn path(&self) -> &Path {
+        match self {
+            PublishSource::Directory(p) | PublishSource::Device(p) => p,
+        }
+    }
+}
+
 /// A place volumes are created in.
 pub trait Backend: Send + Sync + 'static {
     /// The backend's name in StorageClass parameters, volume IDs and records (`dir`).
@@ -142,4 +163,55 @@ pub trait Backend: Send + Sync + 'static {
 
     /// IDs of every volume that has storage, for reconciliation.
     fn list(&self) -> Result<Vec<VolumeId>, BackendError>;
+
+    /// Whether NodeStageVolume mounts something at the staging path (otherwise staging only
+    /// records the path).
+    fn stages_mounts(&self) -> bool {
+        false
+    }
+
+    /// NodeStageVolume: makes the volume usable on this node at `staging`. Idempotent.
+    fn stage(
+        &self,
+        _id: &VolumeId,
+        _access: &AccessType,
+        _staging: &ConfinedPath,
+        _mounter: &dyn Mounter,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// NodeUnstageVolume: undoes [`Backend::stage`]. Idempotent.
+    fn unstage(
+        &self,
+        _id: &VolumeId,
+        _staging: &ConfinedPath,
+        _mounter: &dyn Mounter,
+    ) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// What NodePublishVolume binds at the target, given where the volume is staged.
+    fn publish_source(
+        &self,
+        id: &VolumeId,
+        _staging: Option<&ConfinedPath>,
+    ) -> Result<PublishSource, BackendError> {
+        Ok(PublishSource::Directory(self.volume_path(id)))
+    }
+
+    /// Usage as seen where the volume is published (`at`); defaults to [`Backend::usage`].
+    fn usage_at(&self, id: &VolumeId, _at: &Path) -> Result<Usage, BackendError> {
+        self.usage(id)
+    }
+
+    /// NodeExpandVolume: grows what the node sees (device, filesystem) to the volume's new
+    /// size; returns the size now visible, or `None` when there is nothing to do on the node.
+    fn node_expand(
+        &self,
+        _id: &VolumeId,
+        _staging: Option<&ConfinedPath>,
+    ) -> Result<Option<u64>, BackendError> {
+        Ok(None)
+    }
 }
