@@ -187,7 +187,10 @@ fn build_parts(config: &ServeConfig) -> Result<(Arc<Engine>, Backends), ServeErr
     let data_dir = prepare_dir(&config.data_dir, "data directory")?;
     let kubelet_dir = prepare_dir(&config.kubelet_dir, "kubelet directory")?;
     let store = Store::open(&state_dir)?;
-    let backends: Backends = vec![Arc::new(DirBackend::new(&data_dir)?)];
+    let backends: Backends = vec![
+        Arc::new(DirBackend::new(&data_dir)?),
+        Arc::new(crate::backend::loopvol::LoopBackend::new(&data_dir)?),
+    ];
     let engine = Arc::new(Engine::new(
         EngineConfig {
             node_id: config.node_id.clone(),

@@ -732,7 +732,12 @@ async fn create_volume_checks_names() {
         .unwrap()
         .map(|e| e.unwrap().file_name())
         .collect();
-    assert_eq!(names, vec!["volumes"]);
+    let mut names: Vec<_> = names
+        .iter()
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, vec!["images", "volumes"]);
     assert_eq!(volume_dirs(&d).len(), 3);
     for id in volume_dirs(&d) {
         assert!(id.starts_with("dir-") && id.len() == 36, "{id}");

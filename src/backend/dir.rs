@@ -43,7 +43,7 @@ impl DirBackend {
                 data_dir = %data_dir.display(),
                 "capacity enforcement: btrfs subvolumes with qgroup limits"
             ),
-            Enforcement::None => tracing::warn!(
+            Enforcement::None | Enforcement::LoopImage => tracing::warn!(
                 data_dir = %data_dir.display(),
                 reason = %unenforceable_reason,
                 "capacity enforcement unavailable; only StorageClasses with enforceCapacity: \"false\" can provision"
@@ -333,6 +333,9 @@ mod tests {
     const UNENFORCED: VolumeOptions = VolumeOptions {
         capacity_bytes: 0,
         require_enforcement: false,
+        block: false,
+        fs_type: String::new(),
+        preallocate: false,
     };
 
     #[test]

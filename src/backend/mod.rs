@@ -4,6 +4,7 @@
 pub mod btrfs;
 pub mod dir;
 pub mod loopdev;
+pub mod loopvol;
 
 use std::path::{Path, PathBuf};
 
@@ -80,12 +81,18 @@ pub struct Usage {
 }
 
 /// What a new volume must be, as far as its storage is concerned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct VolumeOptions {
     /// Requested size in bytes (0 = unspecified).
     pub capacity_bytes: u64,
     /// Whether creation must fail when the size cannot be enforced.
     pub require_enforcement: bool,
+    /// A raw block volume rather than a filesystem.
+    pub block: bool,
+    /// Filesystem type from the mount capability (empty: the backend's default).
+    pub fs_type: String,
+    /// Allocate the storage up front instead of thinly.
+    pub preallocate: bool,
 }
 
 /// How a volume's capacity is enforced.
@@ -93,6 +100,8 @@ pub struct VolumeOptions {
 pub enum Enforcement {
     /// A btrfs subvolume with a qgroup limit.
     BtrfsQgroup,
+    /// A fixed-size image file.
+    LoopImage,
     /// Not enforced: the size is recorded only.
     None,
 }
@@ -102,6 +111,7 @@ impl Enforcement {
     pub fn name(self) -> &'static str {
         match self {
             Enforcement::BtrfsQgroup => "btrfs-qgroup",
+            Enforcement::LoopImage => "image-size",
             Enforcement::None => "none",
         }
     }
@@ -141,6 +151,11 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Grows the volume's storage to `capacity_bytes` (never shrinks).
     fn expand(&self, id: &VolumeId, capacity_bytes: u64) -> Result<(), BackendError>;
+
+    /// Whether a grown volume also needs NodeExpandVolume (device and filesystem).
+    fn node_expansion_required(&self) -> bool {
+        false
+    }
 
     /// Removes the storage of `id`; absent storage is success.
     fn delete(&self, id: &VolumeId) -> Result<(), BackendError>;

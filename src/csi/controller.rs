@@ -250,14 +250,13 @@ impl Controller for ControllerService {
             if r.capacity_range.is_none() {
                 return Err(Error::Missing("capacity_range"));
             }
-            let capacity = self
+            let (capacity, node_expansion_required) = self
                 .engine
                 .expand_volume(&r.volume_id, convert::capacity_range(r.capacity_range)?)
                 .await?;
             Ok(proto::ControllerExpandVolumeResponse {
                 capacity_bytes: convert::int64(capacity),
-                // Directory volumes grow by raising their limit; nothing to do on the node.
-                node_expansion_required: false,
+                node_expansion_required,
             })
         })
         .await

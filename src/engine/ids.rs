@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 pub const MAX_NAME_BYTES: usize = 128;
 
 /// Backends whose IDs this build understands.
-pub const KNOWN_BACKENDS: &[&str] = &["dir"];
+pub const KNOWN_BACKENDS: &[&str] = &["dir", "loop"];
 
 const HEX_DIGITS: usize = 32;
 

@@ -229,6 +229,7 @@ impl Engine {
                     capacity_bytes: record.capacity_bytes,
                     require_enforcement: record.enforcement != "none"
                         && !record.enforcement.is_empty(),
+                    ..volume_options(&request, &params)?
                 };
                 blocking(move || Ok(backend.create(&id2, &options)?)).await?;
                 self.store.commit(vec![], sync_dirs).await?;
@@ -256,7 +257,7 @@ impl Engine {
         let id = new_id.clone();
         let options = VolumeOptions {
             capacity_bytes: capacity,
-            require_enforcement: params.enforce_capacity,
+            ..volume_options(&request, &params)?
         };
         let enforcement = blocking(move || Ok(backend.create(&id, &options)?)).await?;
         if enforcement == crate::backend::Enforcement::None {
@@ -291,7 +292,7 @@ impl Engine {
 
     /// ControllerExpandVolume: grows the volume to the range's required (else limit) bytes and
     /// returns the new capacity. Shrinking is refused.
-    pub async fn expand_volume(&self, raw_id: &str, range: CapacityRange) -> Result<u64> {
+    pub async fn expand_volume(&self, raw_id: &str, range: CapacityRange) -> Result<(u64, bool)> {
         let id = Self::existing_id(raw_id)?;
         let requested = resolve_capacity(range)?;
         if requested == 0 {
@@ -308,11 +309,12 @@ impl Engine {
                 record.capacity_bytes
             )));
         }
+        let backend = self.backend_of(&id)?;
+        let node_required = backend.node_expansion_required();
         if requested == record.capacity_bytes {
             // A repeated expansion that already happened.
-            return Ok(requested);
+            return Ok((requested, node_required));
         }
-        let backend = self.backend_of(&id)?;
         let fs = backend.capacity()?;
         let growth = requested - record.capacity_bytes;
         if growth > fs.available_bytes {
@@ -327,7 +329,7 @@ impl Engine {
         self.store
             .commit(vec![Mutation::PutVolume(record)], vec![])
             .await?;
-        Ok(requested)
+        Ok((requested, node_required))
     }
 
     /// DeleteVolume. Deleting what does not exist succeeds.
@@ -483,6 +485,41 @@ impl Engine {
             minimum_volume_size: 0,
         })
     }
+}
+
+/// What the backend needs to know from a CreateVolume beyond its size.
+fn volume_options(request: &CreateVolume, params: &params::Parameters) -> Result<VolumeOptions> {
+    let block = request
+        .capabilities
+        .iter()
+        .any(|c| c.access_type == AccessType::Block);
+    let fs_types: Vec<&str> = request
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.access_type {
+            AccessType::Mount { fs_type, .. } => Some(fs_type.as_str()),
+            AccessType::Block => None,
+        })
+        .collect();
+    if block && !fs_types.is_empty() {
+        return Err(Error::invalid(
+            "volume_capabilities",
+            "asks for both block and mount access; a volume is one or the other",
+        ));
+    }
+    if fs_types.windows(2).any(|w| w[0] != w[1]) {
+        return Err(Error::invalid(
+            "volume_capabilities",
+            "asks for different filesystem types",
+        ));
+    }
+    Ok(VolumeOptions {
+        capacity_bytes: 0,
+        require_enforcement: params.enforce_capacity,
+        block,
+        fs_type: fs_types.first().copied().unwrap_or_default().to_string(),
+        preallocate: params.preallocate,
+    })
 }
 
 /// The capacity to record: required if set, else the limit, else 0 (unspecified).

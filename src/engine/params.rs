@@ -13,6 +13,8 @@ const METADATA_KEYS: &[&str] = &[PV_NAME, PVC_NAME, PVC_NAMESPACE];
 
 /// The `type` parameter choosing the backend.
 pub const TYPE: &str = "type";
+/// `preallocate` allocates loop images up front; `sparse` (default) allocates as written.
+pub const ALLOCATION: &str = "allocation";
 /// `"false"` accepts volumes whose size cannot be enforced on this node (default `"true"`).
 pub const ENFORCE_CAPACITY: &str = "enforceCapacity";
 
@@ -26,6 +28,8 @@ pub struct Parameters {
     pub backend: String,
     /// Whether creation must fail when the size cannot be enforced.
     pub enforce_capacity: bool,
+    /// Whether storage is allocated up front.
+    pub preallocate: bool,
     /// Parameters that define the volume; compared for CreateVolume idempotency.
     pub defining: BTreeMap<String, String>,
     /// Provisioner metadata (PV/PVC names); recorded, never compared.
@@ -65,17 +69,30 @@ pub fn parse(raw: &BTreeMap<String, String>) -> Result<Parameters> {
         }
         match key.as_str() {
             TYPE => match value.as_str() {
-                "dir" => {
+                "dir" | "loop" => {
                     out.backend = value.clone();
                     out.defining.insert(key.clone(), value.clone());
                 }
                 other => {
                     return Err(Error::invalid(
                         "parameters",
-                        format!("type {other:?} is not supported (supported: dir)"),
+                        format!("type {other:?} is not supported (supported: dir, loop)"),
                     ));
                 }
             },
+            ALLOCATION => {
+                out.preallocate = match value.as_str() {
+                    "sparse" => false,
+                    "preallocate" => true,
+                    other => {
+                        return Err(Error::invalid(
+                            "parameters",
+                            format!("allocation must be sparse or preallocate, not {other:?}"),
+                        ));
+                    }
+                };
+                out.defining.insert(key.clone(), value.clone());
+            }
             ENFORCE_CAPACITY => {
                 out.enforce_capacity = match value.as_str() {
                     "true" => true,

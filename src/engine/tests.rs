@@ -398,13 +398,7 @@ async fn reconcile_reports_orphans_and_missing_storage() {
     let v = f.engine.create_volume(create("pvc-r", 0)).await.unwrap();
     let orphan = VolumeId::for_name("dir", "never-recorded");
     f.engine.backends["dir"]
-        .create(
-            &orphan,
-            &crate::backend::VolumeOptions {
-                capacity_bytes: 0,
-                require_enforcement: false,
-            },
-        )
+        .create(&orphan, &crate::backend::VolumeOptions::default())
         .unwrap();
     std::fs::remove_dir(f.engine.backends["dir"].volume_path(&v.id)).unwrap();
     let report = f.engine.reconcile().unwrap();
@@ -454,11 +448,11 @@ async fn expansion_grows_and_never_shrinks() {
     };
     assert_eq!(
         f.engine.expand_volume(v.id.as_str(), grow).await.unwrap(),
-        4 << 20
+        (4 << 20, false)
     );
     assert_eq!(
         f.engine.expand_volume(v.id.as_str(), grow).await.unwrap(),
-        4 << 20
+        (4 << 20, false)
     );
     let shrink = CapacityRange {
         required_bytes: 2 << 20,

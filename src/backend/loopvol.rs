@@ -1,0 +1,336 @@
+//! The `loop` backend: each volume is an image file under `<data-dir>/images`, attached to a
+//! loop device on the node that uses it.
+//!
+//! The image's size is the volume's hard limit, so capacity is always enforced. The file name
+//! says what the volume is: `<id>.ext4` and `<id>.xfs` hold a filesystem (formatted at
+//! creation, mounted at the staging path by NodeStageVolume, bind-mounted into pods by
+//! NodePublishVolume); `<id>.block` is a raw block volume whose loop device node is bound onto
+//! the target file. Keeping the kind in the name means the node needs no metadata beyond the
+//! file itself to stage, publish or grow a volume after a restart.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use super::loopdev::{self, FsType};
+use super::{Backend, BackendError, Enforcement, FsCapacity, PublishSource, Usage, VolumeOptions};
+use crate::engine::ids::VolumeId;
+use crate::engine::types::{AccessType, Capability};
+use crate::mount::{ConfinedPath, MountOptions, Mounter};
+
+/// Size of a volume created without a capacity range.
+pub const DEFAULT_BYTES: u64 = 1 << 30;
+
+/// What a loop volume holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Filesystem(FsType),
+    Block,
+}
+
+impl Kind {
+    fn extension(self) -> &'static str {
+        match self {
+            Kind::Filesystem(fs) => fs.name(),
+            Kind::Block => "block",
+        }
+    }
+
+    fn from_extension(ext: &str) -> Option<Kind> {
+        match ext {
+            "block" => Some(Kind::Block),
+            other => FsType::parse(other)
+                .ok()
+                .filter(|_| !other.is_empty())
+                .map(Kind::Filesystem),
+        }
+    }
+}
+
+/// Loop-device volumes.
+#[derive(Debug, Clone)]
+pub struct LoopBackend {
+    images: PathBuf,
+}
+
+impl LoopBackend {
+    /// Prepares `<data_dir>/images` (mode 0700).
+    pub fn new(data_dir: &Path) -> Result<LoopBackend, BackendError> {
+        use std::os::unix::fs::PermissionsExt;
+        let images = data_dir.join("images");
+        std::fs::create_dir_all(&images).map_err(|e| BackendError::io("mkdir", &images, e))?;
+        std::fs::set_permissions(&images, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| BackendError::io("chmod", &images, e))?;
+        Ok(LoopBackend { images })
+    }
+
+    fn image(&self, id: &VolumeId, kind: Kind) -> PathBuf {
+        self.images.join(format!("{id}.{}", kind.extension()))
+    }
+
+    /// The image of an existing volume and what it holds.
+    fn find(&self, id: &VolumeId) -> Option<(PathBuf, Kind)> {
+        [
+            Kind::Filesystem(FsType::Ext4),
+            Kind::Filesystem(FsType::Xfs),
+            Kind::Block,
+        ]
+        .into_iter()
+        .map(|kind| (self.image(id, kind), kind))
+        .find(|(path, _)| path.is_file())
+    }
+
+    fn existing(&self, id: &VolumeId) -> Result<(PathBuf, Kind), BackendError> {
+        self.find(id).ok_or_else(|| {
+            BackendError::io(
+                "find image",
+                &self.images.join(id.as_str()),
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            )
+        })
+    }
+}
+
+impl Backend for LoopBackend {
+    fn name(&self) -> &'static str {
+        "loop"
+    }
+
+    fn can_enforce_capacity(&self) -> bool {
+        true
+    }
+
+    fn check_capability(&self, capability: &Capability) -> Result<(), String> {
+        if !capability.access_mode.is_single_node() {
+            return Err(format!(
+                "access mode {} is not supported: loop volumes live on one node",
+                capability.access_mode.name()
+            ));
+        }
+        if let AccessType::Mount {
+            fs_type,
+            mount_flags,
+        } = &capability.access_type
+        {
+            FsType::parse(fs_type)?;
+            MountOptions::from_flags(mount_flags, false)?;
+        }
+        Ok(())
+    }
+
+    fn create(&self, id: &VolumeId, options: &VolumeOptions) -> Result<Enforcement, BackendError> {
+        let kind = if options.block {
+            Kind::Block
+        } else {
+            Kind::Filesystem(FsType::parse(&options.fs_type).map_err(BackendError::Unsupported)?)
+        };
+        if let Some((_, existing)) = self.find(id)
+            && existing != kind
+        {
+            return Err(BackendError::Unsupported(format!(
+                "volume {id} already exists as {}",
+                existing.extension()
+            )));
+        }
+        let bytes = match options.capacity_bytes {
+            0 => DEFAULT_BYTES,
+            n => n,
+        };
+        if let Kind::Filesystem(fs) = kind
+            && bytes < fs.min_bytes()
+        {
+            return Err(BackendError::Unsupported(format!(
+                "{fs} volumes must be at least {} bytes",
+                fs.min_bytes()
+            )));
+        }
+        let image = self.image(id, kind);
+        loopdev::create_image(&image, bytes, options.preallocate)?;
+        if let Kind::Filesystem(fs) = kind {
+            loopdev::format(&image, fs)?;
+        }
+        Ok(Enforcement::LoopImage)
+    }
+
+    fn expand(&self, id: &VolumeId, capacity_bytes: u64) -> Result<(), BackendError> {
+        let (image, _) = self.existing(id)?;
+        loopdev::grow_image(&image, capacity_bytes)
+    }
+
+    fn node_expansion_required(&self) -> bool {
+        true
+    }
+
+    fn delete(&self, id: &VolumeId) -> Result<(), BackendError> {
+        let Some((image, _)) = self.find(id) else {
+            return Ok(());
+        };
+        loopdev::detach(&image)?;
+        match std::fs::remove_file(&image) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(BackendError::io("remove", &image, e)),
+        }
+    }
+
+    fn exists(&self, id: &VolumeId) -> Result<bool, BackendError> {
+        Ok(self.find(id).is_some())
+    }
+
+    fn volume_path(&self, id: &VolumeId) -> PathBuf {
+        self.find(id)
+            .map(|(path, _)| path)
+            .unwrap_or_else(|| self.image(id, Kind::Filesystem(FsType::Ext4)))
+    }
+
+    fn sync_dirs(&self) -> Vec<PathBuf> {
+        vec![self.images.clone()]
+    }
+
+    fn capacity(&self) -> Result<FsCapacity, BackendError> {
+        let st = rustix::fs::statvfs(&self.images)
+            .map_err(|e| BackendError::io("statvfs", &self.images, e.into()))?;
+        Ok(FsCapacity {
+            total_bytes: st.f_blocks.saturating_mul(st.f_frsize),
+            available_bytes: st.f_bavail.saturating_mul(st.f_frsize),
+            total_inodes: st.f_files,
+            free_inodes: st.f_favail,
+        })
+    }
+
+    fn usage(&self, id: &VolumeId) -> Result<Usage, BackendError> {
+        // Without a mounted filesystem to ask, what the image occupies on disk.
+        let (image, _) = self.existing(id)?;
+        let meta = std::fs::metadata(&image).map_err(|e| BackendError::io("stat", &image, e))?;
+        Ok(Usage {
+            used_bytes: meta.blocks() * 512,
+            used_inodes: 0,
+        })
+    }
+
+    fn usage_at(&self, id: &VolumeId, at: &Path) -> Result<Usage, BackendError> {
+        let (_, kind) = self.existing(id)?;
+        if kind == Kind::Block {
+            return self.usage(id);
+        }
+        let st = rustix::fs::statvfs(at).map_err(|e| BackendError::io("statvfs", at, e.into()))?;
+        Ok(Usage {
+            used_bytes: (st.f_blocks - st.f_bfree).saturating_mul(st.f_frsize),
+            used_inodes: st.f_files - st.f_ffree,
+        })
+    }
+
+    fn list(&self) -> Result<Vec<VolumeId>, BackendError> {
+        let entries = std::fs::read_dir(&self.images)
+            .map_err(|e| BackendError::io("readdir", &self.images, e))?;
+        let mut out = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let parsed = name
+                .to_str()
+                .and_then(|n| n.rsplit_once('.'))
+                .and_then(|(id, ext)| {
+                    Kind::from_extension(ext)?;
+                    VolumeId::parse(id).ok()
+                });
+            match parsed {
+                Some(id) => out.push(id),
+                None => tracing::warn!(
+                    path = %entry.path().display(),
+                    "unexpected entry in the images directory; leaving it alone"
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    fn stages_mounts(&self) -> bool {
+        true
+    }
+
+    fn stage(
+        &self,
+        id: &VolumeId,
+        access: &AccessType,
+        staging: &ConfinedPath,
+        mounter: &dyn Mounter,
+    ) -> Result<(), BackendError> {
+        let (image, kind) = self.existing(id)?;
+        match (kind, access) {
+            (Kind::Block, AccessType::Mount { .. }) => {
+                return Err(BackendError::Unsupported(format!(
+                    "volume {id} is a raw block volume and cannot be mounted as a filesystem"
+                )));
+            }
+            (Kind::Filesystem(_), AccessType::Block) => {
+                return Err(BackendError::Unsupported(format!(
+                    "volume {id} holds a filesystem and cannot be used as a raw block device"
+                )));
+            }
+            _ => {}
+        }
+        let device = loopdev::attach(&image)?;
+        if let Kind::Filesystem(fs) = kind {
+            let mounted = mounter.inspect(staging)?.is_some_and(|s| s.is_mount_point);
+            if !mounted {
+                mounter.mount_device(&device, fs.name(), staging, &MountOptions::default())?;
+            }
+        }
+        Ok(())
+    }
+
+    fn unstage(
+        &self,
+        id: &VolumeId,
+        staging: &ConfinedPath,
+        mounter: &dyn Mounter,
+    ) -> Result<(), BackendError> {
+        if mounter.inspect(staging)?.is_some_and(|s| s.is_mount_point) {
+            mounter.unmount(staging)?;
+        }
+        if let Some((image, _)) = self.find(id) {
+            loopdev::detach(&image)?;
+        }
+        Ok(())
+    }
+
+    fn publish_source(
+        &self,
+        id: &VolumeId,
+        staging: Option<&ConfinedPath>,
+    ) -> Result<PublishSource, BackendError> {
+        let (image, kind) = self.existing(id)?;
+        match kind {
+            Kind::Filesystem(_) => {
+                let staging = staging.ok_or_else(|| {
+                    BackendError::Unsupported(format!("volume {id} is not staged"))
+                })?;
+                Ok(PublishSource::Directory(staging.absolute()))
+            }
+            Kind::Block => loopdev::find_attached(&image)?
+                .map(PublishSource::Device)
+                .ok_or_else(|| {
+                    BackendError::Unsupported(format!(
+                        "volume {id} is not staged: no loop device is attached to it"
+                    ))
+                }),
+        }
+    }
+
+    fn node_expand(
+        &self,
+        id: &VolumeId,
+        staging: Option<&ConfinedPath>,
+    ) -> Result<Option<u64>, BackendError> {
+        let (image, kind) = self.existing(id)?;
+        let Some(device) = loopdev::find_attached(&image)? else {
+            // Not attached here: the next stage sees the grown image (and the filesystem is
+            // grown then by the CO's next NodeExpandVolume).
+            return Ok(None);
+        };
+        loopdev::refresh_capacity(&device)?;
+        if let (Kind::Filesystem(fs), Some(staging)) = (kind, staging) {
+            loopdev::grow_filesystem(&device, &staging.absolute(), fs)?;
+        }
+        Ok(Some(loopdev::device_size(&device)?))
+    }
+}
