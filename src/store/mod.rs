@@ -194,13 +194,23 @@ impl Store {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| StoreError::io(format!("creating {}", state_dir.display()), e))?;
         let path = state_dir.join(STORE_FILE);
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|source| StoreError::Open {
-                path: path.clone(),
-                source,
-            })?;
+        // An operator command reading the file (see `reader`) holds it for a few milliseconds;
+        // wait that out rather than fail start-up, but not a server that keeps it open.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let db = loop {
+            match Database::builder().set_cache_size(CACHE_BYTES).create(&path) {
+                Ok(db) => break db,
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(source) => {
+                    return Err(StoreError::Open {
+                        path: path.clone(),
+                        source,
+                    });
+                }
+            }
+        };
         let txn = db_err!(db.begin_write())?;
         {
             let mut meta = db_err!(txn.open_table(META))?;
