@@ -135,6 +135,13 @@ async fn filesystem_volumes_are_staged_published_bounded_and_grown() {
     .await
     .unwrap();
     assert!(common::is_mounted(Path::new(&staging)));
+    let devices = attached_under(d.dir.path());
+    assert_eq!(devices.len(), 1, "{devices:?}");
+    let device = devices[0].split_whitespace().next().unwrap().to_string();
+    assert!(
+        k8scsi::backend::loopdev::is_autoclear(Path::new(&device)),
+        "{device} should detach itself when unmounted"
+    );
     // Publishing without the staging path is refused: the filesystem lives there.
     let target = d.target("pod-a");
     let mut unstaged = publish_request(&volume.volume_id, &target, false);
@@ -334,4 +341,53 @@ async fn block_volumes_are_real_block_devices_of_the_right_size() {
     .await
     .unwrap();
     assert!(!image.exists());
+}
+
+#[tokio::test]
+async fn an_out_of_band_unmount_frees_the_loop_device() {
+    require_loop!();
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let volume = create(&mut c, "pvc-ext4", 16 * MIB, fs_capability("ext4")).await;
+    let staging = d.target("pod-c-staging");
+    let stage = proto::NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(fs_capability("ext4")),
+        ..Default::default()
+    };
+    n.node_stage_volume(stage.clone()).await.unwrap();
+    assert_eq!(attached_under(d.dir.path()).len(), 1);
+    // Someone unmounts the staging path behind the driver's back: autoclear frees the device.
+    let umount = std::process::Command::new("umount")
+        .arg(&staging)
+        .output()
+        .unwrap();
+    assert!(umount.status.success(), "{umount:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !attached_under(d.dir.path()).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "loop device leaked: {:?}",
+            attached_under(d.dir.path())
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Staging again brings the volume back, with its filesystem intact.
+    n.node_stage_volume(stage).await.unwrap();
+    assert!(common::is_mounted(Path::new(&staging)));
+    n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(attached_under(d.dir.path()).is_empty());
+    c.delete_volume(proto::DeleteVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        secrets: Default::default(),
+    })
+    .await
+    .unwrap();
 }

@@ -592,6 +592,25 @@ pub fn detach(image: &Path) -> Result<(), BackendError> {
     }
 }
 
+/// Sets autoclear on a device that is in use (its filesystem is mounted): asking the kernel to
+/// detach a busy loop device marks it to be detached when its last user goes, which is what
+/// `LO_FLAGS_AUTOCLEAR` means. After this, unmounting the filesystem frees the device even if
+/// nobody calls [`detach`] (an operator's `umount`, a node plugin that died).
+pub fn mark_autoclear(device: &Path) -> Result<(), BackendError> {
+    let _lock = loop_lock();
+    run("losetup", &["-d"], device).map(|_| ())
+}
+
+/// Whether the kernel will detach `device` when its last user closes it.
+pub fn is_autoclear(device: &Path) -> bool {
+    device
+        .file_name()
+        .and_then(|name| {
+            std::fs::read_to_string(Path::new(SYS_BLOCK).join(name).join("loop/autoclear")).ok()
+        })
+        .is_some_and(|v| v.trim() == "1")
+}
+
 /// Grows the image file to `bytes`; never shrinks ([`BackendError::Unsupported`]). The same
 /// size is success. An attached device sees the new size after [`refresh_capacity`].
 ///

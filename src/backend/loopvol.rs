@@ -274,6 +274,15 @@ impl Backend for LoopBackend {
             if !mounted {
                 mounter.mount_device(&device, fs.name(), staging, &MountOptions::default())?;
             }
+            // The mount now holds the device: let the kernel free it when the filesystem is
+            // unmounted, whoever unmounts it. (Block volumes keep an explicit attachment: a pod
+            // opening and closing the device must not detach it.)
+            if !loopdev::is_autoclear(&device)
+                && let Err(e) = loopdev::mark_autoclear(&device)
+            {
+                tracing::warn!(volume_id = %id, device = %device.display(), error = %e,
+                    "could not set autoclear; NodeUnstageVolume will detach the device");
+            }
         }
         Ok(())
     }

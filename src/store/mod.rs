@@ -198,7 +198,10 @@ impl Store {
         // wait that out rather than fail start-up, but not a server that keeps it open.
         let deadline = Instant::now() + Duration::from_secs(2);
         let db = loop {
-            match Database::builder().set_cache_size(CACHE_BYTES).create(&path) {
+            match Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .create(&path)
+            {
                 Ok(db) => break db,
                 Err(redb::DatabaseError::DatabaseAlreadyOpen) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20));
