@@ -32,6 +32,7 @@ APT_PACKAGES=(
   e2fsprogs     # mkfs.ext4, resize2fs, e2fsck
   xfsprogs      # mkfs.xfs, xfs_growfs
   btrfs-progs   # mkfs.btrfs
+  quota         # setquota (ext4 project quotas)
   util-linux    # findmnt, blkid, lsblk, fallocate, wipefs
   mount         # mount, umount, losetup (separate package on Debian 12)
   ca-certificates # TLS to the Go module proxy

@@ -257,3 +257,71 @@ async fn unenforceable_sizes_fail_with_a_clear_error() {
     assert_eq!(status.code(), Code::InvalidArgument);
     assert!(status.message().contains("enforceCapacity"));
 }
+
+/// Mounts a fresh XFS image with project quotas at `data`, or says why it cannot.
+fn mount_xfs_prjquota(data: &Path) -> Result<(), String> {
+    let image = data.parent().unwrap().join("xfs.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(320 << 20)
+        .unwrap();
+    let mkfs = Command::new("mkfs.xfs").arg("-q").arg(&image).output();
+    match mkfs {
+        Ok(out) if out.status.success() => {}
+        other => return Err(format!("mkfs.xfs failed: {other:?}")),
+    }
+    let mount = Command::new("mount")
+        .args(["-o", "loop,prjquota"])
+        .arg(&image)
+        .arg(data)
+        .output()
+        .unwrap();
+    if !mount.status.success() {
+        return Err(format!(
+            "this kernel cannot mount XFS with project quotas: {}",
+            String::from_utf8_lossy(&mount.stderr).trim()
+        ));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn xfs_project_quotas_enforce_the_size() {
+    if !common::is_root() || !tool_available("xfs_quota") {
+        eprintln!("SKIPPED: needs root and xfsprogs");
+        return;
+    }
+    // Probe first: on kernels without quota support this is not testable at all.
+    let probe = tempfile::tempdir().unwrap();
+    std::fs::create_dir(probe.path().join("data")).unwrap();
+    if let Err(reason) = mount_xfs_prjquota(&probe.path().join("data")) {
+        eprintln!("SKIPPED: {reason}");
+        return;
+    }
+    let _ = Command::new("umount")
+        .arg(probe.path().join("data"))
+        .output();
+
+    let d = Driver::start_on(|data| mount_xfs_prjquota(data).unwrap());
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let mut request = create_request("pvc-prj", 16 * MIB);
+    request.parameters.clear();
+    let volume = c
+        .create_volume(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(
+        volume.volume_context["k8scsi.io/capacity-enforcement"],
+        "project-quota"
+    );
+    let target = d.target("pod-prj");
+    n.node_publish_volume(publish_request(&volume.volume_id, &target, false))
+        .await
+        .unwrap();
+    let err = write_bytes(&Path::new(&target).join("big"), 32 << 20).unwrap_err();
+    assert!(is_quota_error(&err), "expected EDQUOT/ENOSPC, got {err:?}");
+}

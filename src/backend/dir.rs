@@ -11,7 +11,9 @@ use std::collections::HashSet;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::{Backend, BackendError, Enforcement, FsCapacity, Usage, VolumeOptions, btrfs};
+use super::{
+    Backend, BackendError, Enforcement, FsCapacity, Usage, VolumeOptions, btrfs, projquota,
+};
 use crate::engine::ids::VolumeId;
 use crate::engine::types::{AccessType, Capability};
 
@@ -42,6 +44,10 @@ impl DirBackend {
             Enforcement::BtrfsQgroup => tracing::info!(
                 data_dir = %data_dir.display(),
                 "capacity enforcement: btrfs subvolumes with qgroup limits"
+            ),
+            Enforcement::ProjectQuota => tracing::info!(
+                data_dir = %data_dir.display(),
+                "capacity enforcement: ext4/XFS project quotas"
             ),
             Enforcement::None | Enforcement::LoopImage => tracing::warn!(
                 data_dir = %data_dir.display(),
@@ -122,7 +128,18 @@ impl Backend for DirBackend {
             set_volume_mode(&path)?;
             return Ok(Enforcement::BtrfsQgroup);
         }
-        if options.require_enforcement {
+        let quota = match self.enforcement {
+            Enforcement::ProjectQuota => {
+                Some(projquota::detect(&self.volumes).ok_or_else(|| {
+                    BackendError::Unenforceable(format!(
+                        "project quotas are no longer enabled on the filesystem of {}",
+                        self.volumes.display()
+                    ))
+                })?)
+            }
+            _ => None,
+        };
+        if quota.is_none() && options.require_enforcement {
             return Err(BackendError::Unenforceable(format!(
                 "capacity cannot be enforced in {}: {}; put the data directory on btrfs, or set \
                  the StorageClass parameter enforceCapacity: \"false\" to accept volumes whose \
@@ -149,6 +166,12 @@ impl Backend for DirBackend {
             Err(e) => return Err(BackendError::io("mkdir", &path, e)),
         }
         set_volume_mode(&path)?;
+        if let Some(quota) = &quota {
+            if options.capacity_bytes > 0 {
+                projquota::set_limit(quota, id, &path, options.capacity_bytes)?;
+            }
+            return Ok(Enforcement::ProjectQuota);
+        }
         Ok(Enforcement::None)
     }
 
@@ -156,6 +179,10 @@ impl Backend for DirBackend {
         let path = self.volume_path(id);
         if btrfs::is_subvolume(&path) {
             btrfs::set_limit(&path, capacity_bytes)?;
+        } else if self.enforcement == Enforcement::ProjectQuota
+            && let Some(quota) = projquota::detect(&self.volumes)
+        {
+            projquota::set_limit(&quota, id, &path, capacity_bytes)?;
         }
         // Unenforced directories have nothing to grow: the new size is recorded by the engine.
         Ok(())
@@ -165,6 +192,14 @@ impl Backend for DirBackend {
         let path = self.volume_path(id);
         if btrfs::is_subvolume(&path) {
             return btrfs::delete_subvolume(&path);
+        }
+        if self.enforcement == Enforcement::ProjectQuota
+            && path.exists()
+            && let Some(quota) = projquota::detect(&self.volumes)
+            && let Err(e) = projquota::clear_limit(&quota, id, &path)
+        {
+            // The directory goes anyway; a stale limit on an unused project costs nothing.
+            tracing::warn!(volume_id = %id, error = %e, "could not clear the project quota");
         }
         // Most deleted volumes are empty or nearly so: try a plain rmdir before walking.
         match std::fs::remove_dir(&path) {
@@ -283,14 +318,17 @@ fn detect_enforcement(volumes: &Path) -> (Enforcement, String) {
             }
         }
     }
+    if projquota::detect(volumes).is_some() {
+        return (Enforcement::ProjectQuota, String::new());
+    }
     let fs = rustix::fs::statfs(volumes)
         .map(|st| format!("filesystem type {:#x}", st.f_type))
         .unwrap_or_else(|e| format!("statfs failed: {e}"));
     (
         Enforcement::None,
         format!(
-            "the data directory is not on btrfs ({fs}); ext4/XFS project quotas are not \
-             supported by this build"
+            "the data directory is neither on btrfs nor on ext4/XFS mounted with project \
+             quotas (prjquota) ({fs})"
         ),
     )
 }

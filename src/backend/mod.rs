@@ -5,6 +5,7 @@ pub mod btrfs;
 pub mod dir;
 pub mod loopdev;
 pub mod loopvol;
+pub mod projquota;
 
 use std::path::{Path, PathBuf};
 
@@ -100,6 +101,8 @@ pub struct VolumeOptions {
 pub enum Enforcement {
     /// A btrfs subvolume with a qgroup limit.
     BtrfsQgroup,
+    /// An ext4/XFS project quota on the volume's directory.
+    ProjectQuota,
     /// A fixed-size image file.
     LoopImage,
     /// Not enforced: the size is recorded only.
@@ -111,6 +114,7 @@ impl Enforcement {
     pub fn name(self) -> &'static str {
         match self {
             Enforcement::BtrfsQgroup => "btrfs-qgroup",
+            Enforcement::ProjectQuota => "project-quota",
             Enforcement::LoopImage => "image-size",
             Enforcement::None => "none",
         }

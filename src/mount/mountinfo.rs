@@ -12,6 +12,8 @@ pub struct MountEntry {
     /// `major:minor` of the filesystem.
     pub major_minor: String,
     pub fs_type: String,
+    /// Per-superblock options (`prjquota`, `errors=remount-ro`, ...), keys only.
+    pub super_options: Vec<String>,
 }
 
 /// Reads this process's mount table.
@@ -26,6 +28,7 @@ pub fn read() -> std::io::Result<Vec<MountEntry>> {
             root: PathBuf::from(m.root),
             major_minor: m.majmin,
             fs_type: m.fs_type,
+            super_options: m.super_options.into_keys().collect(),
         })
         .collect())
 }
@@ -65,6 +68,7 @@ mod tests {
             root: root.into(),
             major_minor: mm.into(),
             fs_type: "ext4".into(),
+            super_options: vec![],
         }
     }
 
