@@ -211,6 +211,32 @@ async fn filesystem_volumes_are_staged_published_bounded_and_grown() {
         .find(|u| u.unit == proto::volume_usage::Unit::Bytes as i32)
         .unwrap();
     assert!(bytes.used >= 364 * MIB, "{bytes:?}");
+    assert!(!stats.volume_condition.unwrap().abnormal);
+
+    // A filesystem that turns read-only under a writable publication is reported abnormal.
+    let remount = |mode: &str| {
+        let out = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,{mode}")])
+            .arg(&staging)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    remount("ro");
+    let condition = n
+        .node_get_volume_stats(proto::NodeGetVolumeStatsRequest {
+            volume_id: volume.volume_id.clone(),
+            volume_path: target.clone(),
+            staging_target_path: staging.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume_condition
+        .unwrap();
+    remount("rw");
+    assert!(condition.abnormal, "{condition:?}");
+    assert!(condition.message.contains("read-only"), "{condition:?}");
 
     // Tear down: unstage refuses while published; delete refuses while staged.
     let status = n

@@ -99,6 +99,12 @@ impl Backend for LoopBackend {
         true
     }
 
+    fn minimum_volume_bytes(&self) -> u64 {
+        // The smallest filesystem we format (ext4); block volumes could be smaller, but one
+        // number serves capacity tracking.
+        FsType::Ext4.min_bytes()
+    }
+
     fn check_capability(&self, capability: &Capability) -> Result<(), String> {
         if !capability.access_mode.is_single_node() {
             return Err(format!(

@@ -146,6 +146,12 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether this node can enforce volume sizes.
     fn can_enforce_capacity(&self) -> bool;
 
+    /// The smallest volume this backend can make (reported as GetCapacity's
+    /// `minimum_volume_size`).
+    fn minimum_volume_bytes(&self) -> u64 {
+        0
+    }
+
     /// Whether volumes of this backend can be used with `capability`; `Err` says why not.
     fn check_capability(&self, capability: &Capability) -> Result<(), String>;
 

@@ -482,7 +482,7 @@ impl Engine {
         Ok(CapacityReport {
             available_bytes: fs.available_bytes,
             maximum_volume_size: fs.available_bytes,
-            minimum_volume_size: 0,
+            minimum_volume_size: backend.minimum_volume_bytes(),
         })
     }
 }

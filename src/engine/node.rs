@@ -352,14 +352,30 @@ impl Engine {
                 "volume {id} is not published at {path}"
             )));
         }
+        let published_readonly = self
+            .store
+            .publications(id.as_str())?
+            .get(&path.as_string())
+            .is_some_and(|p| p.readonly);
+        // A filesystem that turned read-only by itself (errors=remount-ro after an I/O error)
+        // while it was published writable is the failure operators most need to hear about.
+        let went_readonly = shows
+            && !published_readonly
+            && rustix::fs::statvfs(path.absolute())
+                .is_ok_and(|st| st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY));
         let condition = if !backing {
             Condition::abnormal(format!(
-                "backing directory {} is missing",
+                "backing storage {} is missing",
                 backend.volume_path(&id).display()
             ))
         } else if !shows {
             Condition::abnormal(format!(
                 "{path} no longer shows the volume: its mount is gone or was replaced"
+            ))
+        } else if went_readonly {
+            Condition::abnormal(format!(
+                "the filesystem at {path} is read-only although the volume was published \
+                 writable (remounted read-only after errors?)"
             ))
         } else {
             Condition::healthy()
