@@ -53,19 +53,6 @@ fn skip_reason() -> Option<String> {
     None
 }
 
-macro_rules! require_loop {
-    () => {
-        if let Some(reason) = skip_reason() {
-            assert!(
-                std::env::var("K8SCSI_REQUIRE_TOOLS").as_deref() != Ok("1") || !common::is_root(),
-                "required tools missing: {reason}"
-            );
-            eprintln!("SKIPPED: {reason}");
-            return;
-        }
-    };
-}
-
 /// Loop devices whose backing file lives under `dir`.
 fn attached_under(dir: &Path) -> Vec<String> {
     let out = std::process::Command::new("losetup")
@@ -113,7 +100,7 @@ fn write_mib(path: &Path, mib: usize) -> std::io::Result<()> {
 
 #[tokio::test]
 async fn filesystem_volumes_are_staged_published_bounded_and_grown() {
-    require_loop!();
+    skip_unless_ready!(skip_reason());
     let d = Driver::start();
     let mut c = d.controller().await;
     let mut n = d.node().await;
@@ -288,7 +275,7 @@ async fn filesystem_volumes_are_staged_published_bounded_and_grown() {
 
 #[tokio::test]
 async fn block_volumes_are_real_block_devices_of_the_right_size() {
-    require_loop!();
+    skip_unless_ready!(skip_reason());
     let d = Driver::start();
     let mut c = d.controller().await;
     let mut n = d.node().await;
@@ -371,7 +358,7 @@ async fn block_volumes_are_real_block_devices_of_the_right_size() {
 
 #[tokio::test]
 async fn an_out_of_band_unmount_frees_the_loop_device() {
-    require_loop!();
+    skip_unless_ready!(skip_reason());
     let d = Driver::start();
     let mut c = d.controller().await;
     let mut n = d.node().await;

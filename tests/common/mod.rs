@@ -34,6 +34,24 @@ macro_rules! require_root {
     };
 }
 
+/// Skips the calling test (returning early) with a printed reason when `$reason` (an
+/// `Option<impl Display>`) is `Some`. As root with `K8SCSI_REQUIRE_TOOLS=1` (CI), a missing tool
+/// fails the test instead, so CI cannot silently skip what it is meant to run.
+#[macro_export]
+macro_rules! skip_unless_ready {
+    ($reason:expr) => {
+        if let Some(reason) = $reason {
+            assert!(
+                std::env::var("K8SCSI_REQUIRE_TOOLS").as_deref() != Ok("1")
+                    || !$crate::common::is_root(),
+                "required tools missing: {reason}"
+            );
+            eprintln!("SKIPPED: {reason}");
+            return;
+        }
+    };
+}
+
 /// A k8scsi server process with its own directories.
 pub struct Driver {
     pub dir: tempfile::TempDir,
