@@ -383,6 +383,9 @@ pub async fn serve(
         }
     }
     let _ = std::fs::remove_file(crate::admin::socket_path(&config.state_dir));
+    // Close the database file cleanly so the next start (and the operator commands) need no
+    // repair.
+    engine.store().close().await;
     let stats = engine.store().commit_stats();
     tracing::info!(
         transactions = stats.transactions,

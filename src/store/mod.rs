@@ -15,7 +15,7 @@ mod records;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
@@ -99,6 +99,9 @@ pub enum StoreError {
     /// The writer thread has stopped (it only does so when the store is dropped or failed).
     #[error("state store writer has stopped")]
     WriterGone,
+    /// The store was closed (the server is shutting down).
+    #[error("state store is closed")]
+    Closed,
 }
 
 impl StoreError {
@@ -130,6 +133,8 @@ pub enum Mutation {
 }
 
 struct CommitRequest {
+    /// Asks the writer to stop after the batch it is building (see [`Store::close`]).
+    close: bool,
     mutations: Vec<Mutation>,
     sync_dirs: Vec<PathBuf>,
     reply: oneshot::Sender<Result<(), String>>,
@@ -146,7 +151,8 @@ pub struct CommitStats {
 /// The metadata store. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    /// `None` once [`Store::close`] has closed the file cleanly.
+    db: Arc<RwLock<Option<Database>>>,
     writer: mpsc::Sender<CommitRequest>,
     stats: Arc<std::sync::Mutex<CommitStats>>,
     /// Commits announced by callers that are still preparing them.
@@ -235,7 +241,7 @@ impl Store {
         // The new file's directory entry must be durable too.
         sync_dir(state_dir)?;
 
-        let db = Arc::new(db);
+        let db = Arc::new(RwLock::new(Some(db)));
         let stats = Arc::new(std::sync::Mutex::new(CommitStats::default()));
         let (writer, queue) = mpsc::channel();
         let announced = Arc::new(AtomicUsize::new(0));
@@ -287,6 +293,7 @@ impl Store {
         queued();
         self.writer
             .send(CommitRequest {
+                close: false,
                 mutations,
                 sync_dirs,
                 reply,
@@ -299,6 +306,37 @@ impl Store {
         }
     }
 
+    /// Commits what is queued, stops the writer and closes the database file cleanly, so the
+    /// next start needs no repair. Later calls fail with [`StoreError::Closed`].
+    pub async fn close(&self) {
+        let (reply, done) = oneshot::channel();
+        let request = CommitRequest {
+            close: true,
+            mutations: vec![],
+            sync_dirs: vec![],
+            reply,
+        };
+        if self.writer.send(request).is_ok() {
+            let _ = done.await;
+        }
+        // The writer has let go of the database; dropping it writes the clean-shutdown state.
+        let mut db = self.db.write().unwrap_or_else(|p| p.into_inner());
+        db.take();
+    }
+
+    /// Runs `read` on the open database.
+    pub(crate) fn with_db<T>(
+        &self,
+        read: impl FnOnce(&Database) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
+        read(guard.as_ref().ok_or(StoreError::Closed)?)
+    }
+
+    fn read_txn(&self) -> Result<redb::ReadTransaction, StoreError> {
+        self.with_db(|db| db_err!(db.begin_read()))
+    }
+
     /// Group-commit counters since start.
     pub fn commit_stats(&self) -> CommitStats {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner())
@@ -306,7 +344,7 @@ impl Store {
 
     /// The volume with this ID, if recorded.
     pub fn volume(&self, id: &str) -> Result<Option<VolumeRecord>, StoreError> {
-        let txn = db_err!(self.db.begin_read())?;
+        let txn = self.read_txn()?;
         let table = db_err!(txn.open_table(VOLUMES))?;
         match db_err!(table.get(id))? {
             Some(bytes) => Ok(Some(decode(id, bytes.value())?)),
@@ -316,7 +354,7 @@ impl Store {
 
     /// The ID recorded for a volume name, if any.
     pub fn volume_id_for_name(&self, name: &str) -> Result<Option<String>, StoreError> {
-        let txn = db_err!(self.db.begin_read())?;
+        let txn = self.read_txn()?;
         let table = db_err!(txn.open_table(NAMES))?;
         Ok(db_err!(table.get(name))?.map(|v| v.value().to_string()))
     }
@@ -328,7 +366,7 @@ impl Store {
         from: u64,
         max: usize,
     ) -> Result<(Vec<VolumeRecord>, Option<u64>), StoreError> {
-        let txn = db_err!(self.db.begin_read())?;
+        let txn = self.read_txn()?;
         let order = db_err!(txn.open_table(ORDER))?;
         let volumes = db_err!(txn.open_table(VOLUMES))?;
         let mut out = Vec::new();
@@ -351,7 +389,7 @@ impl Store {
 
     /// The sequence number the next new volume will get; a ListVolumes token must be below it.
     pub fn next_sequence(&self) -> Result<u64, StoreError> {
-        let txn = db_err!(self.db.begin_read())?;
+        let txn = self.read_txn()?;
         let meta = db_err!(txn.open_table(META))?;
         Ok(db_err!(meta.get(NEXT_SEQ))?.map(|v| v.value()).unwrap_or(1))
     }
@@ -361,7 +399,7 @@ impl Store {
         &self,
         volume_id: &str,
     ) -> Result<BTreeMap<String, PublicationRecord>, StoreError> {
-        let txn = db_err!(self.db.begin_read())?;
+        let txn = self.read_txn()?;
         let table = db_err!(txn.open_table(PUBLICATIONS))?;
         let mut out = BTreeMap::new();
         // Tuple keys sort by volume ID first, so one volume's publications are contiguous.
@@ -378,7 +416,7 @@ impl Store {
 
     /// Every recorded publication.
     pub fn all_publications(&self) -> Result<Vec<PublicationRecord>, StoreError> {
-        let txn = db_err!(self.db.begin_read())?;
+        let txn = self.read_txn()?;
         let table = db_err!(txn.open_table(PUBLICATIONS))?;
         let mut out = Vec::new();
         for entry in db_err!(table.iter())? {
@@ -409,12 +447,13 @@ pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 }
 
 fn run_writer(
-    db: Arc<Database>,
+    db: Arc<RwLock<Option<Database>>>,
     queue: mpsc::Receiver<CommitRequest>,
     stats: Arc<std::sync::Mutex<CommitStats>>,
     announced: Arc<AtomicUsize>,
 ) {
     let syncer = DirSyncer::start();
+    let mut closing = None;
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         batch.extend(queue.try_iter().take(MAX_BATCH - 1));
@@ -434,8 +473,18 @@ fn run_writer(
                 Err(_) => break,
             }
         }
+        // A close request ends the loop once the batch it arrived with is committed.
+        if let Some(at) = batch.iter().position(|r| r.close) {
+            closing = Some(batch.remove(at));
+        }
         let started = Instant::now();
-        let result = apply_batch(&db, &batch, syncer.as_ref());
+        let result = {
+            let guard = db.read().unwrap_or_else(|p| p.into_inner());
+            match guard.as_ref() {
+                Some(db) => apply_batch(db, &batch, syncer.as_ref()),
+                None => Err(StoreError::Closed),
+            }
+        };
         let elapsed = started.elapsed();
         {
             let mut s = stats.lock().unwrap_or_else(|p| p.into_inner());
@@ -449,6 +498,10 @@ fn run_writer(
         }
         for request in batch {
             let _ = request.reply.send(outcome.clone());
+        }
+        if let Some(close) = closing.take() {
+            let _ = close.reply.send(Ok(()));
+            return;
         }
     }
 }
@@ -686,6 +739,21 @@ mod tests {
         .unwrap();
         assert_eq!(store.announced.load(Ordering::Acquire), 0);
         assert!(store.volume("v").unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn close_commits_queued_work_and_releases_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .commit(vec![Mutation::PutVolume(volume("v", "n"))], vec![])
+            .await
+            .unwrap();
+        store.close().await;
+        assert!(matches!(store.volume("v"), Err(StoreError::Closed)));
+        // The file is free at once (no writer thread holding it) and reads back cleanly.
+        let reopened = Store::open(dir.path()).unwrap();
+        assert!(reopened.volume("v").unwrap().is_some());
     }
 
     #[tokio::test]

@@ -122,7 +122,7 @@ fn dump(db: &impl ReadableDatabase) -> Result<StateDump, StoreError> {
 impl Store {
     /// Every record, as the operator CLI shows them (served on the admin socket).
     pub fn dump(&self) -> Result<StateDump, StoreError> {
-        dump(self.db.as_ref())
+        self.with_db(dump)
     }
 }
 
