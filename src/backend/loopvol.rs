@@ -193,14 +193,7 @@ impl Backend for LoopBackend {
     }
 
     fn capacity(&self) -> Result<FsCapacity, BackendError> {
-        let st = rustix::fs::statvfs(&self.images)
-            .map_err(|e| BackendError::io("statvfs", &self.images, e.into()))?;
-        Ok(FsCapacity {
-            total_bytes: st.f_blocks.saturating_mul(st.f_frsize),
-            available_bytes: st.f_bavail.saturating_mul(st.f_frsize),
-            total_inodes: st.f_files,
-            free_inodes: st.f_favail,
-        })
+        FsCapacity::of(&self.images)
     }
 
     fn usage(&self, id: &VolumeId) -> Result<Usage, BackendError> {

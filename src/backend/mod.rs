@@ -74,6 +74,21 @@ pub struct FsCapacity {
     pub free_inodes: u64,
 }
 
+impl FsCapacity {
+    /// Space and inodes of the filesystem holding `path`, as an unprivileged user sees them
+    /// (blocks reserved for root are not available to volumes).
+    pub fn of(path: &Path) -> Result<FsCapacity, BackendError> {
+        let st =
+            rustix::fs::statvfs(path).map_err(|e| BackendError::io("statvfs", path, e.into()))?;
+        Ok(FsCapacity {
+            total_bytes: st.f_blocks.saturating_mul(st.f_frsize),
+            available_bytes: st.f_bavail.saturating_mul(st.f_frsize),
+            total_inodes: st.f_files,
+            free_inodes: st.f_favail,
+        })
+    }
+}
+
 /// Usage of one volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Usage {
