@@ -125,16 +125,22 @@ impl Engine {
         let (mounter, s, i) = (self.mounter.clone(), staging.clone(), id.clone());
         blocking(move || Ok(backend.unstage(&i, &s, mounter.as_ref())?)).await?;
         if recorded {
-            self.store
-                .commit(
-                    vec![Mutation::DeletePublication {
-                        volume_id: id.to_string(),
-                        path: staging.as_string(),
-                    }],
-                    vec![],
-                )
-                .await?;
+            self.forget_publication(&id, &staging).await?;
         }
+        Ok(())
+    }
+
+    /// Durably removes the record of a publication (or staging) at `path`.
+    async fn forget_publication(&self, id: &VolumeId, path: &ConfinedPath) -> Result<()> {
+        self.store
+            .commit(
+                vec![Mutation::DeletePublication {
+                    volume_id: id.to_string(),
+                    path: path.as_string(),
+                }],
+                vec![],
+            )
+            .await?;
         Ok(())
     }
 
@@ -304,15 +310,7 @@ impl Engine {
             blocking(move || Ok(mounter.remove_target(&t)?)).await?;
         }
         if recorded && let Some(id) = id {
-            self.store
-                .commit(
-                    vec![Mutation::DeletePublication {
-                        volume_id: id.to_string(),
-                        path: target.as_string(),
-                    }],
-                    vec![],
-                )
-                .await?;
+            self.forget_publication(&id, &target).await?;
         }
         Ok(())
     }
