@@ -24,6 +24,15 @@ impl NodeService {
     }
 }
 
+/// Checks the string maps NodeStageVolume and NodePublishVolume carry against CSI's limits.
+fn check_maps(
+    secrets: std::collections::HashMap<String, String>,
+    volume_context: std::collections::HashMap<String, String>,
+) -> Result<(), Error> {
+    crate::engine::params::check_map("secrets", &convert::sorted(secrets))?;
+    crate::engine::params::check_map("volume_context", &convert::sorted(volume_context))
+}
+
 #[tonic::async_trait]
 impl Node for NodeService {
     async fn node_stage_volume(
@@ -42,8 +51,7 @@ impl Node for NodeService {
             let capability = r
                 .volume_capability
                 .ok_or(Error::Missing("volume_capability"))?;
-            crate::engine::params::check_map("secrets", &convert::sorted(r.secrets))?;
-            crate::engine::params::check_map("volume_context", &convert::sorted(r.volume_context))?;
+            check_maps(r.secrets, r.volume_context)?;
             self.engine
                 .stage(
                     &r.volume_id,
@@ -93,8 +101,7 @@ impl Node for NodeService {
             let capability = r
                 .volume_capability
                 .ok_or(Error::Missing("volume_capability"))?;
-            crate::engine::params::check_map("secrets", &convert::sorted(r.secrets))?;
-            crate::engine::params::check_map("volume_context", &convert::sorted(r.volume_context))?;
+            check_maps(r.secrets, r.volume_context)?;
             self.engine
                 .publish(Publish {
                     volume_id: r.volume_id,
