@@ -190,6 +190,7 @@ fn build_parts(config: &ServeConfig) -> Result<(Arc<Engine>, Backends), ServeErr
     let backends: Backends = vec![
         Arc::new(DirBackend::new(&data_dir)?),
         Arc::new(crate::backend::loopvol::LoopBackend::new(&data_dir)?),
+        Arc::new(crate::backend::shared::SharedBackend::new(&data_dir)?),
     ];
     let engine = Arc::new(Engine::new(
         EngineConfig {

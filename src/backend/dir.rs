@@ -367,6 +367,9 @@ mod tests {
         block: false,
         fs_type: String::new(),
         preallocate: false,
+        name: String::new(),
+        parameters: std::collections::BTreeMap::new(),
+        metadata: std::collections::BTreeMap::new(),
     };
 
     #[test]

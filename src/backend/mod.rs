@@ -6,12 +6,14 @@ pub mod dir;
 pub mod loopdev;
 pub mod loopvol;
 pub mod projquota;
+pub mod shared;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use crate::engine::ids::VolumeId;
 use crate::engine::types::{AccessType, Capability};
-use crate::mount::{ConfinedPath, MountError, Mounter};
+use crate::mount::{ConfinedPath, MountError, MountOptions, Mounter};
 
 /// Failures of a backend.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,10 @@ pub enum BackendError {
     /// The operation is not possible for this volume (e.g. shrinking).
     #[error("{0}")]
     Unsupported(String),
+    /// The storage the request needs is taken by something else (another volume's directory,
+    /// data we did not create).
+    #[error("{0}")]
+    Conflict(String),
     /// Mounting or unmounting failed.
     #[error(transparent)]
     Mount(#[from] MountError),
@@ -109,6 +115,12 @@ pub struct VolumeOptions {
     pub fs_type: String,
     /// Allocate the storage up front instead of thinly.
     pub preallocate: bool,
+    /// The volume's CSI name.
+    pub name: String,
+    /// The StorageClass parameters that define the volume (backend-specific ones included).
+    pub parameters: BTreeMap<String, String>,
+    /// The provisioner's metadata (PV and PVC names).
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// How a volume's capacity is enforced.
@@ -165,6 +177,45 @@ pub trait Backend: Send + Sync + 'static {
     /// `minimum_volume_size`).
     fn minimum_volume_bytes(&self) -> u64 {
         0
+    }
+
+    /// Whether a volume lives on one node (and is reported with that node's topology); `false`
+    /// for storage every node can reach.
+    fn node_local(&self) -> bool {
+        true
+    }
+
+    /// Whether [`Backend::list`] sees all storage, so reconciliation may call a record without
+    /// listed storage "missing".
+    fn enumerable(&self) -> bool {
+        true
+    }
+
+    /// The ID the volume `name` gets with these (already checked) parameters and the
+    /// capability's mount flags. By default derived from the name alone.
+    fn volume_id(
+        &self,
+        name: &str,
+        _parameters: &BTreeMap<String, String>,
+        _mount_flags: &[String],
+    ) -> Result<VolumeId, BackendError> {
+        Ok(VolumeId::for_name(self.name(), name))
+    }
+
+    /// Space a volume with these parameters would be allocated from; by default
+    /// [`Backend::capacity`].
+    fn capacity_for(
+        &self,
+        _parameters: &BTreeMap<String, String>,
+        _mount_flags: &[String],
+    ) -> Result<FsCapacity, BackendError> {
+        self.capacity()
+    }
+
+    /// The options of the bind mount NodePublishVolume makes, from the capability's mount
+    /// flags; `Err` says which flag is refused.
+    fn publish_options(&self, flags: &[String], readonly: bool) -> Result<MountOptions, String> {
+        MountOptions::from_flags(flags, readonly)
     }
 
     /// Whether volumes of this backend can be used with `capability`; `Err` says why not.

@@ -44,7 +44,9 @@ pub fn status(error: Error) -> Status {
         Error::Exhausted(_) => Code::ResourceExhausted,
         Error::Precondition(_) => Code::FailedPrecondition,
         Error::Backend(e) if e.is_out_of_space() => Code::ResourceExhausted,
-        Error::Backend(BackendError::Unenforceable(_)) => Code::FailedPrecondition,
+        Error::Backend(BackendError::Unenforceable(_) | BackendError::Conflict(_)) => {
+            Code::FailedPrecondition
+        }
         Error::Backend(BackendError::Unsupported(_)) => Code::InvalidArgument,
         Error::Backend(BackendError::Io { .. } | BackendError::Command { .. }) => Code::Internal,
         Error::Backend(BackendError::Mount(

@@ -3,7 +3,8 @@
 //! A volume ID is `<backend>-<32 hex digits>`, where the digits are the first 128 bits of the
 //! SHA-256 of the volume name. Deriving the ID from the name makes a CreateVolume retried after a
 //! crash land on the same storage instead of leaking a second copy, and the fixed shape lets
-//! every call check an ID before it is used anywhere near a path.
+//! every call check an ID before it is used anywhere near a path. Shared volumes' IDs also carry
+//! their share (see `backend::shared::spec`) and are validated field by field.
 
 use std::fmt;
 
@@ -13,7 +14,7 @@ use sha2::{Digest, Sha256};
 pub const MAX_NAME_BYTES: usize = 128;
 
 /// Backends whose IDs this build understands.
-pub const KNOWN_BACKENDS: &[&str] = &["dir", "loop"];
+pub const KNOWN_BACKENDS: &[&str] = &["dir", "loop", "shared"];
 
 const HEX_DIGITS: usize = 32;
 
@@ -55,6 +56,12 @@ impl VolumeId {
         }
         let foreign = || IdError::Foreign(raw.to_string());
         let (backend, digits) = raw.split_once('-').ok_or_else(foreign)?;
+        if backend == crate::backend::shared::spec::BACKEND {
+            // `shared-<hash>-<share>`: the share part is decoded and validated in full.
+            return crate::backend::shared::spec::parse_id_tail(digits)
+                .map(|_| VolumeId(raw.to_string()))
+                .map_err(|_| foreign());
+        }
         if !KNOWN_BACKENDS.contains(&backend)
             || digits.len() != HEX_DIGITS
             || !digits

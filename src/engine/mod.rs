@@ -31,6 +31,9 @@ use types::*;
 
 /// Volume context key saying how the volume's size is enforced (`btrfs-qgroup`, `none`).
 pub const CONTEXT_ENFORCEMENT: &str = "k8scsi.io/capacity-enforcement";
+/// Volume context key naming a shared volume's share (`nfs server:/export`); informational,
+/// the node reads the share from the volume ID.
+pub const CONTEXT_SHARE: &str = "k8scsi.io/share";
 
 /// What the engine needs to know about its node and deployment.
 #[derive(Debug, Clone)]
@@ -138,14 +141,26 @@ impl Engine {
             "" => "none",
             other => other,
         };
+        let mut context =
+            BTreeMap::from([(CONTEXT_ENFORCEMENT.to_string(), enforcement.to_string())]);
+        if let Some(share) = crate::backend::shared::SharedBackend::describe(&id) {
+            context.insert(CONTEXT_SHARE.to_string(), share);
+        }
+        let node_local = self.backend_of(&id).map_or(true, |b| b.node_local());
         Ok(Volume {
             id,
             capacity_bytes: record.capacity_bytes,
-            context: BTreeMap::from([(CONTEXT_ENFORCEMENT.to_string(), enforcement.to_string())]),
-            accessible_topology: vec![BTreeMap::from([(
-                self.config.topology_key.clone(),
-                record.accessible_node.clone(),
-            )])],
+            context,
+            // Storage every node reaches has no topology: CSI reads that as "equally accessible
+            // from all nodes".
+            accessible_topology: if node_local {
+                vec![BTreeMap::from([(
+                    self.config.topology_key.clone(),
+                    record.accessible_node.clone(),
+                )])]
+            } else {
+                vec![]
+            },
         })
     }
 
@@ -190,7 +205,10 @@ impl Engine {
             ));
         }
         let capacity = resolve_capacity(request.capacity)?;
-        if let Some(topology) = &request.topology {
+        let mount_flags = mount_flags_of(&request.capabilities);
+        if let Some(topology) = &request.topology
+            && backend.node_local()
+        {
             let local_ok = if topology.requisite.is_empty() {
                 // Only preferences: any node is acceptable, and ours is the only one we have.
                 true
@@ -207,7 +225,7 @@ impl Engine {
         }
 
         let name = request.name.clone();
-        let new_id = VolumeId::for_name(&params.backend, &name);
+        let new_id = backend.volume_id(&name, &params.defining, &mount_flags)?;
         let _guard = self.lock(vec![format!("name:{name}"), format!("vol:{new_id}")])?;
 
         if let Some(existing_id) = self.store.volume_id_for_name(&name)? {
@@ -237,7 +255,14 @@ impl Engine {
             return self.volume_from_record(&record);
         }
 
-        let fs = backend.capacity()?;
+        let fs = {
+            let (b, p, f) = (
+                backend.clone(),
+                params.defining.clone(),
+                mount_flags.clone(),
+            );
+            blocking(move || Ok(b.capacity_for(&p, &f)?)).await?
+        };
         if capacity > fs.total_bytes {
             return Err(Error::CapacityOutOfRange(format!(
                 "requested {capacity} bytes is larger than the whole data filesystem \
@@ -368,13 +393,20 @@ impl Engine {
             .map_err(|e| Error::Internal(format!("stored volume ID: {e}")))?;
         let published = !self.store.publications(&record.id)?.is_empty();
         let backend = self.backend_of(&id)?;
-        let condition = if backend.exists(&id)? {
-            Condition::healthy()
-        } else {
-            Condition::abnormal(format!(
+        let condition = match backend.exists(&id) {
+            Ok(true) if !backend.can_enforce_capacity() && !backend.node_local() => Condition {
+                abnormal: false,
+                message: "volume is healthy; its capacity is recorded, not enforced (shared \
+                          filesystem)"
+                    .to_string(),
+            },
+            Ok(true) => Condition::healthy(),
+            Ok(false) => Condition::abnormal(format!(
                 "backing storage {} is missing",
                 backend.volume_path(&id).display()
-            ))
+            )),
+            // One unreachable share must not fail a whole ListVolumes.
+            Err(e) => Condition::abnormal(format!("cannot check the backing storage: {e}")),
         };
         Ok(VolumeStatus {
             published_node_ids: if published {
@@ -466,7 +498,8 @@ impl Engine {
         let params = params::parse(parameters)?;
         let backend = self.backend_named(&params.backend)?;
         // Zero where this node cannot take the volume, so capacity-aware scheduling skips it.
-        let excluded = topology.is_some_and(|s| !self.segment_is_local(s))
+        let excluded = (backend.node_local()
+            && topology.is_some_and(|s| !self.segment_is_local(s)))
             || capabilities
                 .iter()
                 .any(|c| backend.check_capability(c).is_err())
@@ -478,13 +511,25 @@ impl Engine {
                 minimum_volume_size: 0,
             });
         }
-        let fs = backend.capacity()?;
+        let fs = backend.capacity_for(&params.defining, &mount_flags_of(capabilities))?;
         Ok(CapacityReport {
             available_bytes: fs.available_bytes,
             maximum_volume_size: fs.available_bytes,
             minimum_volume_size: backend.minimum_volume_bytes(),
         })
     }
+}
+
+/// The mount flags of the first mount capability (Kubernetes puts the StorageClass
+/// `mountOptions` there).
+fn mount_flags_of(capabilities: &[Capability]) -> Vec<String> {
+    capabilities
+        .iter()
+        .find_map(|c| match &c.access_type {
+            AccessType::Mount { mount_flags, .. } => Some(mount_flags.clone()),
+            AccessType::Block => None,
+        })
+        .unwrap_or_default()
 }
 
 /// What the backend needs to know from a CreateVolume beyond its size.
@@ -519,6 +564,9 @@ fn volume_options(request: &CreateVolume, params: &params::Parameters) -> Result
         block,
         fs_type: fs_types.first().copied().unwrap_or_default().to_string(),
         preallocate: params.preallocate,
+        name: request.name.clone(),
+        parameters: params.defining.clone(),
+        metadata: params.metadata.clone(),
     })
 }
 

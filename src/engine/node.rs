@@ -2,7 +2,7 @@
 //! reporting their usage and health.
 
 use crate::backend::PublishSource;
-use crate::mount::{ConfinedPath, MountError, MountOptions, PathState};
+use crate::mount::{ConfinedPath, MountError, PathState};
 use crate::store::{Mutation, PublicationRecord};
 
 use super::error::{Error, Result};
@@ -188,10 +188,11 @@ impl Engine {
             AccessType::Block => vec![],
         };
         let readonly = request.readonly || capability.access_mode.is_read_only();
-        let options = MountOptions::from_flags(&flags, readonly)
-            .map_err(|reason| Error::invalid("volume_capability", reason))?;
         let id = Self::existing_id(&request.volume_id)?;
         let backend = self.backend_of(&id)?;
+        let options = backend
+            .publish_options(&flags, readonly)
+            .map_err(|reason| Error::invalid("volume_capability", reason))?;
         backend
             .check_capability(&capability)
             .map_err(|reason| Error::invalid("volume_capability", reason))?;

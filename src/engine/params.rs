@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use super::error::{Error, Result};
+use crate::backend::shared::spec as shared;
 
 /// Keys the external-provisioner adds with `--extra-create-metadata`.
 pub const PV_NAME: &str = "csi.storage.k8s.io/pv/name";
@@ -69,14 +70,14 @@ pub fn parse(raw: &BTreeMap<String, String>) -> Result<Parameters> {
         }
         match key.as_str() {
             TYPE => match value.as_str() {
-                "dir" | "loop" => {
+                "dir" | "loop" | "shared" => {
                     out.backend = value.clone();
                     out.defining.insert(key.clone(), value.clone());
                 }
                 other => {
                     return Err(Error::invalid(
                         "parameters",
-                        format!("type {other:?} is not supported (supported: dir, loop)"),
+                        format!("type {other:?} is not supported (supported: dir, loop, shared)"),
                     ));
                 }
             },
@@ -106,10 +107,55 @@ pub fn parse(raw: &BTreeMap<String, String>) -> Result<Parameters> {
                 };
                 out.defining.insert(key.clone(), value.clone());
             }
+            k if shared::KEYS.contains(&k) => {
+                out.defining.insert(key.clone(), value.clone());
+            }
             _ => return Err(Error::UnknownParameter(key.clone())),
         }
     }
+    let shared_keys: BTreeMap<String, String> = out
+        .defining
+        .iter()
+        .filter(|(k, _)| shared::KEYS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if out.backend == shared::BACKEND {
+        check_shared(
+            &shared_keys,
+            raw.contains_key(ENFORCE_CAPACITY) && out.enforce_capacity,
+        )?;
+        out.enforce_capacity = false;
+    } else if let Some(key) = shared_keys.keys().next() {
+        return Err(Error::invalid(
+            "parameters",
+            format!(
+                "{key} is a parameter of type: shared, not of type: {}",
+                out.backend
+            ),
+        ));
+    }
     Ok(out)
+}
+
+/// Checks the shared backend's parameters before anything touches a share: where the share
+/// is, the subDir template, onDelete and mountPermissions.
+fn check_shared(params: &BTreeMap<String, String>, enforce_requested: bool) -> Result<()> {
+    let bad = |e: shared::SpecError| Error::invalid("parameters", e.0);
+    if enforce_requested {
+        return Err(Error::invalid(
+            "parameters",
+            "shared volumes cannot enforce capacity (it is recorded only); remove \
+             enforceCapacity: \"true\"",
+        ));
+    }
+    shared::ShareRef::from_parameters(params, &[]).map_err(bad)?;
+    if let Some(template) = params.get(shared::SUB_DIR) {
+        shared::check_template(template).map_err(bad)?;
+    }
+    shared::OnDelete::parse(params.get(shared::ON_DELETE).map(String::as_str)).map_err(bad)?;
+    shared::parse_permissions(params.get(shared::MOUNT_PERMISSIONS).map(String::as_str))
+        .map_err(bad)?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -144,6 +190,34 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(parse(&map(&[("type", "../../etc")])).is_err());
+        assert!(parse(&map(&[("server", "nfs"), ("share", "/x")])).is_err());
+        assert!(
+            parse(&map(&[
+                ("type", "shared"),
+                ("source", "/srv/../etc"),
+                ("fsType", "none")
+            ]))
+            .is_err()
+        );
+        assert!(
+            parse(&map(&[
+                ("type", "shared"),
+                ("source", "/srv"),
+                ("fsType", "none"),
+                ("enforceCapacity", "true")
+            ]))
+            .is_err()
+        );
+        let shared = parse(&map(&[
+            ("type", "shared"),
+            ("server", "nfs.example.com"),
+            ("share", "/exports"),
+            ("subDir", "${pvc.metadata.namespace}/${pvc.metadata.name}"),
+            ("onDelete", "archive"),
+        ]))
+        .unwrap();
+        assert!(!shared.enforce_capacity);
+        assert_eq!(shared.defining.len(), 5);
         let big = "x".repeat(5000);
         assert!(parse(&map(&[("type", &big)])).is_err());
     }

@@ -54,7 +54,13 @@ impl Engine {
             }
         }
         for id in &recorded {
-            let served = VolumeId::parse(id).is_ok_and(|v| self.backends.contains_key(v.backend()));
+            // Backends that cannot list their storage (shares named only by volume IDs) never
+            // call a record "missing".
+            let served = VolumeId::parse(id).is_ok_and(|v| {
+                self.backends
+                    .get(v.backend())
+                    .is_some_and(|b| b.enumerable())
+            });
             if served && !on_disk.contains_key(id) {
                 tracing::warn!(volume_id = %id, "reconcile: record whose storage is missing");
                 report.missing_storage.push(id.clone());
