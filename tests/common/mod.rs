@@ -103,6 +103,24 @@ impl Driver {
         driver
     }
 
+    /// Starts a server with node ID `node_id` and extra `serve` arguments (e.g. a second
+    /// node plugin with `--mode node`).
+    pub fn start_as(node_id: &str, extra: &[&str]) -> Driver {
+        let dir = tempfile::Builder::new()
+            .prefix("k8scsi-test-")
+            .tempdir()
+            .expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("kubelet/pods")).unwrap();
+        let mut driver = Driver {
+            dir,
+            node_id: node_id.to_string(),
+            child: None,
+            extra_args: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        driver.spawn();
+        driver
+    }
+
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("csi.sock")
     }

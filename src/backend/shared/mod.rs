@@ -131,11 +131,24 @@ impl SharedBackend {
         .map_err(|e| BackendError::io("open share", path, e.into()))
     }
 
-    /// Opens (creating it if needed) `.k8scsi/volumes` at the share root.
-    fn marker_dir(root: BorrowedFd<'_>, at: &Path) -> Result<OwnedFd, BackendError> {
-        let (fd, _) = tree::make_dirs(root, &[META_DIR.into(), MARKERS.into()], 0o700)
-            .map_err(io_at("create marker directory", at))?;
-        Ok(fd)
+    /// Opens `.k8scsi/volumes` at the share root, creating it only when `create` (CreateVolume
+    /// is the only caller that may write to a share named by a request); `None` when absent.
+    fn marker_dir(
+        root: BorrowedFd<'_>,
+        at: &Path,
+        create: bool,
+    ) -> Result<Option<OwnedFd>, BackendError> {
+        let components = [META_DIR.to_string(), MARKERS.to_string()];
+        if create {
+            let (fd, _) = tree::make_dirs(root, &components, 0o700)
+                .map_err(io_at("create marker directory", at))?;
+            return Ok(Some(fd));
+        }
+        match tree::open_dir(root, &components) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(BackendError::io("open marker directory", at, e)),
+        }
     }
 
     /// Reads the marker of `id`, `None` if there is none. A marker that does not describe `id`
@@ -238,25 +251,35 @@ impl SharedBackend {
         Ok(())
     }
 
-    /// Runs `work` with the share of `id` mounted and its root and marker directory open.
+    /// Runs `work` with the share of `id` mounted and its root and marker directory open;
+    /// returns `absent` without calling it when the share has no marker directory.
     fn with_share<T>(
         &self,
         id: &VolumeId,
+        absent: T,
         work: impl FnOnce(BorrowedFd<'_>, BorrowedFd<'_>, &Path) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
         let share = share_of(id)?;
-        self.with_share_ref(&share, work)
+        self.with_share_ref(&share, false, |root, markers, at| match markers {
+            Some(markers) => work(root, markers, at),
+            None => Ok(absent),
+        })
     }
 
     fn with_share_ref<T>(
         &self,
         share: &ShareRef,
-        work: impl FnOnce(BorrowedFd<'_>, BorrowedFd<'_>, &Path) -> Result<T, BackendError>,
+        create: bool,
+        work: impl FnOnce(BorrowedFd<'_>, Option<BorrowedFd<'_>>, &Path) -> Result<T, BackendError>,
     ) -> Result<T, BackendError> {
         let guard = self.mounts.acquire(share)?;
         let root = Self::open_root(guard.path())?;
-        let markers = Self::marker_dir(root.as_fd(), guard.path())?;
-        let result = work(root.as_fd(), markers.as_fd(), guard.path());
+        let markers = Self::marker_dir(root.as_fd(), guard.path(), create)?;
+        let result = work(
+            root.as_fd(),
+            markers.as_ref().map(|m| m.as_fd()),
+            guard.path(),
+        );
         drop((markers, root));
         drop(guard);
         result
@@ -299,7 +322,7 @@ impl SharedBackend {
                 "volumes {from} and {to} are on different shares; copies stay within one share"
             )));
         }
-        self.with_share_ref(&a, |root, markers, at| {
+        self.with_share_ref(&a, false, |root, markers, at| {
             let missing = |id: &VolumeId| {
                 BackendError::io(
                     "open volume",
@@ -307,6 +330,7 @@ impl SharedBackend {
                     std::io::Error::from(std::io::ErrorKind::NotFound),
                 )
             };
+            let markers = markers.ok_or_else(|| missing(from))?;
             let (_, src) =
                 Self::open_volume(root, markers, from, at)?.ok_or_else(|| missing(from))?;
             let (_, dst) = Self::open_volume(root, markers, to, at)?.ok_or_else(|| missing(to))?;
@@ -508,7 +532,9 @@ impl Backend for SharedBackend {
                 .map(|d| d.as_secs())
                 .unwrap_or_default(),
         };
-        self.with_share(id, |root, markers, at| {
+        let share = share_of(id)?;
+        self.with_share_ref(&share, true, |root, markers, at| {
+            let markers = markers.expect("created on demand");
             Self::create_on_share(root, markers, at, marker, permissions)
         })?;
         Ok(Enforcement::None)
@@ -520,13 +546,13 @@ impl Backend for SharedBackend {
     }
 
     fn delete(&self, id: &VolumeId) -> Result<(), BackendError> {
-        self.with_share(id, |root, markers, at| {
+        self.with_share(id, (), |root, markers, at| {
             Self::delete_on_share(root, markers, at, id)
         })
     }
 
     fn exists(&self, id: &VolumeId) -> Result<bool, BackendError> {
-        self.with_share(id, |root, markers, at| {
+        self.with_share(id, false, |root, markers, at| {
             Ok(Self::open_volume(root, markers, id, at)?.is_some_and(|(_, dir)| dir.is_some()))
         })
     }
@@ -561,15 +587,19 @@ impl Backend for SharedBackend {
     }
 
     fn usage(&self, id: &VolumeId) -> Result<Usage, BackendError> {
-        self.with_share(id, |root, markers, at| {
-            match Self::open_volume(root, markers, id, at)? {
-                Some((_, Some(dir))) => tree::usage(dir.as_fd()).map_err(io_at("measure", at)),
-                _ => Err(BackendError::io(
-                    "measure",
-                    at,
-                    std::io::Error::from(std::io::ErrorKind::NotFound),
-                )),
-            }
+        let not_found = Usage {
+            used_bytes: 0,
+            used_inodes: 0,
+        };
+        self.with_share(id, not_found, |root, markers, at| match Self::open_volume(
+            root, markers, id, at,
+        )? {
+            Some((_, Some(dir))) => tree::usage(dir.as_fd()).map_err(io_at("measure", at)),
+            _ => Err(BackendError::io(
+                "measure",
+                at,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            )),
         })
     }
 
@@ -622,8 +652,12 @@ impl Backend for SharedBackend {
         if mounter.inspect(staging)?.is_some_and(|s| s.is_mount_point) {
             return Ok(());
         }
-        self.with_share_ref(&share, |root, markers, at| {
-            let Some((marker, dir)) = Self::open_volume(root, markers, id, at)? else {
+        self.with_share_ref(&share, false, |root, markers, at| {
+            let found = match markers {
+                Some(markers) => Self::open_volume(root, markers, id, at)?,
+                None => None,
+            };
+            let Some((marker, dir)) = found else {
                 return Err(BackendError::Unsupported(format!(
                     "volume {id} has no marker on its share; it does not exist (anymore)"
                 )));

@@ -1,1 +1,226 @@
+//! The shared backend on a real (bind-mounted) local share: markers, collisions, onDelete
+//! modes, a second backend instance that knows nothing but the volume ID, and copies. Needs
+//! root for the mounts; skips with a printed reason otherwise.
+
 use super::*;
+use crate::engine::params::{PV_NAME, PVC_NAME, PVC_NAMESPACE};
+
+fn root_or_skip() -> bool {
+    if rustix::process::geteuid().is_root() {
+        return true;
+    }
+    eprintln!("SKIPPED: needs root (mounts)");
+    false
+}
+
+struct Setup {
+    _tmp: tempfile::TempDir,
+    share: PathBuf,
+    data: PathBuf,
+    backend: SharedBackend,
+}
+
+fn setup() -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let share = tmp.path().join("share");
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&share).unwrap();
+    let backend = SharedBackend::new(&data).unwrap();
+    Setup {
+        _tmp: tmp,
+        share,
+        data,
+        backend,
+    }
+}
+
+fn params(share: &Path, extra: &[(&str, &str)]) -> BTreeMap<String, String> {
+    let mut p = BTreeMap::from([
+        ("type".to_string(), "shared".to_string()),
+        ("source".to_string(), share.to_string_lossy().into_owned()),
+        ("fsType".to_string(), "none".to_string()),
+    ]);
+    for (k, v) in extra {
+        p.insert(k.to_string(), v.to_string());
+    }
+    p
+}
+
+fn options(name: &str, parameters: BTreeMap<String, String>, pvc: &str) -> VolumeOptions {
+    VolumeOptions {
+        name: name.to_string(),
+        parameters,
+        metadata: BTreeMap::from([
+            (PVC_NAMESPACE.to_string(), "shop".to_string()),
+            (PVC_NAME.to_string(), pvc.to_string()),
+            (PV_NAME.to_string(), name.to_string()),
+        ]),
+        ..Default::default()
+    }
+}
+
+fn create(
+    s: &Setup,
+    name: &str,
+    extra: &[(&str, &str)],
+    pvc: &str,
+) -> Result<VolumeId, BackendError> {
+    let p = params(&s.share, extra);
+    let id = s.backend.volume_id(name, &p, &[])?;
+    s.backend.create(&id, &options(name, p, pvc))?;
+    Ok(id)
+}
+
+#[test]
+fn create_writes_marker_and_directory_and_is_idempotent() {
+    if !root_or_skip() {
+        return;
+    }
+    let s = setup();
+    let tpl = [("subDir", "${pvc.metadata.namespace}/${pvc.metadata.name}")];
+    let id = create(&s, "pv-1", &tpl, "data").unwrap();
+    assert!(s.share.join("shop/data").is_dir());
+    let marker: Marker = serde_json::from_slice(
+        &std::fs::read(s.share.join(".k8scsi/volumes").join(id.as_str())).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(marker.dir, ["shop", "data"]);
+    assert!(s.backend.exists(&id).unwrap());
+    std::fs::write(s.share.join("shop/data/file"), b"x").unwrap();
+    create(&s, "pv-1", &tpl, "data").unwrap();
+    assert!(
+        s.share.join("shop/data/file").exists(),
+        "a retry keeps the data"
+    );
+    assert_eq!(
+        s.backend.mounts().mounted(),
+        0,
+        "the share is unmounted after use"
+    );
+    assert!(!super::mounts::is_mount_point(
+        &s.data.join("shares").join(share_of(&id).unwrap().key())
+    ));
+}
+
+#[test]
+fn colliding_and_nested_directories_are_refused_without_changes() {
+    if !root_or_skip() {
+        return;
+    }
+    let s = setup();
+    create(&s, "pv-a", &[("subDir", "vols/${pvc.metadata.name}")], "a").unwrap();
+    let before = std::fs::read_dir(s.share.join(".k8scsi/volumes"))
+        .unwrap()
+        .count();
+    for (name, tpl, pvc) in [
+        ("pv-b", "vols/${pvc.metadata.name}", "a"), // same directory
+        ("pv-c", "vols", "x"),                      // would contain pv-a
+        ("pv-d", "vols/a/inner", "x"),              // inside pv-a
+    ] {
+        let err = create(&s, name, &[("subDir", tpl)], pvc).unwrap_err();
+        assert!(matches!(err, BackendError::Conflict(_)), "{name}: {err}");
+    }
+    std::fs::create_dir(s.share.join("foreign")).unwrap();
+    let err = create(&s, "pv-e", &[("subDir", "foreign")], "x").unwrap_err();
+    assert!(matches!(err, BackendError::Conflict(_)), "{err}");
+    assert_eq!(
+        std::fs::read_dir(s.share.join(".k8scsi/volumes"))
+            .unwrap()
+            .count(),
+        before
+    );
+    assert!(!s.share.join("vols/a/inner").exists());
+}
+
+#[test]
+fn on_delete_modes() {
+    if !root_or_skip() {
+        return;
+    }
+    let s = setup();
+    let del = create(&s, "pv-del", &[("onDelete", "delete")], "x").unwrap();
+    let keep = create(&s, "pv-keep", &[("onDelete", "retain")], "x").unwrap();
+    let arch = create(&s, "pv-arch", &[("onDelete", "archive")], "x").unwrap();
+    for dir in ["pv-del", "pv-keep", "pv-arch"] {
+        std::fs::create_dir_all(s.share.join(dir).join("sub")).unwrap();
+        std::fs::write(s.share.join(dir).join("sub/f"), b"data").unwrap();
+    }
+    // A link planted inside the volume must not take the deletion elsewhere.
+    std::os::unix::fs::symlink(s.share.join("pv-keep"), s.share.join("pv-del/escape")).unwrap();
+    for id in [&del, &keep, &arch] {
+        s.backend.delete(id).unwrap();
+        s.backend.delete(id).unwrap(); // idempotent
+        assert!(!s.backend.exists(id).unwrap());
+        assert!(!s.share.join(".k8scsi/volumes").join(id.as_str()).exists());
+    }
+    assert!(!s.share.join("pv-del").exists());
+    assert_eq!(
+        std::fs::read(s.share.join("pv-keep/sub/f")).unwrap(),
+        b"data"
+    );
+    assert!(!s.share.join("pv-arch").exists());
+    let archived: Vec<String> = std::fs::read_dir(&s.share)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("archived-pv-arch-"))
+        .collect();
+    assert_eq!(archived.len(), 1, "{archived:?}");
+    assert_eq!(
+        std::fs::read(s.share.join(&archived[0]).join("sub/f")).unwrap(),
+        b"data"
+    );
+}
+
+#[test]
+fn a_fresh_backend_deletes_by_volume_id_alone() {
+    if !root_or_skip() {
+        return;
+    }
+    let s = setup();
+    let id = create(&s, "pv-1", &[("subDir", "team/${pv.metadata.name}")], "x").unwrap();
+    let elsewhere = tempfile::tempdir().unwrap();
+    let fresh = SharedBackend::new(elsewhere.path()).unwrap();
+    let reparsed = VolumeId::parse(id.as_str()).unwrap();
+    assert!(fresh.exists(&reparsed).unwrap());
+    fresh.delete(&reparsed).unwrap();
+    assert!(!s.share.join("team/pv-1").exists());
+    assert!(
+        s.share.join("team").is_dir(),
+        "only the volume's own directory goes"
+    );
+}
+
+#[test]
+fn a_tampered_marker_is_not_acted_on() {
+    if !root_or_skip() {
+        return;
+    }
+    let s = setup();
+    let id = create(&s, "pv-1", &[], "x").unwrap();
+    std::fs::create_dir(s.share.join("victim")).unwrap();
+    let path = s.share.join(".k8scsi/volumes").join(id.as_str());
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replace("\"pv-1\"\n", "\"..\"\n")).unwrap();
+    assert!(s.backend.delete(&id).is_err());
+    assert!(s.share.join("victim").exists() && s.share.join("pv-1").exists());
+}
+
+#[test]
+fn copy_volume_copies_within_the_share() {
+    if !root_or_skip() {
+        return;
+    }
+    let s = setup();
+    let a = create(&s, "pv-a", &[], "a").unwrap();
+    let b = create(&s, "pv-b", &[], "b").unwrap();
+    std::fs::create_dir(s.share.join("pv-a/d")).unwrap();
+    std::fs::write(s.share.join("pv-a/d/f"), b"content").unwrap();
+    let stats = s.backend.copy_volume(&a, &b).unwrap();
+    assert_eq!(stats.files, 1);
+    assert_eq!(std::fs::read(s.share.join("pv-b/d/f")).unwrap(), b"content");
+    let other = tempfile::tempdir().unwrap();
+    let p = params(other.path(), &[]);
+    let foreign = s.backend.volume_id("pv-c", &p, &[]).unwrap();
+    assert!(s.backend.copy_volume(&a, &foreign).is_err());
+}

@@ -1,0 +1,626 @@
+//! The shared-filesystem backend end to end. This kernel has no NFS client, so the "share" is a
+//! real ext4 filesystem on a loop device, named by `source` + `fsType` exactly as an NFS export
+//! would be named by `server` + `share`: every driver process mounts it itself, like nodes
+//! mounting one export. Two node plugins with different node IDs publish one volume read-write
+//! at once and write from both; subDir templates, escape and injection attempts, onDelete
+//! modes, and a controller on a fresh state directory deleting an earlier controller's volume
+//! are checked on the filesystem itself. Needs root, losetup and mkfs.ext4; skips otherwise.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::Driver;
+use k8scsi::backend::shared::spec::{ShareRef, volume_id};
+use k8scsi::client::mount_capability;
+use k8scsi::csi::proto::volume_capability::access_mode::Mode;
+use k8scsi::csi::proto::{self, VolumeCapability};
+use tonic::Code;
+use tonic::transport::Channel;
+
+type Controller = proto::controller_client::ControllerClient<Channel>;
+type Node = proto::node_client::NodeClient<Channel>;
+
+fn skip_reason() -> Option<String> {
+    if !common::is_root() {
+        return Some("needs root (loop devices, mounts)".into());
+    }
+    for tool in ["losetup", "mkfs.ext4"] {
+        if Command::new(tool).arg("-V").output().is_err() {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    None
+}
+
+/// An ext4 filesystem on a loop device of our own, plus the test's own mount of it to look at
+/// what the drivers did.
+struct Share {
+    dir: tempfile::TempDir,
+    device: String,
+}
+
+impl Share {
+    fn new() -> Share {
+        let dir = tempfile::Builder::new()
+            .prefix("k8scsi-share-")
+            .tempdir()
+            .unwrap();
+        let image = dir.path().join("share.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(256 << 20)
+            .unwrap();
+        let mkfs = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(mkfs.status.success(), "mkfs.ext4: {mkfs:?}");
+        let losetup = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&image)
+            .output()
+            .unwrap();
+        assert!(losetup.status.success(), "losetup: {losetup:?}");
+        let device = String::from_utf8(losetup.stdout)
+            .unwrap()
+            .trim()
+            .to_string();
+        let share = Share { dir, device };
+        std::fs::create_dir(share.view()).unwrap();
+        let mount = Command::new("mount")
+            .args(["-t", "ext4", &share.device])
+            .arg(share.view())
+            .output()
+            .unwrap();
+        assert!(mount.status.success(), "mount: {mount:?}");
+        share
+    }
+
+    /// The test's own view of the share's root.
+    fn view(&self) -> PathBuf {
+        self.dir.path().join("view")
+    }
+
+    /// What is at the share root, apart from ext4's lost+found.
+    fn root_entries(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.view())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "lost+found")
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn params(&self, extra: &[(&str, &str)]) -> HashMap<String, String> {
+        let mut p: HashMap<String, String> = [
+            ("type", "shared"),
+            ("source", self.device.as_str()),
+            ("fsType", "ext4"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in extra {
+            p.insert(k.to_string(), v.to_string());
+        }
+        p
+    }
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        let _ = rustix::mount::unmount(&self.view(), rustix::mount::UnmountFlags::DETACH);
+        // Busy (a driver's mount left by a failed test): the kernel frees it once unmounted.
+        let _ = Command::new("losetup").args(["-d", &self.device]).output();
+    }
+}
+
+fn metadata(namespace: &str, pvc: &str, pv: &str) -> [(&'static str, String); 3] {
+    [
+        ("csi.storage.k8s.io/pvc/namespace", namespace.to_string()),
+        ("csi.storage.k8s.io/pvc/name", pvc.to_string()),
+        ("csi.storage.k8s.io/pv/name", pv.to_string()),
+    ]
+}
+
+async fn create(
+    c: &mut Controller,
+    name: &str,
+    params: HashMap<String, String>,
+    capability: VolumeCapability,
+) -> Result<proto::Volume, tonic::Status> {
+    c.create_volume(proto::CreateVolumeRequest {
+        name: name.to_string(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: 16 << 20,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![capability],
+        parameters: params,
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner().volume.unwrap())
+}
+
+fn rwx() -> VolumeCapability {
+    mount_capability(Mode::MultiNodeMultiWriter, vec![])
+}
+
+async fn stage_and_publish(
+    n: &mut Node,
+    d: &Driver,
+    id: &str,
+    capability: VolumeCapability,
+    readonly: bool,
+) -> (String, String) {
+    let staging = d.target(&format!("stage-{}", d.node_id));
+    let target = d.target(&format!("pod-{}-{readonly}", d.node_id));
+    n.node_stage_volume(proto::NodeStageVolumeRequest {
+        volume_id: id.to_string(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(capability.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    n.node_publish_volume(proto::NodePublishVolumeRequest {
+        volume_id: id.to_string(),
+        staging_target_path: staging.clone(),
+        target_path: target.clone(),
+        volume_capability: Some(capability),
+        readonly,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    (staging, target)
+}
+
+async fn unpublish_and_unstage(n: &mut Node, id: &str, staging: &str, target: &str) {
+    n.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: id.to_string(),
+        target_path: target.to_string(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: id.to_string(),
+        staging_target_path: staging.to_string(),
+    })
+    .await
+    .unwrap();
+    assert!(!common::is_mounted(Path::new(target)));
+    assert!(!common::is_mounted(Path::new(staging)));
+}
+
+async fn delete(c: &mut Controller, id: &str) {
+    c.delete_volume(proto::DeleteVolumeRequest {
+        volume_id: id.to_string(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn two_nodes_publish_one_volume_read_write_and_both_write() {
+    skip_unless_ready!(skip_reason());
+    let share = Share::new();
+    let controller = Driver::start_as("controller", &["--mode", "controller"]);
+    let node_a = Driver::start_as("node-a", &["--mode", "node"]);
+    let node_b = Driver::start_as("node-b", &["--mode", "node"]);
+    let mut c = controller.controller().await;
+
+    let mut params = share.params(&[("subDir", "${pvc.metadata.namespace}/${pvc.metadata.name}")]);
+    params.extend(
+        metadata("shop", "data-web-0", "pvc-1234")
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v)),
+    );
+    let volume = create(&mut c, "pvc-1234", params, rwx()).await.unwrap();
+    assert!(volume.volume_id.starts_with("shared-") && volume.volume_id.len() <= 128);
+    assert!(
+        volume.accessible_topology.is_empty(),
+        "shared volumes are reachable from every node: {:?}",
+        volume.accessible_topology
+    );
+    assert_eq!(
+        volume
+            .volume_context
+            .get("k8scsi.io/capacity-enforcement")
+            .map(String::as_str),
+        Some("none")
+    );
+    let dir = share.view().join("shop/data-web-0");
+    assert!(dir.is_dir(), "the template rendered to shop/data-web-0");
+    assert_eq!(share.root_entries(), [".k8scsi", "shop"]);
+
+    let got = c
+        .controller_get_volume(proto::ControllerGetVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let message = got.status.unwrap().volume_condition.unwrap().message;
+    assert!(message.contains("recorded, not enforced"), "{message}");
+
+    let id = volume.volume_id.clone();
+    let mut na = node_a.node().await;
+    let mut nb = node_b.node().await;
+    let (stage_a, target_a) = stage_and_publish(&mut na, &node_a, &id, rwx(), false).await;
+    let (stage_b, target_b) = stage_and_publish(&mut nb, &node_b, &id, rwx(), false).await;
+
+    // Both nodes write at the same time, each its own file and both one shared file.
+    std::thread::scope(|s| {
+        for (target, who) in [(&target_a, "a"), (&target_b, "b")] {
+            s.spawn(move || {
+                use std::io::Write;
+                let path = Path::new(target);
+                std::fs::write(path.join(format!("from-{who}")), who.repeat(1000)).unwrap();
+                let mut log = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path.join("log"))
+                    .unwrap();
+                for i in 0..100 {
+                    writeln!(log, "{who} {i}").unwrap();
+                }
+                log.sync_all().unwrap();
+            });
+        }
+    });
+    for target in [&target_a, &target_b] {
+        let path = Path::new(target);
+        assert_eq!(
+            std::fs::read_to_string(path.join("from-a")).unwrap(),
+            "a".repeat(1000)
+        );
+        assert_eq!(
+            std::fs::read_to_string(path.join("from-b")).unwrap(),
+            "b".repeat(1000)
+        );
+        let log = std::fs::read_to_string(path.join("log")).unwrap();
+        assert_eq!(
+            log.lines().count(),
+            200,
+            "appends from both nodes interleave, none lost"
+        );
+    }
+    assert!(dir.join("from-a").exists() && dir.join("from-b").exists());
+
+    // A reader-only publication on node B is read-only; node A keeps writing.
+    let rox = mount_capability(Mode::MultiNodeReaderOnly, vec![]);
+    let ro_target = node_b.target("pod-reader");
+    nb.node_publish_volume(proto::NodePublishVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: stage_b.clone(),
+        target_path: ro_target.clone(),
+        volume_capability: Some(rox),
+        readonly: true,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let err = std::fs::write(Path::new(&ro_target).join("nope"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(30), "EROFS expected, got {err:?}");
+    assert_eq!(
+        std::fs::read_to_string(Path::new(&ro_target).join("from-a")).unwrap(),
+        "a".repeat(1000)
+    );
+    std::fs::write(Path::new(&target_a).join("still-writable"), b"x").unwrap();
+
+    // Stats on a node see the volume's own usage.
+    let stats = nb
+        .node_get_volume_stats(proto::NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: target_b.clone(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let bytes = stats
+        .usage
+        .iter()
+        .find(|u| u.unit == proto::volume_usage::Unit::Bytes as i32)
+        .unwrap();
+    assert!(bytes.used > 2000, "{bytes:?}");
+
+    nb.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: id.clone(),
+        target_path: ro_target.clone(),
+    })
+    .await
+    .unwrap();
+    unpublish_and_unstage(&mut na, &id, &stage_a, &target_a).await;
+    unpublish_and_unstage(&mut nb, &id, &stage_b, &target_b).await;
+    delete(&mut c, &id).await;
+    assert!(!dir.exists(), "onDelete defaults to delete");
+    assert!(
+        share.view().join("shop").is_dir(),
+        "only the volume's own directory is removed"
+    );
+    // No driver keeps the share mounted once it is done with it.
+    for d in [&controller, &node_a, &node_b] {
+        let table = k8scsi::mount::mountinfo::read().unwrap();
+        assert!(
+            !table
+                .iter()
+                .any(|e| e.mount_point.starts_with(d.data_dir())),
+            "{} still has a share mounted",
+            d.node_id
+        );
+    }
+}
+
+#[tokio::test]
+async fn escapes_and_injections_are_refused_and_change_nothing() {
+    skip_unless_ready!(skip_reason());
+    let share = Share::new();
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let mut cases: Vec<(String, HashMap<String, String>, Vec<String>)> = Vec::new();
+    for sub_dir in [
+        "../escape",
+        "a/../../escape",
+        "/etc",
+        "${env.HOME}",
+        "${pvc.metadata.name",
+        ".k8scsi/volumes",
+        "a//b",
+        "a b",
+    ] {
+        cases.push((
+            format!("subDir {sub_dir:?}"),
+            share.params(&[("subDir", sub_dir)]),
+            vec![],
+        ));
+    }
+    for pvc_name in ["..", "a/b", ".hidden"] {
+        let mut p = share.params(&[("subDir", "${pvc.metadata.name}")]);
+        for (k, v) in metadata("shop", pvc_name, "pv-x") {
+            p.insert(k.to_string(), v);
+        }
+        cases.push((format!("pvc name {pvc_name:?}"), p, vec![]));
+    }
+    let mut nul = share.params(&[]);
+    nul.insert("subDir".into(), "a\0b".into());
+    cases.push(("NUL in subDir".into(), nul, vec![]));
+    for (k, v) in [
+        ("source", "/dev/../etc"),
+        ("source", "relative/dir"),
+        ("source", "-oloop"),
+        ("fsType", "proc"),
+        ("onDelete", "shred"),
+        ("mountPermissions", "4777"),
+        ("enforceCapacity", "true"),
+        ("server", "nfs.example.com"),
+    ] {
+        let mut p = share.params(&[]);
+        p.insert(k.to_string(), v.to_string());
+        cases.push((format!("{k}={v:?}"), p, vec![]));
+    }
+    for flags in [
+        vec!["nfsvers=4.1,bind".to_string()],
+        vec!["bind".to_string()],
+        vec!["remount".to_string()],
+        vec!["x-mount.mkdir".to_string()],
+        vec!["offset=1048576".to_string()],
+        vec!["suid".to_string()],
+    ] {
+        cases.push((format!("mount flags {flags:?}"), share.params(&[]), flags));
+    }
+    for (what, params, flags) in cases {
+        let err = create(
+            &mut c,
+            "pvc-evil",
+            params,
+            mount_capability(Mode::MultiNodeMultiWriter, flags),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+    }
+    assert!(
+        share.root_entries().is_empty(),
+        "{:?}",
+        share.root_entries()
+    );
+
+    // A well-formed ID naming a share without our markers is "not found" on the node, and
+    // looking for the volume writes nothing there.
+    let empty = tempfile::tempdir().unwrap();
+    let forged = volume_id(
+        "pvc-forged",
+        &ShareRef {
+            fs_type: "none".into(),
+            source: empty.path().to_string_lossy().into_owned(),
+            options: vec![],
+        },
+    )
+    .unwrap();
+    let mut n = d.node().await;
+    let err = n
+        .node_stage_volume(proto::NodeStageVolumeRequest {
+            volume_id: forged.clone(),
+            staging_target_path: d.target("stage"),
+            volume_capability: Some(rwx()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    delete(&mut c, &forged).await;
+    assert!(std::fs::read_dir(empty.path()).unwrap().next().is_none());
+    // A tampered ID (bytes appended to the share) is not one of ours.
+    let volume = create(&mut c, "pvc-ok", share.params(&[]), rwx())
+        .await
+        .unwrap();
+    let err = c
+        .controller_get_volume(proto::ControllerGetVolumeRequest {
+            volume_id: format!("{}x", volume.volume_id),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    delete(&mut c, &volume.volume_id).await;
+}
+
+#[tokio::test]
+async fn templates_collisions_and_on_delete_modes() {
+    skip_unless_ready!(skip_reason());
+    let share = Share::new();
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let with_meta = |extra: &[(&str, &str)], pvc: &str, pv: &str| {
+        let mut p = share.params(extra);
+        for (k, v) in metadata("team", pvc, pv) {
+            p.insert(k.to_string(), v);
+        }
+        p
+    };
+
+    let retained = create(
+        &mut c,
+        "pv-r",
+        with_meta(
+            &[
+                ("subDir", "keep/${pv.metadata.name}"),
+                ("onDelete", "retain"),
+            ],
+            "r",
+            "pv-r",
+        ),
+        rwx(),
+    )
+    .await
+    .unwrap();
+    let archived = create(
+        &mut c,
+        "pv-a",
+        with_meta(
+            &[
+                ("subDir", "${pvc.metadata.namespace}-${pvc.metadata.name}"),
+                ("onDelete", "archive"),
+                ("mountPermissions", "0777"),
+            ],
+            "a",
+            "pv-a",
+        ),
+        rwx(),
+    )
+    .await
+    .unwrap();
+    let deleted = create(&mut c, "pv-d", with_meta(&[], "d", "pv-d"), rwx())
+        .await
+        .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(share.view().join("team-a"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o777
+    );
+    for dir in ["keep/pv-r", "team-a", "pv-d"] {
+        std::fs::write(share.view().join(dir).join("data"), dir).unwrap();
+    }
+
+    // Another volume whose template lands on (or around) an existing directory is refused.
+    for (name, sub_dir) in [
+        ("pv-x", "keep/pv-r"),
+        ("pv-y", "keep"),
+        ("pv-z", "pv-d/inner"),
+    ] {
+        let err = create(
+            &mut c,
+            name,
+            with_meta(&[("subDir", sub_dir)], "x", name),
+            rwx(),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{name}: {err:?}");
+    }
+    assert!(!share.view().join("pv-d/inner").exists());
+
+    for v in [&retained, &archived, &deleted] {
+        delete(&mut c, &v.volume_id).await;
+        delete(&mut c, &v.volume_id).await;
+    }
+    assert_eq!(
+        std::fs::read_to_string(share.view().join("keep/pv-r/data")).unwrap(),
+        "keep/pv-r"
+    );
+    assert!(!share.view().join("team-a").exists());
+    let archive: Vec<String> = share
+        .root_entries()
+        .into_iter()
+        .filter(|n| n.starts_with("archived-team-a-"))
+        .collect();
+    assert_eq!(archive.len(), 1, "{:?}", share.root_entries());
+    assert_eq!(
+        std::fs::read_to_string(share.view().join(&archive[0]).join("data")).unwrap(),
+        "team-a"
+    );
+    assert!(!share.view().join("pv-d").exists());
+    assert!(
+        std::fs::read_dir(share.view().join(".k8scsi/volumes"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "every marker is gone"
+    );
+}
+
+#[tokio::test]
+async fn a_controller_on_a_fresh_state_dir_deletes_an_earlier_volume() {
+    skip_unless_ready!(skip_reason());
+    let share = Share::new();
+    let mut first = Driver::start();
+    let mut c = first.controller().await;
+    let volume = create(
+        &mut c,
+        "pvc-old",
+        share.params(&[("subDir", "old/pvc-old")]),
+        rwx(),
+    )
+    .await
+    .unwrap();
+    std::fs::write(share.view().join("old/pvc-old/data"), b"x").unwrap();
+    drop(c);
+    first.kill();
+
+    // Another node, another (empty) state directory: only the volume ID is known.
+    let second = Driver::start_as("node-2", &["--mode", "controller"]);
+    let mut c = second.controller().await;
+    // Retrying the CreateVolume adopts the existing directory instead of failing.
+    let again = create(
+        &mut c,
+        "pvc-old",
+        share.params(&[("subDir", "old/pvc-old")]),
+        rwx(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(again.volume_id, volume.volume_id);
+    assert!(share.view().join("old/pvc-old/data").exists());
+    delete(&mut c, &volume.volume_id).await;
+    assert!(!share.view().join("old/pvc-old").exists());
+    assert!(share.view().join("old").is_dir());
+
+    // And a third controller, which never heard of the volume, deletes nothing more.
+    let third = Driver::start_as("node-3", &["--mode", "controller"]);
+    let mut c = third.controller().await;
+    delete(&mut c, &volume.volume_id).await;
+    assert_eq!(share.root_entries(), [".k8scsi", "old"]);
+}
