@@ -13,6 +13,8 @@ use common::Driver;
 /// Specs csi-sanity v5.6.0 runs for the capabilities k8scsi advertises today; fewer means a
 /// capability silently stopped being exercised.
 const MIN_PASSED: u32 = 49;
+/// The same for `type: shared` volumes.
+const MIN_PASSED_SHARED: u32 = 49;
 
 fn csi_sanity() -> Option<PathBuf> {
     if let Ok(path) = std::env::var("K8SCSI_CSI_SANITY") {
@@ -41,20 +43,11 @@ fn summary(output: &str) -> Option<(u32, u32)> {
     Some((number_before(" Passed")?, number_before(" Failed")?))
 }
 
-#[test]
-fn csi_sanity_passes() {
-    require_root!();
-    let Some(sanity) = csi_sanity() else {
-        assert!(
-            std::env::var("K8SCSI_REQUIRE_TOOLS").as_deref() != Ok("1"),
-            "csi-sanity is required (K8SCSI_REQUIRE_TOOLS=1) but not installed: run scripts/install-test-tools.sh"
-        );
-        eprintln!("SKIPPED: csi-sanity not installed (run scripts/install-test-tools.sh)");
-        return;
-    };
-    let driver = Driver::start();
+/// Runs csi-sanity against `driver` with the StorageClass parameters in `parameters` (a YAML
+/// file) and returns how many specs passed; fails the test on any failure.
+fn run_sanity(sanity: &std::path::Path, driver: &Driver, parameters: &std::path::Path) -> u32 {
     let work = driver.kubelet_dir();
-    let output = Command::new(&sanity)
+    let output = Command::new(sanity)
         .arg(format!("--csi.endpoint={}", driver.socket().display()))
         .arg(format!(
             "--csi.mountdir={}",
@@ -65,11 +58,9 @@ fn csi_sanity_passes() {
             work.join("sanity-stg").display()
         ))
         .arg(format!("--csi.testvolumesize={}", 64 << 20))
-        // The temp dir is rarely btrfs: provision unenforced directories (tests/capacity.rs
-        // covers enforcement).
         .arg(format!(
-            "--csi.testvolumeparameters={}/tests/sanity-parameters.yaml",
-            env!("CARGO_MANIFEST_DIR")
+            "--csi.testvolumeparameters={}",
+            parameters.display()
         ))
         .arg("--ginkgo.no-color")
         .arg("--ginkgo.timeout=10m")
@@ -90,9 +81,74 @@ fn csi_sanity_passes() {
         failures.join("\n"),
         driver.log()
     );
+    passed
+}
+
+fn sanity_or_skip() -> Option<PathBuf> {
+    let sanity = csi_sanity();
+    if sanity.is_none() {
+        assert!(
+            std::env::var("K8SCSI_REQUIRE_TOOLS").as_deref() != Ok("1"),
+            "csi-sanity is required (K8SCSI_REQUIRE_TOOLS=1) but not installed: run scripts/install-test-tools.sh"
+        );
+        eprintln!("SKIPPED: csi-sanity not installed (run scripts/install-test-tools.sh)");
+    }
+    sanity
+}
+
+#[test]
+fn csi_sanity_passes() {
+    require_root!();
+    let Some(sanity) = sanity_or_skip() else {
+        return;
+    };
+    let driver = Driver::start();
+    // The temp dir is rarely btrfs: provision unenforced directories (tests/capacity.rs
+    // covers enforcement).
+    let parameters = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/sanity-parameters.yaml");
+    let passed = run_sanity(&sanity, &driver, &parameters);
     assert!(
         passed >= MIN_PASSED,
         "csi-sanity ran only {passed} specs (expected at least {MIN_PASSED})"
+    );
+}
+
+/// The same suite against `type: shared` volumes on a real ext4 share (tests/common/share.rs).
+#[test]
+fn csi_sanity_passes_on_shared_volumes() {
+    require_root!();
+    skip_unless_ready!(common::share::skip_reason());
+    let Some(sanity) = sanity_or_skip() else {
+        return;
+    };
+    let share = common::share::Share::new();
+    let driver = Driver::start();
+    let parameters = driver.dir.path().join("shared-parameters.yaml");
+    std::fs::write(
+        &parameters,
+        format!(
+            "type: shared\nsource: \"{}\"\nfsType: ext4\nonDelete: delete\n",
+            share.device
+        ),
+    )
+    .unwrap();
+    let passed = run_sanity(&sanity, &driver, &parameters);
+    assert!(
+        passed >= MIN_PASSED_SHARED,
+        "csi-sanity ran only {passed} specs on shared volumes (expected at least {MIN_PASSED_SHARED})"
+    );
+    // Every volume csi-sanity created was deleted, directory and marker.
+    assert_eq!(
+        share.root_entries(),
+        [".k8scsi"],
+        "left on the share: {:?}",
+        share.root_entries()
+    );
+    assert!(
+        std::fs::read_dir(share.view().join(".k8scsi/volumes"))
+            .unwrap()
+            .next()
+            .is_none()
     );
 }
 

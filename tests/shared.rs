@@ -9,10 +9,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 use common::Driver;
+use common::share::{Share, skip_reason};
 use k8scsi::backend::shared::spec::{ShareRef, volume_id};
 use k8scsi::client::mount_capability;
 use k8scsi::csi::proto::volume_capability::access_mode::Mode;
@@ -22,104 +22,6 @@ use tonic::transport::Channel;
 
 type Controller = proto::controller_client::ControllerClient<Channel>;
 type Node = proto::node_client::NodeClient<Channel>;
-
-fn skip_reason() -> Option<String> {
-    if !common::is_root() {
-        return Some("needs root (loop devices, mounts)".into());
-    }
-    for tool in ["losetup", "mkfs.ext4"] {
-        if Command::new(tool).arg("-V").output().is_err() {
-            return Some(format!("{tool} is not installed"));
-        }
-    }
-    None
-}
-
-/// An ext4 filesystem on a loop device of our own, plus the test's own mount of it to look at
-/// what the drivers did.
-struct Share {
-    dir: tempfile::TempDir,
-    device: String,
-}
-
-impl Share {
-    fn new() -> Share {
-        let dir = tempfile::Builder::new()
-            .prefix("k8scsi-share-")
-            .tempdir()
-            .unwrap();
-        let image = dir.path().join("share.img");
-        std::fs::File::create(&image)
-            .unwrap()
-            .set_len(256 << 20)
-            .unwrap();
-        let mkfs = Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
-            .arg(&image)
-            .output()
-            .unwrap();
-        assert!(mkfs.status.success(), "mkfs.ext4: {mkfs:?}");
-        let losetup = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(&image)
-            .output()
-            .unwrap();
-        assert!(losetup.status.success(), "losetup: {losetup:?}");
-        let device = String::from_utf8(losetup.stdout)
-            .unwrap()
-            .trim()
-            .to_string();
-        let share = Share { dir, device };
-        std::fs::create_dir(share.view()).unwrap();
-        let mount = Command::new("mount")
-            .args(["-t", "ext4", &share.device])
-            .arg(share.view())
-            .output()
-            .unwrap();
-        assert!(mount.status.success(), "mount: {mount:?}");
-        share
-    }
-
-    /// The test's own view of the share's root.
-    fn view(&self) -> PathBuf {
-        self.dir.path().join("view")
-    }
-
-    /// What is at the share root, apart from ext4's lost+found.
-    fn root_entries(&self) -> Vec<String> {
-        let mut names: Vec<String> = std::fs::read_dir(self.view())
-            .unwrap()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| n != "lost+found")
-            .collect();
-        names.sort();
-        names
-    }
-
-    fn params(&self, extra: &[(&str, &str)]) -> HashMap<String, String> {
-        let mut p: HashMap<String, String> = [
-            ("type", "shared"),
-            ("source", self.device.as_str()),
-            ("fsType", "ext4"),
-        ]
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-        for (k, v) in extra {
-            p.insert(k.to_string(), v.to_string());
-        }
-        p
-    }
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        let _ = rustix::mount::unmount(&self.view(), rustix::mount::UnmountFlags::DETACH);
-        // Busy (a driver's mount left by a failed test): the kernel frees it once unmounted.
-        let _ = Command::new("losetup").args(["-d", &self.device]).output();
-    }
-}
 
 fn metadata(namespace: &str, pvc: &str, pv: &str) -> [(&'static str, String); 3] {
     [
