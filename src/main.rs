@@ -86,6 +86,15 @@ enum Command {
         #[arg(long, env = "K8SCSI_RECONCILE_INTERVAL", default_value = "10m",
               value_parser = k8scsi::units::parse_duration)]
         reconcile_interval: std::time::Duration,
+        /// How long mounting or unmounting a share (type: shared) may take before it is
+        /// abandoned (mount) or detached lazily (unmount).
+        #[arg(long, env = "K8SCSI_SHARE_TIMEOUT", default_value = "30s",
+              value_parser = k8scsi::units::parse_duration)]
+        share_timeout: std::time::Duration,
+        /// The program that mounts shares (mount(8) or a wrapper, e.g. one that enters the
+        /// host's mount namespace).
+        #[arg(long, env = "K8SCSI_MOUNT_PROGRAM", default_value = "mount")]
+        mount_program: String,
         #[command(flatten)]
         log: LogArgs,
     },
@@ -168,6 +177,8 @@ fn main() -> ExitCode {
                 metrics_address,
                 usage_interval,
                 reconcile_interval,
+                share_timeout,
+                mount_program,
                 log,
             } => {
                 init_logging(&log);
@@ -184,6 +195,8 @@ fn main() -> ExitCode {
                     metrics_address,
                     usage_interval,
                     reconcile_interval,
+                    share_timeout,
+                    mount_program,
                 };
                 k8scsi::server::serve(config, shutdown_signal())
                     .await

@@ -82,6 +82,10 @@ pub struct ServeConfig {
     pub usage_interval: std::time::Duration,
     /// How often reconciliation re-runs for the metrics (zero: only at start).
     pub reconcile_interval: std::time::Duration,
+    /// Mount/unmount timeout for shares.
+    pub share_timeout: std::time::Duration,
+    /// The program that mounts shares.
+    pub mount_program: String,
 }
 
 /// Start-up failures.
@@ -190,7 +194,11 @@ fn build_parts(config: &ServeConfig) -> Result<(Arc<Engine>, Backends), ServeErr
     let backends: Backends = vec![
         Arc::new(DirBackend::new(&data_dir)?),
         Arc::new(crate::backend::loopvol::LoopBackend::new(&data_dir)?),
-        Arc::new(crate::backend::shared::SharedBackend::new(&data_dir)?),
+        Arc::new(crate::backend::shared::SharedBackend::new(
+            &data_dir,
+            config.share_timeout,
+            &config.mount_program,
+        )?),
     ];
     let engine = Arc::new(Engine::new(
         EngineConfig {

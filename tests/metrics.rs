@@ -240,7 +240,7 @@ async fn volume_usage_matches_what_was_written_through_the_mount() {
     assert_eq!(metrics.value("k8scsi_publications", &[]), Some(1.0));
     assert_eq!(metrics.value("k8scsi_usage_sample_errors", &[]), Some(0.0));
     assert_eq!(
-        metrics.value("k8scsi_build_info", &[("backends", "dir,loop")]),
+        metrics.value("k8scsi_build_info", &[("backends", "dir,loop,shared")]),
         Some(1.0)
     );
     assert_eq!(

@@ -526,3 +526,67 @@ async fn a_controller_on_a_fresh_state_dir_deletes_an_earlier_volume() {
     delete(&mut c, &volume.volume_id).await;
     assert_eq!(share.root_entries(), [".k8scsi", "old"]);
 }
+
+#[tokio::test]
+async fn a_share_whose_mount_hangs_times_out_and_other_shares_keep_working() {
+    skip_unless_ready!(skip_reason());
+    let share = Share::new();
+    // A mount program that hangs for one "server" (like mount.nfs against a dead server) and
+    // runs the real mount(8) for everything else.
+    let tools = tempfile::tempdir().unwrap();
+    let dead = tools.path().join("dead-server");
+    std::fs::create_dir(&dead).unwrap();
+    let wrapper = tools.path().join("mount-wrapper");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\nfor a in \"$@\"; do case \"$a\" in */dead-server) exec sleep 600;; esac; done\nexec mount \"$@\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let d = Driver::start_with(&[
+        "--share-timeout",
+        // Long enough for a healthy mount on a loaded machine, short for the test.
+        "8s",
+        "--mount-program",
+        wrapper.to_str().unwrap(),
+    ]);
+
+    let mut dead_params = share.params(&[]);
+    dead_params.insert("source".into(), dead.to_string_lossy().into_owned());
+    dead_params.insert("fsType".into(), "none".into());
+    let mut c1 = d.controller().await;
+    let hanging =
+        tokio::spawn(async move { create(&mut c1, "pvc-dead", dead_params, rwx()).await });
+
+    // Meanwhile the driver answers, and volumes on the healthy share are created and deleted.
+    let mut c = d.controller().await;
+    let probe = d
+        .identity()
+        .await
+        .probe(proto::ProbeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(probe.ready, Some(true));
+    let healthy = create(&mut c, "pvc-alive", share.params(&[]), rwx())
+        .await
+        .unwrap();
+    assert!(share.view().join("pvc-alive").is_dir());
+
+    let err = hanging.await.unwrap().unwrap_err();
+    assert!(
+        err.message().contains("did not finish within"),
+        "the hung mount is reported: {err:?}"
+    );
+    assert!(std::fs::read_dir(&dead).unwrap().next().is_none());
+    delete(&mut c, &healthy.volume_id).await;
+    assert!(!share.view().join("pvc-alive").exists());
+    let table = k8scsi::mount::mountinfo::read().unwrap();
+    assert!(
+        !table
+            .iter()
+            .any(|e| e.mount_point.starts_with(d.data_dir())),
+        "no share mount is left behind"
+    );
+}

@@ -101,17 +101,16 @@ fn flags_of(access: &AccessType) -> &[String] {
 }
 
 impl SharedBackend {
-    /// Private share mounts go under `<data_dir>/shares`.
-    pub fn new(data_dir: &Path) -> Result<SharedBackend, BackendError> {
-        let timeout = std::env::var("K8SCSI_SHARE_TIMEOUT_SECS")
-            .ok()
-            .and_then(|s| s.parse::<u64>().ok())
-            .filter(|s| *s > 0)
-            .map(Duration::from_secs)
-            .unwrap_or(mounts::DEFAULT_TIMEOUT);
+    /// Private share mounts go under `<data_dir>/shares`; `program` mounts them, within
+    /// `timeout` (as do unmounts).
+    pub fn new(
+        data_dir: &Path,
+        timeout: Duration,
+        program: &str,
+    ) -> Result<SharedBackend, BackendError> {
         let work = data_dir.join("shares");
         Ok(SharedBackend {
-            mounts: Arc::new(ShareMounts::new(&work, timeout)?),
+            mounts: Arc::new(ShareMounts::new(&work, timeout, program)?),
             work,
         })
     }

@@ -200,7 +200,7 @@ impl Drop for ShareGuard {
 impl ShareMounts {
     /// Mounts go under `dir` (created 0700). Mounts left there by a previous process that
     /// died are detached first: nothing else mounts there.
-    pub fn new(dir: &Path, timeout: Duration) -> Result<ShareMounts, BackendError> {
+    pub fn new(dir: &Path, timeout: Duration, program: &str) -> Result<ShareMounts, BackendError> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::create_dir_all(dir).map_err(|e| BackendError::io("mkdir", dir, e))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
@@ -223,7 +223,7 @@ impl ShareMounts {
         Ok(ShareMounts {
             dir: dir.to_path_buf(),
             timeout,
-            program: "mount".to_string(),
+            program: program.to_string(),
             entries: Mutex::default(),
         })
     }

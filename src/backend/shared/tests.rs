@@ -25,7 +25,7 @@ fn setup() -> Setup {
     let share = tmp.path().join("share");
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&share).unwrap();
-    let backend = SharedBackend::new(&data).unwrap();
+    let backend = SharedBackend::new(&data, mounts::DEFAULT_TIMEOUT, "mount").unwrap();
     Setup {
         _tmp: tmp,
         share,
@@ -180,7 +180,7 @@ fn a_fresh_backend_deletes_by_volume_id_alone() {
     let s = setup();
     let id = create(&s, "pv-1", &[("subDir", "team/${pv.metadata.name}")], "x").unwrap();
     let elsewhere = tempfile::tempdir().unwrap();
-    let fresh = SharedBackend::new(elsewhere.path()).unwrap();
+    let fresh = SharedBackend::new(elsewhere.path(), mounts::DEFAULT_TIMEOUT, "mount").unwrap();
     let reparsed = VolumeId::parse(id.as_str()).unwrap();
     assert!(fresh.exists(&reparsed).unwrap());
     fresh.delete(&reparsed).unwrap();
