@@ -40,6 +40,11 @@ pub struct BenchArgs {
         default_value = "create-delete,publish-unpublish"
     )]
     pub workloads: Vec<String>,
+    /// StorageClass parameters for created volumes, `key=value`, repeatable (default:
+    /// `enforceCapacity=false`), e.g. `--param type=shared --param source=/srv --param
+    /// fsType=none`.
+    #[arg(long = "param", value_parser = parse_param)]
+    pub params: Vec<(String, String)>,
     /// Log level of the spawned server (its log goes to a file in the temp directory).
     #[arg(long, default_value = "info")]
     pub server_log_level: String,
@@ -119,7 +124,20 @@ pub fn rss_kib(pid: u32) -> Option<(u64, u64)> {
 /// The bench's temp directory is rarely on btrfs: measure unenforced directory volumes, the
 /// same work minus the qgroup call.
 fn bench_parameters() -> std::collections::HashMap<String, String> {
-    [("enforceCapacity".to_string(), "false".to_string())].into()
+    match PARAMETERS.get() {
+        Some(p) if !p.is_empty() => p.clone(),
+        _ => [("enforceCapacity".to_string(), "false".to_string())].into(),
+    }
+}
+
+/// The `--param` values of this run (set once at its start).
+static PARAMETERS: std::sync::OnceLock<std::collections::HashMap<String, String>> =
+    std::sync::OnceLock::new();
+
+fn parse_param(raw: &str) -> Result<(String, String), String> {
+    raw.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{raw:?} is not key=value"))
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -296,6 +314,7 @@ fn spawn_server(dir: &Path, log_level: &str) -> Result<(std::process::Child, Pat
 
 /// Runs the benchmark and prints its numbers.
 pub async fn run(args: BenchArgs) -> Result<(), String> {
+    let _ = PARAMETERS.set(args.params.iter().cloned().collect());
     let mut spawned = None;
     let (endpoint, pid, kubelet_dir) = match &args.endpoint {
         Some(raw) => (Endpoint::parse(raw)?, args.server_pid, None),
