@@ -10,6 +10,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::process::Command;
 
 use common::Driver;
 use common::share::{Share, skip_reason};
@@ -589,4 +590,76 @@ async fn a_share_whose_mount_hangs_times_out_and_other_shares_keep_working() {
             .any(|e| e.mount_point.starts_with(d.data_dir())),
         "no share mount is left behind"
     );
+}
+
+#[test]
+fn copies_within_a_share_use_reflinks_where_the_filesystem_has_them() {
+    use k8scsi::backend::shared::SharedBackend;
+    use k8scsi::backend::{Backend, VolumeOptions};
+    use std::io::{Seek, SeekFrom, Write};
+    skip_unless_ready!(skip_reason());
+    skip_unless_ready!(
+        Command::new("mkfs.btrfs")
+            .arg("--version")
+            .output()
+            .is_err()
+            .then_some("mkfs.btrfs is not installed")
+    );
+    for fs in ["btrfs", "ext4"] {
+        let share = Share::formatted(fs);
+        let data = tempfile::tempdir().unwrap();
+        let backend =
+            SharedBackend::new(data.path(), std::time::Duration::from_secs(30), "mount").unwrap();
+        let params: std::collections::BTreeMap<String, String> =
+            share.params(&[]).into_iter().collect();
+        let mut ids = Vec::new();
+        for name in ["pv-src", "pv-dst"] {
+            let id = backend.volume_id(name, &params, &[]).unwrap();
+            let options = VolumeOptions {
+                name: name.to_string(),
+                parameters: params.clone(),
+                ..Default::default()
+            };
+            backend.create(&id, &options).unwrap();
+            ids.push(id);
+        }
+        let src = share.view().join("pv-src");
+        let payload: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(src.join("data"), &payload).unwrap();
+        let mut sparse = std::fs::File::create(src.join("sparse")).unwrap();
+        sparse.seek(SeekFrom::Start(100 << 20)).unwrap();
+        sparse.write_all(b"end").unwrap();
+        sparse.sync_all().unwrap();
+        std::fs::create_dir(src.join("dir")).unwrap();
+        std::os::unix::fs::symlink("../data", src.join("dir/link")).unwrap();
+
+        let stats = backend.copy_volume(&ids[0], &ids[1]).unwrap();
+        println!("{fs}: {stats:?}");
+        assert_eq!((stats.files, stats.dirs, stats.symlinks), (2, 1, 1));
+        if fs == "btrfs" {
+            assert_eq!(stats.reflinked, 2, "btrfs clones files");
+            assert_eq!(stats.bytes_copied, 0);
+        } else {
+            assert_eq!(stats.reflinked, 0, "ext4 has no reflinks");
+            // The data, not the 100 MiB hole.
+            assert!(
+                stats.bytes_copied >= 4 << 20 && stats.bytes_copied < 5 << 20,
+                "{stats:?}"
+            );
+        }
+        let dst = share.view().join("pv-dst");
+        assert!(std::fs::read(dst.join("data")).unwrap() == payload);
+        assert_eq!(
+            std::fs::metadata(dst.join("sparse")).unwrap().len(),
+            (100 << 20) + 3
+        );
+        assert_eq!(
+            std::fs::read_link(dst.join("dir/link")).unwrap(),
+            Path::new("../data")
+        );
+        for id in &ids {
+            backend.delete(id).unwrap();
+        }
+        assert!(!src.exists() && !dst.exists());
+    }
 }

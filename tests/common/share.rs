@@ -23,10 +23,16 @@ pub fn skip_reason() -> Option<String> {
 pub struct Share {
     dir: tempfile::TempDir,
     pub device: String,
+    pub fs_type: String,
 }
 
 impl Share {
     pub fn new() -> Share {
+        Share::formatted("ext4")
+    }
+
+    /// A share formatted with `fs_type` (`ext4`, `btrfs`, `xfs`).
+    pub fn formatted(fs_type: &str) -> Share {
         let dir = tempfile::Builder::new()
             .prefix("k8scsi-share-")
             .tempdir()
@@ -36,12 +42,13 @@ impl Share {
             .unwrap()
             .set_len(256 << 20)
             .unwrap();
-        let mkfs = Command::new("mkfs.ext4")
-            .args(["-q", "-F"])
+        let force = if fs_type == "ext4" { "-F" } else { "-f" };
+        let mkfs = Command::new(format!("mkfs.{fs_type}"))
+            .args(["-q", force])
             .arg(&image)
             .output()
             .unwrap();
-        assert!(mkfs.status.success(), "mkfs.ext4: {mkfs:?}");
+        assert!(mkfs.status.success(), "mkfs.{fs_type}: {mkfs:?}");
         let losetup = Command::new("losetup")
             .args(["--find", "--show"])
             .arg(&image)
@@ -52,10 +59,14 @@ impl Share {
             .unwrap()
             .trim()
             .to_string();
-        let share = Share { dir, device };
+        let share = Share {
+            dir,
+            device,
+            fs_type: fs_type.to_string(),
+        };
         std::fs::create_dir(share.view()).unwrap();
         let mount = Command::new("mount")
-            .args(["-t", "ext4", &share.device])
+            .args(["-t", fs_type, &share.device])
             .arg(share.view())
             .output()
             .unwrap();
@@ -84,7 +95,7 @@ impl Share {
         let mut p: HashMap<String, String> = [
             ("type", "shared"),
             ("source", self.device.as_str()),
-            ("fsType", "ext4"),
+            ("fsType", self.fs_type.as_str()),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
