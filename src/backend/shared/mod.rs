@@ -586,19 +586,20 @@ impl Backend for SharedBackend {
     }
 
     fn usage(&self, id: &VolumeId) -> Result<Usage, BackendError> {
-        let not_found = Usage {
-            used_bytes: 0,
-            used_inodes: 0,
-        };
-        self.with_share(id, not_found, |root, markers, at| match Self::open_volume(
-            root, markers, id, at,
-        )? {
-            Some((_, Some(dir))) => tree::usage(dir.as_fd()).map_err(io_at("measure", at)),
-            _ => Err(BackendError::io(
+        let measured = self.with_share(id, None, |root, markers, at| {
+            match Self::open_volume(root, markers, id, at)? {
+                Some((_, Some(dir))) => tree::usage(dir.as_fd())
+                    .map(Some)
+                    .map_err(io_at("measure", at)),
+                _ => Ok(None),
+            }
+        })?;
+        measured.ok_or_else(|| {
+            BackendError::io(
                 "measure",
-                at,
+                &self.volume_path(id),
                 std::io::Error::from(std::io::ErrorKind::NotFound),
-            )),
+            )
         })
     }
 
