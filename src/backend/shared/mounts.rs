@@ -77,6 +77,8 @@ pub fn run_with_timeout(
             source,
         })?;
     let deadline = Instant::now() + timeout;
+    // Mounts usually finish in a few milliseconds: poll quickly at first, then back off.
+    let mut pause = Duration::from_micros(500);
     loop {
         match child.try_wait() {
             Ok(Some(status)) => {
@@ -94,7 +96,8 @@ pub fn run_with_timeout(
                 });
             }
             Ok(None) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(20));
             }
             _ => {
                 let _ = child.kill();
