@@ -49,11 +49,21 @@ impl Share {
             .output()
             .unwrap();
         assert!(mkfs.status.success(), "mkfs.{fs_type}: {mkfs:?}");
-        let losetup = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(&image)
-            .output()
-            .unwrap();
+        // Other tests attach loop devices concurrently; losetup can lose the race for a free
+        // device, so try again a few times.
+        let mut attempts = 0;
+        let losetup = loop {
+            let out = Command::new("losetup")
+                .args(["--find", "--show"])
+                .arg(&image)
+                .output()
+                .unwrap();
+            attempts += 1;
+            if out.status.success() || attempts == 5 {
+                break out;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200 * attempts));
+        };
         assert!(losetup.status.success(), "losetup: {losetup:?}");
         let device = String::from_utf8(losetup.stdout)
             .unwrap()

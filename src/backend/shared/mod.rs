@@ -190,6 +190,7 @@ impl SharedBackend {
         let mut out = Vec::new();
         for name in tree::names(markers).map_err(io_at("list markers", at))? {
             if name.starts_with(TMP_PREFIX) {
+                Self::remove_stale_tmp(markers, &name);
                 continue;
             }
             let Ok(id) = VolumeId::parse(&name) else {
@@ -204,6 +205,21 @@ impl SharedBackend {
             }
         }
         Ok(out)
+    }
+
+    /// Removes a temporary marker left by a process that died while writing it (older than
+    /// ten minutes, so never one being written now).
+    fn remove_stale_tmp(markers: BorrowedFd<'_>, name: &str) {
+        let stale = rustix::fs::statat(markers, name, AtFlags::SYMLINK_NOFOLLOW).is_ok_and(|st| {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or_default();
+            now - st.st_mtime > 600
+        });
+        if stale && rustix::fs::unlinkat(markers, name, AtFlags::empty()).is_ok() {
+            tracing::info!(marker = name, "removed a stale temporary marker");
+        }
     }
 
     /// Writes a marker atomically: temporary file, fsync, rename over, fsync the directory.

@@ -324,14 +324,12 @@ mod tests {
 
     #[test]
     fn a_hung_command_is_killed_at_the_timeout() {
-        let started = Instant::now();
-        let result = run_with_timeout("sleep", &["30".into()], Duration::from_millis(200));
+        // `sleep 600` would outlast any test run: only the timeout can end this call.
+        let result = run_with_timeout("sleep", &["600".into()], Duration::from_millis(200));
         assert!(
             matches!(result, Err(CommandError::TimedOut { .. })),
             "{result:?}"
         );
-        // Returned long before the command would have finished by itself.
-        assert!(started.elapsed() < Duration::from_secs(25));
     }
 
     #[test]

@@ -224,3 +224,36 @@ fn copy_volume_copies_within_the_share() {
     let foreign = s.backend.volume_id("pv-c", &p, &[]).unwrap();
     assert!(s.backend.copy_volume(&a, &foreign).is_err());
 }
+
+#[test]
+fn stale_temporary_markers_are_cleaned_up() {
+    if !root_or_skip() {
+        return;
+    }
+    let s = setup();
+    create(&s, "pv-1", &[], "x").unwrap();
+    let markers = s.share.join(".k8scsi/volumes");
+    let old = markers.join(".tmp-shared-dead");
+    let fresh = markers.join(".tmp-shared-busy");
+    std::fs::write(&old, b"{").unwrap();
+    std::fs::write(&fresh, b"{").unwrap();
+    let hour_ago = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: std::time::SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_secs() as i64
+                - 3600,
+            tv_nsec: 0,
+        },
+    };
+    rustix::fs::utimensat(rustix::fs::CWD, &old, &hour_ago, AtFlags::empty()).unwrap();
+    // Any create lists the markers (collision check) and sweeps stale temporaries.
+    create(&s, "pv-2", &[], "x").unwrap();
+    assert!(!old.exists(), "a temporary marker an hour old is removed");
+    assert!(fresh.exists(), "a fresh one may be being written: kept");
+}
