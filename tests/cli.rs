@@ -326,6 +326,15 @@ async fn doctor_reports_this_node() {
     assert!(run.stdout.contains("admin socket"), "{}", run.stdout);
     assert!(run.stdout.contains("answers at unix://"), "{}", run.stdout);
     assert_eq!(verdict(&run, "mount propagation").len(), 1);
+    // Present or not, the NFS client is reported; requiring it fails only where it is missing.
+    let nfs = verdict(&run, "nfs client");
+    assert!(nfs == ["PASS"] || nfs == ["WARN"], "{}", run.stdout);
+    let strict_nfs = doctor(&driver, &["--no-probes", "--require", "nfs"]);
+    assert_eq!(
+        verdict(&strict_nfs, "nfs client"),
+        [if nfs == ["PASS"] { "PASS" } else { "FAIL" }]
+    );
+    assert_eq!(strict_nfs.code, if nfs == ["PASS"] { 0 } else { 1 });
     if !is_root() {
         eprintln!("SKIPPED: the filesystem probes need root");
         return;

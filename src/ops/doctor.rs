@@ -33,6 +33,8 @@ pub enum Feature {
     XfsReflink,
     /// ext4 or XFS project quotas (enforced capacity of directory volumes).
     ProjectQuota,
+    /// An NFS client: the kernel's nfs filesystem and mount.nfs (`type: shared` on NFS).
+    Nfs,
 }
 
 /// Options of `k8scsi doctor`.
@@ -146,6 +148,7 @@ pub fn run(args: &DoctorArgs) -> ExitCode {
     check_kubelet_dir(&mut report, &args.dirs.kubelet_dir);
     check_propagation(&mut report, &args.dirs.kubelet_dir);
     check_server(&mut report, &args.endpoint);
+    check_nfs_client(&mut report);
     if let Some(store) = &store {
         check_consistency(&mut report, store, &args.dirs);
     }
@@ -357,6 +360,53 @@ fn check_propagation(report: &mut Report, kubelet_dir: &Path) {
                  with mountPropagation: Bidirectional"
             ),
         ),
+    }
+}
+
+/// Whether this node could mount NFS exports for `type: shared` volumes: the kernel knows the
+/// nfs filesystem (registered, or as a module it can load) and the mount.nfs helper exists.
+fn check_nfs_client(report: &mut Report) {
+    let registered = std::fs::read_to_string("/proc/filesystems").is_ok_and(|t| {
+        t.lines()
+            .any(|l| matches!(l.split_whitespace().last(), Some("nfs" | "nfs4")))
+    });
+    let release = rustix::system::uname()
+        .release()
+        .to_string_lossy()
+        .into_owned();
+    let module = std::fs::read_to_string(format!("/lib/modules/{release}/modules.dep"))
+        .is_ok_and(|deps| deps.lines().any(|l| l.contains("kernel/fs/nfs/nfs.ko")));
+    let helper = [
+        "/sbin/mount.nfs",
+        "/usr/sbin/mount.nfs",
+        "/bin/mount.nfs",
+        "/usr/bin/mount.nfs",
+    ]
+    .into_iter()
+    .find(|p| Path::new(p).exists());
+    let kernel = if registered {
+        "the kernel has the nfs filesystem"
+    } else if module {
+        "the kernel has the nfs module (not loaded yet)"
+    } else {
+        ""
+    };
+    match (kernel, helper) {
+        ("", _) => report.missing(
+            Feature::Nfs,
+            "nfs client",
+            "the kernel has no nfs filesystem (not built in, no module): type: shared \
+             volumes on NFS exports cannot be mounted on this node",
+        ),
+        (_, None) => report.missing(
+            Feature::Nfs,
+            "nfs client",
+            format!(
+                "{kernel}, but mount.nfs is missing: install nfs-common (Debian, Ubuntu) or \
+                 nfs-utils for type: shared volumes on NFS exports"
+            ),
+        ),
+        (_, Some(helper)) => report.pass("nfs client", format!("{kernel} and {helper}")),
     }
 }
 
