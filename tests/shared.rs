@@ -456,6 +456,34 @@ async fn templates_collisions_and_on_delete_modes() {
     }
     assert!(!share.view().join("pv-d/inner").exists());
 
+    // Growing is recorded (nothing to do on the nodes), but not past the share's free space.
+    let grown = c
+        .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+            volume_id: deleted.volume_id.clone(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: 32 << 20,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 32 << 20);
+    assert!(!grown.node_expansion_required);
+    let err = c
+        .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+            volume_id: deleted.volume_id.clone(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: 1 << 40,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+
     for v in [&retained, &archived, &deleted] {
         delete(&mut c, &v.volume_id).await;
         delete(&mut c, &v.volume_id).await;

@@ -212,6 +212,11 @@ pub trait Backend: Send + Sync + 'static {
         self.capacity()
     }
 
+    /// Space the existing volume `id` grows into; by default [`Backend::capacity`].
+    fn capacity_of(&self, _id: &VolumeId) -> Result<FsCapacity, BackendError> {
+        self.capacity()
+    }
+
     /// The options of the bind mount NodePublishVolume makes, from the capability's mount
     /// flags; `Err` says which flag is refused.
     fn publish_options(&self, flags: &[String], readonly: bool) -> Result<MountOptions, String> {

@@ -340,7 +340,10 @@ impl Engine {
             // A repeated expansion that already happened.
             return Ok((requested, node_required));
         }
-        let fs = backend.capacity()?;
+        let fs = {
+            let (b, i) = (backend.clone(), id.clone());
+            blocking(move || Ok(b.capacity_of(&i)?)).await?
+        };
         let growth = requested - record.capacity_bytes;
         if growth > fs.available_bytes {
             return Err(Error::Exhausted(format!(

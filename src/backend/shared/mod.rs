@@ -601,6 +601,11 @@ impl Backend for SharedBackend {
         FsCapacity::of(guard.path())
     }
 
+    fn capacity_of(&self, id: &VolumeId) -> Result<FsCapacity, BackendError> {
+        let guard = self.mounts.acquire(&share_of(id)?)?;
+        FsCapacity::of(guard.path())
+    }
+
     fn usage(&self, id: &VolumeId) -> Result<Usage, BackendError> {
         let measured = self.with_share(id, None, |root, markers, at| {
             match Self::open_volume(root, markers, id, at)? {
