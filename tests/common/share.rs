@@ -40,7 +40,9 @@ impl Share {
         let image = dir.path().join("share.img");
         std::fs::File::create(&image)
             .unwrap()
-            .set_len(256 << 20)
+            // Sparse; big enough for csi-sanity's 1 GiB expansion (growth is checked against
+            // the share's free space).
+            .set_len(2 << 30)
             .unwrap();
         let force = if fs_type == "ext4" { "-F" } else { "-f" };
         let mkfs = Command::new(format!("mkfs.{fs_type}"))
