@@ -130,6 +130,13 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Peak resident set size (VmHWM) in KiB, from /proc.
+    fn peak_rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    }
+
     fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
         let all: Vec<&str> = text.lines().collect();
@@ -937,6 +944,18 @@ fn kubernetes_provisions_expands_snapshots_and_deletes_through_k8scsi() {
     assert!(csi.volumes(&c.socket("node-2")).contains_key(&wffc_id));
     assert!(!csi.volumes(&c.socket("node-1")).contains_key(&wffc_id));
     publish_write_unpublish(&c, &csi, "node-2", &wffc_pv);
+    // What the scheduler would have used to pick the node: each node's provisioner publishes a
+    // CSIStorageCapacity for the class, for its own topology segment, owned by its Pod.
+    wait_for("CSIStorageCapacity for class k8scsi on every node", STEP, || {
+        let caps = c.items(&["csistoragecapacities", "-n", NAMESPACE]);
+        let nodes: BTreeSet<&str> = caps
+            .iter()
+            .filter(|o| o["storageClassName"] == "k8scsi" && o["capacity"].is_string())
+            .filter(|o| o["metadata"]["ownerReferences"][0]["kind"] == "Pod")
+            .filter_map(|o| o["nodeTopology"]["matchLabels"][TOPOLOGY_KEY].as_str())
+            .collect();
+        (nodes == BTreeSet::from(NODES)).then_some(())
+    });
     done("WaitForFirstConsumer: selected-node decides the topology", t);
 
     // ------------------------------------------------------------------ resize
@@ -1028,6 +1047,12 @@ fn kubernetes_provisions_expands_snapshots_and_deletes_through_k8scsi() {
     done("cleanup through Kubernetes", t);
 
     c.check_alive();
+    // Measured memory, for sizing the manifests' requests and limits.
+    for p in &c.procs {
+        if let Some(kib) = p.peak_rss_kib() {
+            eprintln!("BENCH e2e: peak RSS {:<26} {:>6.1} MiB", p.name, kib as f64 / 1024.0);
+        }
+    }
     eprintln!("e2e: all scenarios passed in {:.1} s", total.elapsed().as_secs_f64());
 }
 
