@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 
 use k8scsi::client::{connect, mount_capability};
 use k8scsi::csi::proto::controller_client::ControllerClient;
-use k8scsi::csi::proto::controller_service_capability::rpc::Type as RpcType;
 use k8scsi::csi::proto::controller_service_capability::Type as CapType;
+use k8scsi::csi::proto::controller_service_capability::rpc::Type as RpcType;
 use k8scsi::csi::proto::node_client::NodeClient;
 use k8scsi::csi::proto::volume_capability::access_mode::Mode;
 use k8scsi::csi::proto::{self};
@@ -601,17 +601,25 @@ fn start_cluster() -> Cluster {
         let sock = c.socket(node);
         wait_for("k8scsi socket", STARTUP, || {
             c.check_alive();
-            std::os::unix::net::UnixStream::connect(&sock).ok().map(|_| ())
+            std::os::unix::net::UnixStream::connect(&sock)
+                .ok()
+                .map(|_| ())
         });
     }
     done("k8scsi servers", t);
 
     let t = step("sidecars with the overlays' flags");
-    let distributed = c.dry_run_kustomize(&repo_root().join("deploy/kustomize/overlays/distributed"));
+    let distributed =
+        c.dry_run_kustomize(&repo_root().join("deploy/kustomize/overlays/distributed"));
     let single = c.dry_run_kustomize(&repo_root().join("deploy/kustomize/overlays/single-node"));
     let kubeconfig_arg = format!("--kubeconfig={}", c.sidecar_kubeconfig.display());
     for node in NODES {
-        let mut args = container_args(&distributed, "DaemonSet", "csi-provisioner", &c.socket(node));
+        let mut args = container_args(
+            &distributed,
+            "DaemonSet",
+            "csi-provisioner",
+            &c.socket(node),
+        );
         args.push(kubeconfig_arg.clone());
         let pod = format!("k8scsi-{node}");
         let env = [
@@ -695,9 +703,9 @@ impl Csi {
         let mut client = self.controller(socket);
         let caps = self
             .rt
-            .block_on(client.controller_get_capabilities(
-                proto::ControllerGetCapabilitiesRequest {},
-            ))
+            .block_on(
+                client.controller_get_capabilities(proto::ControllerGetCapabilitiesRequest {}),
+            )
             .unwrap()
             .into_inner()
             .capabilities;
@@ -771,8 +779,8 @@ fn volume_handle(pv: &Value) -> String {
 }
 
 fn capacity_bytes(quantity: &str) -> i64 {
-    k8scsi::units::parse_size(quantity)
-        .unwrap_or_else(|e| panic!("quantity {quantity}: {e}")) as i64
+    k8scsi::units::parse_size(quantity).unwrap_or_else(|e| panic!("quantity {quantity}: {e}"))
+        as i64
 }
 
 /// What the kubelet does for a pod using the PV: NodePublishVolume at a target under the
@@ -800,13 +808,19 @@ fn publish_write_unpublish(c: &Cluster, csi: &Csi, node: &str, pv: &Value) {
             ..Default::default()
         }))
         .unwrap_or_else(|s| panic!("NodePublishVolume {id} on {node}: {s}"));
-    assert!(common::is_mounted(&target), "{} not mounted", target.display());
+    assert!(
+        common::is_mounted(&target),
+        "{} not mounted",
+        target.display()
+    );
     std::fs::write(target.join("hello"), b"from the e2e pod").unwrap();
     csi.rt
-        .block_on(client.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: target.to_string_lossy().into_owned(),
-        }))
+        .block_on(
+            client.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                target_path: target.to_string_lossy().into_owned(),
+            }),
+        )
         .unwrap_or_else(|s| panic!("NodeUnpublishVolume {id} on {node}: {s}"));
     assert!(!common::is_mounted(&target));
 }
@@ -882,7 +896,11 @@ fn kubernetes_provisions_expands_snapshots_and_deletes_through_k8scsi() {
                 .map(|o| o["spec"].clone())
                 .unwrap()
         };
-        assert_eq!(driver(&chart), driver(&rendered[overlay]), "CSIDriver of mode {mode}");
+        assert_eq!(
+            driver(&chart),
+            driver(&rendered[overlay]),
+            "CSIDriver of mode {mode}"
+        );
         eprintln!("    helm mode={mode}: {} objects accepted", chart.len());
     }
     let renamed = helm(&["driverName=example.k8scsi.io"]);
@@ -908,7 +926,10 @@ fn kubernetes_provisions_expands_snapshots_and_deletes_through_k8scsi() {
     );
     publish_write_unpublish(&c, &csi, &node, &pv);
     eprintln!("    PV {} on {node}: {id}", pv["metadata"]["name"]);
-    done("Immediate StorageClass + PVC -> PV created by k8scsi and bound", t);
+    done(
+        "Immediate StorageClass + PVC -> PV created by k8scsi and bound",
+        t,
+    );
 
     // --------------------------------------------------- WaitForFirstConsumer
     let t = step("WaitForFirstConsumer: selected-node decides the topology");
@@ -946,17 +967,24 @@ fn kubernetes_provisions_expands_snapshots_and_deletes_through_k8scsi() {
     publish_write_unpublish(&c, &csi, "node-2", &wffc_pv);
     // What the scheduler would have used to pick the node: each node's provisioner publishes a
     // CSIStorageCapacity for the class, for its own topology segment, owned by its Pod.
-    wait_for("CSIStorageCapacity for class k8scsi on every node", STEP, || {
-        let caps = c.items(&["csistoragecapacities", "-n", NAMESPACE]);
-        let nodes: BTreeSet<&str> = caps
-            .iter()
-            .filter(|o| o["storageClassName"] == "k8scsi" && o["capacity"].is_string())
-            .filter(|o| o["metadata"]["ownerReferences"][0]["kind"] == "Pod")
-            .filter_map(|o| o["nodeTopology"]["matchLabels"][TOPOLOGY_KEY].as_str())
-            .collect();
-        (nodes == BTreeSet::from(NODES)).then_some(())
-    });
-    done("WaitForFirstConsumer: selected-node decides the topology", t);
+    wait_for(
+        "CSIStorageCapacity for class k8scsi on every node",
+        STEP,
+        || {
+            let caps = c.items(&["csistoragecapacities", "-n", NAMESPACE]);
+            let nodes: BTreeSet<&str> = caps
+                .iter()
+                .filter(|o| o["storageClassName"] == "k8scsi" && o["capacity"].is_string())
+                .filter(|o| o["metadata"]["ownerReferences"][0]["kind"] == "Pod")
+                .filter_map(|o| o["nodeTopology"]["matchLabels"][TOPOLOGY_KEY].as_str())
+                .collect();
+            (nodes == BTreeSet::from(NODES)).then_some(())
+        },
+    );
+    done(
+        "WaitForFirstConsumer: selected-node decides the topology",
+        t,
+    );
 
     // ------------------------------------------------------------------ resize
     let t = step("PVC resize -> ControllerExpandVolume -> larger PV");
@@ -1007,7 +1035,11 @@ fn kubernetes_provisions_expands_snapshots_and_deletes_through_k8scsi() {
         !csi.volumes(&c.socket(&node)).contains_key(&id),
         "reclaimPolicy Delete: {id} still on {node}"
     );
-    c.apply_json(&storage_class("e2e-retain", "WaitForFirstConsumer", "Retain"));
+    c.apply_json(&storage_class(
+        "e2e-retain",
+        "WaitForFirstConsumer",
+        "Retain",
+    ));
     c.apply_json(&pvc("retain", "e2e-retain", "1Gi", Some("node-1")));
     let retain_pv = wait_bound(&mut c, "retain", STEP);
     assert_eq!(retain_pv["spec"]["persistentVolumeReclaimPolicy"], "Retain");
@@ -1023,9 +1055,18 @@ fn kubernetes_provisions_expands_snapshots_and_deletes_through_k8scsi() {
         "reclaimPolicy Retain: {retain_id} was deleted"
     );
     // An administrator removes a retained PV by hand; the storage stays until deleted too.
-    c.kubectl(&["delete", "pv", &retain_pv_name, "--wait=true", "--timeout=120s"]);
+    c.kubectl(&[
+        "delete",
+        "pv",
+        &retain_pv_name,
+        "--wait=true",
+        "--timeout=120s",
+    ]);
     assert!(csi.volumes(&c.socket("node-1")).contains_key(&retain_id));
-    done("reclaimPolicy Delete removes the volume, Retain keeps it", t);
+    done(
+        "reclaimPolicy Delete removes the volume, Retain keeps it",
+        t,
+    );
 
     bulk_scenario(&mut c, &csi);
 
@@ -1050,10 +1091,17 @@ fn kubernetes_provisions_expands_snapshots_and_deletes_through_k8scsi() {
     // Measured memory, for sizing the manifests' requests and limits.
     for p in &c.procs {
         if let Some(kib) = p.peak_rss_kib() {
-            eprintln!("BENCH e2e: peak RSS {:<26} {:>6.1} MiB", p.name, kib as f64 / 1024.0);
+            eprintln!(
+                "BENCH e2e: peak RSS {:<26} {:>6.1} MiB",
+                p.name,
+                kib as f64 / 1024.0
+            );
         }
     }
-    eprintln!("e2e: all scenarios passed in {:.1} s", total.elapsed().as_secs_f64());
+    eprintln!(
+        "e2e: all scenarios passed in {:.1} s",
+        total.elapsed().as_secs_f64()
+    );
 }
 
 /// VolumeSnapshot -> ready -> restore into a new PVC. Runs only when the driver advertises
@@ -1114,7 +1162,14 @@ fn bulk_scenario(c: &mut Cluster, csi: &Csi) {
         .unwrap_or(BULK_PVCS);
     let t = step(&format!("{n} PVCs at once"));
     let items: Vec<Value> = (0..n)
-        .map(|i| pvc(&format!("bulk-{i:03}"), "k8scsi", "64Mi", Some(NODES[i % 2])))
+        .map(|i| {
+            pvc(
+                &format!("bulk-{i:03}"),
+                "k8scsi",
+                "64Mi",
+                Some(NODES[i % 2]),
+            )
+        })
         .collect();
     let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
     let started = Instant::now();
