@@ -862,6 +862,8 @@ fn kubernetes_provisions_expands_snapshots_and_deletes_through_k8scsi() {
     let helm = |values: &[&str]| -> Vec<Value> {
         let mut cmd = Command::new(c.tool("helm"));
         cmd.args(["template", "k8scsi", "--namespace", NAMESPACE])
+            // helm assumes Kubernetes v1.20 without a cluster; the chart needs >= 1.34.
+            .args(["--kube-version", "v1.36.3"])
             .arg(repo_root().join("deploy/helm/k8scsi"))
             .args(values.iter().flat_map(|v| ["--set", v]));
         let yaml = run_ok(&mut cmd).stdout;
@@ -903,11 +905,34 @@ fn kubernetes_provisions_expands_snapshots_and_deletes_through_k8scsi() {
         );
         eprintln!("    helm mode={mode}: {} objects accepted", chart.len());
     }
-    let renamed = helm(&["driverName=example.k8scsi.io"]);
+    // Another driver name reaches the CSIDriver and the kubelet registration path. (Classes are
+    // left out: the base's classes exist for real here and `provisioner` is immutable.)
+    let renamed = helm(&[
+        "driverName=example.k8scsi.io",
+        "backends.dir.enabled=false",
+        "backends.loop.enabled=false",
+    ]);
     assert!(
         renamed
             .iter()
             .any(|o| o["kind"] == "CSIDriver" && o["metadata"]["name"] == "example.k8scsi.io")
+    );
+    assert!(
+        renamed.iter().all(|o| o["kind"] != "StorageClass"),
+        "backends disabled"
+    );
+    let registrar = container_args(
+        &renamed,
+        "DaemonSet",
+        "node-driver-registrar",
+        Path::new("/"),
+    );
+    assert!(
+        registrar.contains(
+            &"--kubelet-registration-path=/var/lib/kubelet/plugins/example.k8scsi.io/csi.sock"
+                .to_string()
+        ),
+        "{registrar:?}"
     );
     done("server-side dry run of every overlay and the Helm chart", t);
 
@@ -1088,6 +1113,17 @@ fn kubernetes_provisions_expands_snapshots_and_deletes_through_k8scsi() {
     done("cleanup through Kubernetes", t);
 
     c.check_alive();
+    // The base's RBAC was enough: no sidecar was refused anything along the way.
+    for p in c.procs.iter().filter(|p| p.name.starts_with("csi-")) {
+        let log = std::fs::read_to_string(&p.log).unwrap();
+        let refused: Vec<&str> = log.lines().filter(|l| l.contains("is forbidden")).collect();
+        assert!(
+            refused.is_empty(),
+            "{} was refused by RBAC:\n{}",
+            p.name,
+            refused.join("\n")
+        );
+    }
     // Measured memory, for sizing the manifests' requests and limits.
     for p in &c.procs {
         if let Some(kib) = p.peak_rss_kib() {
