@@ -290,50 +290,86 @@ impl Cluster {
         cmd
     }
 
-    fn kubectl(&self, args: &[&str]) -> Output {
-        run_ok(&mut self.kubectl_cmd(args))
-    }
-
-    /// kubectl with `input` on stdin.
-    fn kubectl_stdin(&self, args: &[&str], input: &str) -> Output {
+    /// One kubectl run, with `input` on stdin when given.
+    fn kubectl_once(&self, args: &[&str], input: Option<&str>) -> Output {
         let mut child = self
             .kubectl_cmd(args)
-            .stdin(Stdio::piped())
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "kubectl {args:?} failed:\n{}\n{}\ninput:\n{input}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
+        if let Some(input) = input {
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// kubectl that must succeed. Every command the test issues is idempotent (apply,
+    /// `delete --ignore-not-found`, `annotate --overwrite`, merge patches), so a failure is
+    /// retried a few times: under heavy load the API server may time out a request.
+    fn kubectl_retry(&self, args: &[&str], input: Option<&str>) -> Output {
+        let mut attempt = 1;
+        loop {
+            let out = self.kubectl_once(args, input);
+            if out.status.success() {
+                return out;
+            }
+            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(
+                attempt < 4,
+                "kubectl {args:?} failed {attempt} times:\n{}\n{stderr}\ninput:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                input.unwrap_or("")
+            );
+            eprintln!("    kubectl {args:?} failed (attempt {attempt}), retrying: {stderr}");
+            attempt += 1;
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+
+    fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_retry(args, None)
+    }
+
+    /// kubectl with `input` on stdin.
+    fn kubectl_stdin(&self, args: &[&str], input: &str) -> Output {
+        self.kubectl_retry(args, Some(input))
     }
 
     fn apply_json(&self, object: &Value) {
         self.kubectl_stdin(&["apply", "-f", "-"], &object.to_string());
     }
 
-    /// `kubectl get -o json`, or `None` when the object does not exist.
+    /// `kubectl get -o json`, or `None` when the object does not exist. Other errors are
+    /// retried like [`Cluster::kubectl_retry`].
     fn get(&self, args: &[&str]) -> Option<Value> {
         let mut full = vec!["get", "-o", "json"];
         full.extend_from_slice(args);
-        let out = self.kubectl_cmd(&full).output().unwrap();
-        if !out.status.success() {
+        let mut attempt = 1;
+        loop {
+            let out = self.kubectl_once(&full, None);
+            if out.status.success() {
+                return Some(serde_json::from_slice(&out.stdout).unwrap());
+            }
             let err = String::from_utf8_lossy(&out.stderr);
-            assert!(err.contains("NotFound"), "kubectl get {args:?}: {err}");
-            return None;
+            if err.contains("NotFound") {
+                return None;
+            }
+            assert!(attempt < 4, "kubectl get {args:?}: {err}");
+            eprintln!("    kubectl get {args:?} failed (attempt {attempt}), retrying: {err}");
+            attempt += 1;
+            std::thread::sleep(Duration::from_secs(2));
         }
-        Some(serde_json::from_slice(&out.stdout).unwrap())
     }
 
     fn items(&self, args: &[&str]) -> Vec<Value> {
@@ -826,7 +862,15 @@ fn publish_write_unpublish(c: &Cluster, csi: &Csi, node: &str, pv: &Value) {
 }
 
 fn delete_pvc(c: &Cluster, name: &str) {
-    c.kubectl(&["delete", "pvc", "-n", "default", name, "--wait=false"]);
+    c.kubectl(&[
+        "delete",
+        "pvc",
+        "-n",
+        "default",
+        name,
+        "--wait=false",
+        "--ignore-not-found",
+    ]);
 }
 
 fn wait_pv_gone(c: &mut Cluster, pv: &str) {
@@ -982,6 +1026,7 @@ fn kubernetes_provisions_expands_snapshots_and_deletes_through_k8scsi() {
         "-n",
         "default",
         "wffc",
+        "--overwrite",
         "volume.kubernetes.io/selected-node=node-2",
     ]);
     let wffc_pv = wait_bound(&mut c, "wffc", STEP);
@@ -1184,7 +1229,14 @@ fn snapshot_scenario(c: &mut Cluster, csi: &Csi) {
     for name in ["restored", "origin"] {
         delete_pvc(c, name);
     }
-    c.kubectl(&["delete", "volumesnapshot", "-n", "default", "snap"]);
+    c.kubectl(&[
+        "delete",
+        "volumesnapshot",
+        "-n",
+        "default",
+        "snap",
+        "--ignore-not-found",
+    ]);
     wait_pv_gone(c, restored_pv["metadata"]["name"].as_str().unwrap());
     wait_pv_gone(c, origin_pv["metadata"]["name"].as_str().unwrap());
     done("VolumeSnapshot -> ready -> restore into a new PVC", t);
@@ -1209,7 +1261,8 @@ fn bulk_scenario(c: &mut Cluster, csi: &Csi) {
         .collect();
     let list = json!({"apiVersion": "v1", "kind": "List", "items": items});
     let started = Instant::now();
-    c.kubectl_stdin(&["create", "-f", "-"], &list.to_string());
+    // Server-side apply: one request per object like `create`, but idempotent if retried.
+    c.kubectl_stdin(&["apply", "--server-side", "-f", "-"], &list.to_string());
     wait_for(&format!("{n} PVCs Bound"), BULK, || {
         c.check_alive();
         let bound = c
@@ -1238,7 +1291,14 @@ fn bulk_scenario(c: &mut Cluster, csi: &Csi) {
 
     let started = Instant::now();
     let names: Vec<String> = (0..n).map(|i| format!("bulk-{i:03}")).collect();
-    let mut args = vec!["delete", "pvc", "-n", "default", "--wait=false"];
+    let mut args = vec![
+        "delete",
+        "pvc",
+        "-n",
+        "default",
+        "--wait=false",
+        "--ignore-not-found",
+    ];
     args.extend(names.iter().map(String::as_str));
     c.kubectl(&args);
     wait_for(&format!("{n} bulk PVs deleted"), BULK, || {
