@@ -1161,7 +1161,13 @@ fn kubernetes_provisions_expands_snapshots_and_deletes_through_k8scsi() {
     // The base's RBAC was enough: no sidecar was refused anything along the way.
     for p in c.procs.iter().filter(|p| p.name.starts_with("csi-")) {
         let log = std::fs::read_to_string(&p.log).unwrap();
-        let refused: Vec<&str> = log.lines().filter(|l| l.contains("is forbidden")).collect();
+        // csi-snapshotter probes for group-snapshot CRDs with a list and turns the feature off
+        // when refused; k8scsi has no group snapshots, so the RBAC deliberately omits them.
+        let refused: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("is forbidden"))
+            .filter(|l| !l.contains("disabling the VolumeGroupSnapshot feature"))
+            .collect();
         assert!(
             refused.is_empty(),
             "{} was refused by RBAC:\n{}",
