@@ -3,6 +3,11 @@
 #
 #   * Debian packages for loop-device / filesystem tests
 #     (mkfs.ext4, mkfs.xfs, mkfs.btrfs, losetup, mount, findmnt, ...).
+#   * the end-to-end test's Kubernetes components (etcd, kube-apiserver,
+#     kube-controller-manager, kubectl, CSI sidecars, snapshot-controller, helm),
+#     built by e2e/build-tools.sh into ${K8SCSI_TOOLS_DIR}/e2e (cold: ~25 min on
+#     2 cores; warm: well under a second). K8SCSI_SKIP_E2E_TOOLS=1 skips them
+#     (tests/e2e.rs then skips, or fails under K8SCSI_REQUIRE_TOOLS=1).
 #   * csi-sanity (github.com/kubernetes-csi/csi-test) at a pinned version,
 #     built with `go install` into a cache dir OUTSIDE the work tree:
 #       ${K8SCSI_TOOLS_DIR:-$HOME/.cache/k8scsi-tools}/bin/csi-sanity
@@ -36,6 +41,8 @@ APT_PACKAGES=(
   util-linux    # findmnt, blkid, lsblk, fallocate, wipefs
   mount         # mount, umount, losetup (separate package on Debian 12)
   ca-certificates # TLS to the Go module proxy
+  openssl       # e2e: the API server's service-account signing key
+  python3       # e2e/build-tools.sh: reads upstream go.mod replace blocks
 )
 
 # go itself needs HOME (for GOCACHE/GOPATH) when XDG vars are unset.
@@ -124,9 +131,19 @@ install_csi_sanity() {
   log "csi-sanity ${CSI_SANITY_VERSION}: installed at ${CSI_SANITY_BIN}"
 }
 
+install_e2e_tools() {
+  if [[ "${K8SCSI_SKIP_E2E_TOOLS:-0}" == "1" ]]; then
+    log "K8SCSI_SKIP_E2E_TOOLS=1: skipping the e2e tools"
+    return 0
+  fi
+  # Its stdout (the bin dir) must not become our last stdout line.
+  K8SCSI_TOOLS_DIR="${TOOLS_DIR}" bash "$(dirname "${BASH_SOURCE[0]}")/../e2e/build-tools.sh" >&2
+}
+
 main() {
   install_apt_packages
   install_csi_sanity
+  install_e2e_tools
   log "tools dir: ${BIN_DIR}"
   printf '%s\n' "${CSI_SANITY_BIN}"
 }

@@ -11,6 +11,11 @@ pub const PV_NAME: &str = "csi.storage.k8s.io/pv/name";
 pub const PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
 pub const PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
 const METADATA_KEYS: &[&str] = &[PV_NAME, PVC_NAME, PVC_NAMESPACE];
+/// Prefix Kubernetes reserves for parameters its sidecars interpret (`.../fstype`,
+/// `.../provisioner-secret-name`, ...). The external-provisioner strips them from CreateVolume
+/// but passes the StorageClass parameters unchanged to GetCapacity (seen in tests/e2e.rs), so
+/// they are skipped rather than refused.
+const RESERVED_PREFIX: &str = "csi.storage.k8s.io/";
 
 /// The `type` parameter choosing the backend.
 pub const TYPE: &str = "type";
@@ -66,6 +71,9 @@ pub fn parse(raw: &BTreeMap<String, String>) -> Result<Parameters> {
     for (key, value) in raw {
         if METADATA_KEYS.contains(&key.as_str()) {
             out.metadata.insert(key.clone(), value.clone());
+            continue;
+        }
+        if key.starts_with(RESERVED_PREFIX) {
             continue;
         }
         match key.as_str() {
@@ -167,6 +175,23 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn skips_keys_reserved_for_the_kubernetes_sidecars() {
+        let p = parse(&map(&[
+            ("type", "loop"),
+            ("csi.storage.k8s.io/fstype", "xfs"),
+        ]))
+        .unwrap();
+        assert_eq!(p.backend, "loop");
+        assert_eq!(p.defining, map(&[("type", "loop")]));
+        assert!(p.metadata.is_empty());
+        // Only the exact prefix: a look-alike key is still a typo.
+        assert!(matches!(
+            parse(&map(&[("csi.storage.k8s.io-fstype", "xfs")])),
+            Err(Error::UnknownParameter(_))
+        ));
     }
 
     #[test]
