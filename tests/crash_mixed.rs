@@ -722,6 +722,22 @@ async fn must(c: &mut Clients, paths: &Paths, vol: &mut Vol, op: Op, context: &s
     }
 }
 
+/// Prints the server's log when the test fails, before the temporary directory goes.
+struct LogOnPanic(PathBuf);
+
+impl Drop for LogOnPanic {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.0).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(60).collect();
+            eprintln!("server log (last lines):");
+            for line in tail.into_iter().rev() {
+                eprintln!("  {line}");
+            }
+        }
+    }
+}
+
 fn skip_reason() -> Option<String> {
     if !common::is_root() {
         return Some("needs root (mounts, loop devices)".into());
@@ -754,6 +770,7 @@ async fn sigkill_during_mixed_node_and_controller_work_loses_nothing() {
     let started = Instant::now();
     let mut rng = Rng(seed);
     let mut driver = tokio::task::block_in_place(Driver::start);
+    let _log = LogOnPanic(driver.log_path());
     let paths = Paths {
         pods: driver.kubelet_dir().join("pods"),
     };
