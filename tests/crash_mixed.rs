@@ -476,7 +476,11 @@ async fn worker(
             let name = vol.name.clone();
             tokio::task::spawn_blocking(move || {
                 if expected.is_some() {
-                    assert_eq!(read_token(&path), expected, "{name}: data lost while published");
+                    assert_eq!(
+                        read_token(&path),
+                        expected,
+                        "{name}: data lost while published"
+                    );
                 }
                 write_token(&path, token);
             })
@@ -536,7 +540,11 @@ async fn listed(c: &mut Clients, context: &str) -> BTreeSet<String> {
         .expect("ListVolumes hangs")
         .expect("ListVolumes")
         .into_inner();
-        ids.extend(page.entries.into_iter().map(|e| e.volume.unwrap().volume_id));
+        ids.extend(
+            page.entries
+                .into_iter()
+                .map(|e| e.volume.unwrap().volume_id),
+        );
         if page.next_token.is_empty() {
             break;
         }
@@ -562,7 +570,8 @@ fn storage(driver: &Driver, context: &str) -> BTreeSet<String> {
         for entry in entries {
             let name = entry.unwrap().file_name().into_string().unwrap();
             let id = if strip_ext {
-                name.rsplit_once('.').map_or(name.clone(), |(i, _)| i.to_string())
+                name.rsplit_once('.')
+                    .map_or(name.clone(), |(i, _)| i.to_string())
             } else {
                 name.clone()
             };
@@ -707,9 +716,9 @@ async fn with_timeout<T>(what: &str, f: impl std::future::Future<Output = T>) ->
 /// Sends `op` and records its acknowledgement; any failure is a test failure.
 async fn must(c: &mut Clients, paths: &Paths, vol: &mut Vol, op: Op, context: &str) {
     with_timeout(&format!("{context}: {op:?} of {}", vol.name), async {
-        call(c, paths, vol, op).await.unwrap_or_else(|e| {
-            panic!("{context}: {op:?} of {} ({}): {e:?}", vol.name, vol.id())
-        })
+        call(c, paths, vol, op)
+            .await
+            .unwrap_or_else(|e| panic!("{context}: {op:?} of {} ({}): {e:?}", vol.name, vol.id()))
     })
     .await;
     vol.at = op.lands_at(vol.at);
