@@ -18,8 +18,11 @@ use crate::mount::paths::ConfinedPath;
 /// The kubelet root the path checks confine to.
 pub const FUZZ_ROOT: &str = "/var/lib/kubelet";
 
+/// One invariant check over arbitrary bytes.
+pub type Check = fn(&[u8]);
+
 /// The checks, by the name of their fuzz target and corpus directory.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+pub const TARGETS: &[(&str, Check)] = &[
     ("volume_id", check_volume_id),
     ("name", check_name),
     ("parameters", check_parameters),

@@ -373,7 +373,7 @@ async fn a_full_data_filesystem_fails_cleanly_with_resource_exhausted() {
 
     // Fill the filesystem up to about 3 MiB free.
     let filler = std::fs::File::create(d.data_dir().join("filler")).unwrap();
-    let st = rustix::fs::statvfs(&d.data_dir()).unwrap();
+    let st = rustix::fs::statvfs(d.data_dir()).unwrap();
     let free = st.f_bavail * st.f_frsize;
     rustix::fs::fallocate(
         &filler,

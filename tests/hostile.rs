@@ -77,7 +77,7 @@ fn swap_until(a: PathBuf, b: PathBuf, stop: Arc<AtomicBool>) -> std::thread::Joi
                 Err(e) => panic!("exchange {} and {}: {e}", a.display(), b.display()),
             }
             n += 1;
-            if n % 64 == 0 {
+            if n.is_multiple_of(64) {
                 std::thread::yield_now();
             }
         }
@@ -616,7 +616,7 @@ async fn ten_thousand_volumes_page_correctly_under_concurrent_churn() {
             let mut n = 0u64;
             while !stop.load(Ordering::SeqCst) {
                 let id = create_id(&mut c, &format!("churn-{t}-{n}")).await;
-                if n % 3 != 0 {
+                if !n.is_multiple_of(3) {
                     c.delete_volume(proto::DeleteVolumeRequest {
                         volume_id: id,
                         ..Default::default()
