@@ -698,13 +698,23 @@ fn check_converged(
         mounts,
         "{context}: mounts differ from the acknowledged stagings and publications"
     );
-    let mut got = attached(driver);
-    got.sort();
     devices.sort();
-    assert_eq!(
-        got, devices,
-        "{context}: loop devices differ from the acknowledged stagings"
-    );
+    // The kernel releases an autoclear device (ext4 volumes, freed when their filesystem is
+    // unmounted) asynchronously, so a device of a volume just unstaged may linger briefly.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut got = attached(driver);
+        got.sort();
+        if got == devices {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{context}: loop devices differ from the acknowledged stagings\n  got: \
+             {got:?}\n want: {devices:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 async fn with_timeout<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
@@ -883,11 +893,15 @@ async fn sigkill_during_mixed_node_and_controller_work_loses_nothing() {
             "{context}: mounts left: {:?}",
             our_mounts(&driver)
         );
-        assert!(
-            attached(&driver).is_empty(),
-            "{context}: loop devices left: {:?}",
-            attached(&driver)
-        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !attached(&driver).is_empty() {
+            assert!(
+                Instant::now() < deadline,
+                "{context}: loop devices left: {:?}",
+                attached(&driver)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
     });
     let names: usize = owned.iter().map(|o| o.vols.len()).sum();
     eprintln!(
