@@ -8,7 +8,9 @@
 //! - [`csi`]: the thin gRPC adapters that translate CSI requests to engine calls;
 //! - [`server`], [`client`] and [`bench`]: what the `k8scsi` binary runs;
 //! - [`metrics`] and [`health`]: Prometheus metrics, `/healthz` and readiness of a server;
-//! - [`ops`]: the operator's commands (`volumes`, `snapshots`, `usage`, `doctor`).
+//! - [`ops`]: the operator's commands (`volumes`, `snapshots`, `usage`, `doctor`);
+//! - [`fuzzing`]: invariant checks over request validation for the fuzz targets and their
+//!   regression corpus.
 //!
 //! Only [`csi`], [`server`], [`client`] and [`bench`] know about gRPC.
 
@@ -18,6 +20,7 @@ pub mod bench;
 pub mod client;
 pub mod csi;
 pub mod engine;
+pub mod fuzzing;
 pub mod health;
 pub mod metrics;
 pub mod mount;

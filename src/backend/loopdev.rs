@@ -106,8 +106,28 @@ impl std::fmt::Display for FsType {
 }
 
 /// Runs `program args... path` and returns its stdout, or its stderr as the error.
+/// Where `setpriv` (util-linux, like `losetup`) is looked for.
+const SETPRIV: &str = "/usr/bin/setpriv";
+
+/// A command for `program` that dies with the thread that started it.
+///
+/// Without this, a tool still running when the driver is SIGKILLed keeps going as an orphan:
+/// a `losetup` finishing after the restarted driver retried the same attach leaves the image on
+/// two loop devices, and an `mkfs` racing a retried create's `mkfs` writes one image twice.
+/// `setpriv --pdeathsig KILL` makes the kernel kill the tool when the driver goes (found by
+/// tests/crash_mixed.rs). Without `setpriv` the tool runs directly, as before.
+fn tool(program: &str) -> Command {
+    if Path::new(SETPRIV).exists() {
+        let mut cmd = Command::new(SETPRIV);
+        cmd.args(["--pdeathsig", "KILL", "--", program]);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
 fn run(program: &str, args: &[&str], path: &Path) -> Result<String, BackendError> {
-    let output = Command::new(program)
+    let output = tool(program)
         .args(args)
         .arg(path)
         .output()
@@ -296,7 +316,7 @@ fn parse_blkid_export(out: &str) -> Probe {
 /// Low-level probe (`blkid -p`: no cache, reads the superblocks itself).
 fn probe(path: &Path) -> Result<Probe, BackendError> {
     let args = ["-p", "-o", "export"];
-    let output = Command::new("blkid")
+    let output = tool("blkid")
         .args(args)
         .arg(path)
         .output()

@@ -194,12 +194,33 @@ impl Drop for CommitIntent {
     }
 }
 
+/// Refuses a store file from another schema version before anything opens it for writing:
+/// redb updates the file's header on a writable open, and a newer build's store must stay
+/// exactly as that build left it. A file that cannot be opened read-only (missing, or left
+/// unclean by a crash and needing redb's repair) is left to the writable open and its check.
+fn refuse_other_schema(path: &Path) -> Result<(), StoreError> {
+    let Ok(db) = redb::ReadOnlyDatabase::open(path) else {
+        return Ok(());
+    };
+    let found = (|| -> Option<u64> {
+        let txn = db.begin_read().ok()?;
+        let meta = txn.open_table(META).ok()?;
+        meta.get(SCHEMA_VERSION_KEY).ok()?.map(|v| v.value())
+    })();
+    drop(db);
+    match found {
+        Some(found) if found != SCHEMA_VERSION => Err(StoreError::Schema { found }),
+        _ => Ok(()),
+    }
+}
+
 impl Store {
     /// Opens (or creates) the store in `state_dir` and starts its writer thread.
     pub fn open(state_dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| StoreError::io(format!("creating {}", state_dir.display()), e))?;
         let path = state_dir.join(STORE_FILE);
+        refuse_other_schema(&path)?;
         // An operator command reading the file (see `reader`) holds it for a few milliseconds;
         // wait that out rather than fail start-up, but not a server that keeps it open.
         let deadline = Instant::now() + Duration::from_secs(2);

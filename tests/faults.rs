@@ -1,0 +1,637 @@
+//! Faults below the driver: a node reboot (every mount and loop device gone while the store says
+//! the volumes are published), a full data filesystem, a read-only or vanished data directory,
+//! a corrupted loop image and a state store written by a newer version.
+//!
+//! Each test uses only its own resources: its temporary directory, the mounts under it and the
+//! loop devices backing its own image files. Root and the loop tools are needed; the tests skip
+//! with a printed reason otherwise (and fail in CI, which requires the tools).
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::Driver;
+use k8scsi::client::mount_capability;
+use k8scsi::csi::proto::controller_client::ControllerClient;
+use k8scsi::csi::proto::node_client::NodeClient;
+use k8scsi::csi::proto::volume_capability::access_mode::Mode;
+use k8scsi::csi::proto::volume_capability::{AccessMode, AccessType, BlockVolume};
+use k8scsi::csi::proto::{self, VolumeCapability};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const MIB: i64 = 1 << 20;
+
+fn skip_reason() -> Option<String> {
+    if !common::is_root() {
+        return Some("needs root (mounts, loop devices)".into());
+    }
+    for tool in ["losetup", "mkfs.ext4"] {
+        if Command::new(tool).arg("-V").output().is_err() {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    None
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Dir,
+    Ext4,
+    Block,
+}
+
+fn capability(kind: Kind) -> VolumeCapability {
+    match kind {
+        Kind::Dir => mount_capability(Mode::SingleNodeWriter, vec![]),
+        Kind::Ext4 => {
+            let mut cap = mount_capability(Mode::SingleNodeWriter, vec![]);
+            if let Some(AccessType::Mount(m)) = cap.access_type.as_mut() {
+                m.fs_type = "ext4".into();
+            }
+            cap
+        }
+        Kind::Block => VolumeCapability {
+            access_type: Some(AccessType::Block(BlockVolume {})),
+            access_mode: Some(AccessMode {
+                mode: Mode::SingleNodeWriter as i32,
+            }),
+        },
+    }
+}
+
+fn parameters(kind: Kind) -> HashMap<String, String> {
+    match kind {
+        Kind::Dir => common::unenforced(),
+        Kind::Ext4 | Kind::Block => [("type".to_string(), "loop".to_string())].into(),
+    }
+}
+
+fn create_request(name: &str, kind: Kind, bytes: i64) -> proto::CreateVolumeRequest {
+    proto::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![capability(kind)],
+        parameters: parameters(kind),
+        ..Default::default()
+    }
+}
+
+struct Vol {
+    id: String,
+    kind: Kind,
+    staging: String,
+    target: String,
+}
+
+impl Vol {
+    fn data(&self) -> PathBuf {
+        match self.kind {
+            Kind::Block => PathBuf::from(&self.target),
+            _ => Path::new(&self.target).join("data"),
+        }
+    }
+}
+
+async fn stage_and_publish(node: &mut NodeClient<Channel>, v: &Vol) {
+    node.node_stage_volume(proto::NodeStageVolumeRequest {
+        volume_id: v.id.clone(),
+        staging_target_path: v.staging.clone(),
+        volume_capability: Some(capability(v.kind)),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("stage {:?}: {e:?}", v.kind));
+    node.node_publish_volume(proto::NodePublishVolumeRequest {
+        volume_id: v.id.clone(),
+        staging_target_path: v.staging.clone(),
+        target_path: v.target.clone(),
+        volume_capability: Some(capability(v.kind)),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("publish {:?}: {e:?}", v.kind));
+}
+
+async fn tear_down(c: &mut ControllerClient<Channel>, node: &mut NodeClient<Channel>, v: &Vol) {
+    node.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: v.id.clone(),
+        target_path: v.target.clone(),
+    })
+    .await
+    .unwrap();
+    node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: v.id.clone(),
+        staging_target_path: v.staging.clone(),
+    })
+    .await
+    .unwrap();
+    c.delete_volume(proto::DeleteVolumeRequest {
+        volume_id: v.id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+}
+
+fn write_block(path: &Path, payload: &[u8]) {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    f.write_all(payload).unwrap();
+    f.sync_all().unwrap();
+}
+
+fn read_prefix(path: &Path, len: usize) -> Vec<u8> {
+    let mut f =
+        std::fs::File::open(path).unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let mut buf = vec![0; len];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
+/// Mount points under `dir`, deepest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let mut points: Vec<PathBuf> = k8scsi::mount::mountinfo::read()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.mount_point)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points
+}
+
+/// Loop devices whose backing file is under `dir`.
+fn loops_under(dir: &Path) -> Vec<String> {
+    let out = Command::new("losetup")
+        .args(["-n", "-O", "NAME,BACK-FILE", "-l"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&*dir.to_string_lossy()))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+/// Waits (polling, generously) until `cond` holds.
+fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A "reboot": the server dies, every mount under the test's directory goes and every loop
+/// device of its images is detached, while the store still records the stagings and
+/// publications. The kubelet then stages and publishes again at the same paths; every volume
+/// comes back with its data, and a full teardown leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reboot_loses_mounts_and_devices_and_restage_brings_data_back() {
+    skip_unless_ready!(skip_reason());
+    let mut d = tokio::task::block_in_place(Driver::start);
+    let mut c = d.controller().await;
+    let mut node = d.node().await;
+    let mut vols = Vec::new();
+    for (i, kind) in [Kind::Dir, Kind::Ext4, Kind::Block].into_iter().enumerate() {
+        let bytes = if kind == Kind::Dir { MIB } else { 16 * MIB };
+        let id = c
+            .create_volume(create_request(&format!("reboot-{i}"), kind, bytes))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
+            .volume_id;
+        let v = Vol {
+            id,
+            kind,
+            staging: d.target(&format!("reboot-{i}-staging")),
+            target: d.target(&format!("reboot-{i}")),
+        };
+        stage_and_publish(&mut node, &v).await;
+        let payload = format!("before the reboot {i} {:?}", kind).into_bytes();
+        write_block(&v.data(), &payload);
+        vols.push((v, payload));
+    }
+
+    tokio::task::block_in_place(|| {
+        d.kill();
+        for point in mounts_under(d.dir.path()) {
+            rustix::mount::unmount(&point, rustix::mount::UnmountFlags::empty())
+                .unwrap_or_else(|e| panic!("unmount {}: {e}", point.display()));
+        }
+        for device in loops_under(d.dir.path()) {
+            let out = Command::new("losetup")
+                .args(["-d", &device])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "losetup -d {device}: {out:?}");
+        }
+        eventually("our loop devices to go", || {
+            loops_under(d.dir.path()).is_empty()
+        });
+        assert!(mounts_under(d.dir.path()).is_empty());
+        d.restart();
+    });
+
+    let mut c = d.controller().await;
+    let mut node = d.node().await;
+    for (v, payload) in &vols {
+        stage_and_publish(&mut node, v).await;
+        assert!(common::is_mounted(Path::new(&v.target)), "{:?}", v.kind);
+        let got = tokio::task::block_in_place(|| read_prefix(&v.data(), payload.len()));
+        assert_eq!(&got, payload, "{:?} volume lost its data", v.kind);
+    }
+    for (v, _) in &vols {
+        tear_down(&mut c, &mut node, v).await;
+    }
+    tokio::task::block_in_place(|| {
+        eventually("loop devices to be released", || {
+            loops_under(d.dir.path()).is_empty()
+        });
+        assert!(mounts_under(d.dir.path()).is_empty());
+    });
+    assert!(
+        std::fs::read_dir(d.data_dir().join("images"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
+}
+
+/// A small ext4 filesystem on a loop device of its own, mounted at `at`; detached on drop.
+struct TinyFs {
+    image: tempfile::TempDir,
+    at: PathBuf,
+}
+
+impl TinyFs {
+    fn mount(at: &Path, mib: u64) -> TinyFs {
+        let image = tempfile::Builder::new()
+            .prefix("k8scsi-tinyfs-")
+            .tempdir()
+            .unwrap();
+        let file = image.path().join("fs.img");
+        let f = std::fs::File::create(&file).unwrap();
+        f.set_len(mib << 20).unwrap();
+        drop(f);
+        let out = Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0"])
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let out = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&file)
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        TinyFs {
+            image,
+            at: at.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        // The mount's loop device was set up by mount(8) with autoclear: unmounting frees it.
+        let _ = rustix::mount::unmount(&self.at, rustix::mount::UnmountFlags::DETACH);
+        let _ = &self.image;
+    }
+}
+
+/// Everything below `dir` (relative paths), for "nothing changed on disk" checks.
+fn tree(dir: &Path) -> Vec<String> {
+    fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            out.push(p.strip_prefix(base).unwrap().to_string_lossy().into_owned());
+            if e.file_type().unwrap().is_dir() {
+                walk(base, &p, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+/// The data directory on a 24 MiB filesystem: volumes that do not fit fail with
+/// RESOURCE_EXHAUSTED and leave no image behind, growth past the free space fails the same way,
+/// and the driver (and its store, which lives elsewhere) stays usable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_data_filesystem_fails_cleanly_with_resource_exhausted() {
+    skip_unless_ready!(skip_reason());
+    let mut tiny = None;
+    let d = tokio::task::block_in_place(|| {
+        Driver::start_on(|data| tiny = Some(TinyFs::mount(data, 24)))
+    });
+    let _tiny = tiny.unwrap();
+    let mut c = d.controller().await;
+    let preallocated = |name: &str, bytes: i64| {
+        let mut r = create_request(name, Kind::Ext4, bytes);
+        r.parameters
+            .insert("allocation".to_string(), "preallocate".to_string());
+        r
+    };
+
+    // What fits is created.
+    let small = c
+        .create_volume(preallocated("fits", 8 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let image_sizes = || {
+        std::fs::read_dir(d.data_dir().join("images"))
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(image_sizes(), vec![8 << 20]);
+
+    // Fill the filesystem up to about 3 MiB free.
+    let filler = std::fs::File::create(d.data_dir().join("filler")).unwrap();
+    let st = rustix::fs::statvfs(d.data_dir()).unwrap();
+    let free = st.f_bavail * st.f_frsize;
+    rustix::fs::fallocate(
+        &filler,
+        rustix::fs::FallocateFlags::empty(),
+        0,
+        free.saturating_sub(3 << 20),
+    )
+    .unwrap();
+    filler.sync_all().unwrap();
+
+    // Smaller than the filesystem but more than is free: RESOURCE_EXHAUSTED, nothing left.
+    // (Larger than the whole filesystem is OUT_OF_RANGE, covered by tests/capacity.rs.)
+    let before = tree(&d.data_dir());
+    let status = c
+        .create_volume(preallocated("too-big", 8 * MIB))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(
+        tree(&d.data_dir()),
+        before,
+        "a failed create left something"
+    );
+
+    // Growing past the free space fails the same way and leaves the image's size alone.
+    let status = c
+        .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+            volume_id: small.volume_id.clone(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: 16 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(
+        image_sizes(),
+        vec![8 << 20],
+        "a failed expand changed the image"
+    );
+
+    // The store is unharmed: listing, deleting and creating again work.
+    let listed = c
+        .list_volumes(proto::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.entries.len(), 1);
+    c.delete_volume(proto::DeleteVolumeRequest {
+        volume_id: small.volume_id,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    std::fs::remove_file(d.data_dir().join("filler")).unwrap();
+    c.create_volume(preallocated("after", 8 * MIB))
+        .await
+        .unwrap();
+}
+
+/// A data directory that turned read-only (e.g. the filesystem remounted ro after errors):
+/// creates fail with an error, not a hang or a crash, and nothing is recorded; once writable
+/// again, the same request succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_data_directory_fails_creates_and_records_nothing() {
+    skip_unless_ready!(skip_reason());
+    let d = tokio::task::block_in_place(|| Driver::start_on(|_| {}));
+    let data = d.data_dir();
+    // A read-only bind of the data directory over itself, like a remount after I/O errors.
+    rustix::mount::mount_bind(&data, &data).unwrap();
+    rustix::mount::mount_remount(
+        &data,
+        rustix::mount::MountFlags::BIND | rustix::mount::MountFlags::RDONLY,
+        "",
+    )
+    .unwrap();
+    let mut c = d.controller().await;
+    for kind in [Kind::Dir, Kind::Ext4] {
+        let status = c
+            .create_volume(create_request(&format!("ro-{kind:?}"), kind, 16 * MIB))
+            .await
+            .unwrap_err();
+        assert!(
+            !matches!(status.code(), Code::Ok | Code::InvalidArgument),
+            "{kind:?}: {status:?}"
+        );
+    }
+    let listed = c
+        .list_volumes(proto::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.entries.is_empty(), "{listed:?}");
+    rustix::mount::unmount(&data, rustix::mount::UnmountFlags::empty()).unwrap();
+    for kind in [Kind::Dir, Kind::Ext4] {
+        c.create_volume(create_request(&format!("ro-{kind:?}"), kind, 16 * MIB))
+            .await
+            .unwrap_or_else(|e| panic!("{kind:?} after the data dir is writable again: {e:?}"));
+    }
+}
+
+/// The data directory vanishes under a running driver (an unmounted disk, an operator's
+/// mistake): calls fail with an error instead of recreating it somewhere unexpected, and the
+/// driver keeps serving once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanished_data_directory_fails_calls_and_recovers() {
+    skip_unless_ready!(skip_reason());
+    let d = tokio::task::block_in_place(Driver::start);
+    let mut c = d.controller().await;
+    let kept = c
+        .create_volume(create_request("kept", Kind::Dir, MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let aside = d.dir.path().join("data-aside");
+    std::fs::rename(d.data_dir(), &aside).unwrap();
+    for kind in [Kind::Dir, Kind::Ext4] {
+        let status = c
+            .create_volume(create_request(&format!("gone-{kind:?}"), kind, 16 * MIB))
+            .await
+            .unwrap_err();
+        assert!(
+            !matches!(status.code(), Code::Ok | Code::InvalidArgument),
+            "{kind:?}: {status:?}"
+        );
+    }
+    assert!(
+        !d.data_dir().exists(),
+        "the driver recreated the data directory"
+    );
+    std::fs::rename(&aside, d.data_dir()).unwrap();
+    let listed = c
+        .list_volumes(proto::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let ids: Vec<String> = listed
+        .entries
+        .into_iter()
+        .map(|e| e.volume.unwrap().volume_id)
+        .collect();
+    assert_eq!(ids, vec![kept.volume_id]);
+    c.create_volume(create_request("back", Kind::Dir, MIB))
+        .await
+        .unwrap();
+}
+
+/// A loop image whose filesystem was overwritten: staging fails with an error, nothing stays
+/// mounted at the staging path, and deleting the volume leaves no loop device behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_image_fails_staging_and_leaves_no_mount_or_device() {
+    skip_unless_ready!(skip_reason());
+    let d = tokio::task::block_in_place(Driver::start);
+    let mut c = d.controller().await;
+    let mut node = d.node().await;
+    let id = c
+        .create_volume(create_request("corrupt", Kind::Ext4, 16 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let image = std::fs::read_dir(d.data_dir().join("images"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    {
+        // Zero the first MiB: the ext4 superblock (at 1 KiB) and group descriptors.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        f.seek(SeekFrom::Start(0)).unwrap();
+        f.write_all(&vec![0u8; 1 << 20]).unwrap();
+        f.sync_all().unwrap();
+    }
+    let staging = d.target("corrupt-staging");
+    let status = node
+        .node_stage_volume(proto::NodeStageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.clone(),
+            volume_capability: Some(capability(Kind::Ext4)),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_ne!(status.code(), Code::Ok, "{status:?}");
+    assert!(!common::is_mounted(Path::new(&staging)));
+    // The failed stage is not recorded: unstage finds nothing to do, and delete works.
+    node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.clone(),
+    })
+    .await
+    .unwrap();
+    c.delete_volume(proto::DeleteVolumeRequest {
+        volume_id: id,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert!(!image.exists());
+    tokio::task::block_in_place(|| {
+        eventually("the corrupted image's loop device to go", || {
+            loops_under(d.dir.path()).is_empty()
+        })
+    });
+}
+
+/// A store written by a newer k8scsi (a higher schema version): the server refuses to start,
+/// says why, and does not modify the file.
+#[test]
+fn a_store_from_a_newer_version_is_refused_untouched() {
+    let mut d = Driver::start();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        d.controller()
+            .await
+            .create_volume(create_request("kept", Kind::Dir, MIB))
+            .await
+            .unwrap();
+    });
+    assert!(d.stop().success());
+    let file = std::fs::read_dir(d.state_dir())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_file())
+        .expect("store file");
+    {
+        let db = redb::Database::open(&file).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+            let mut table = txn.open_table(meta).unwrap();
+            table
+                .insert("schema_version", k8scsi::store::SCHEMA_VERSION + 1)
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let before = std::fs::read(&file).unwrap();
+    let out = d
+        .command()
+        .stdout(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("schema version"), "{stderr}");
+    assert!(
+        std::fs::read(&file).unwrap() == before,
+        "the refused store file was modified"
+    );
+}
