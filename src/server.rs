@@ -314,9 +314,12 @@ pub async fn serve(
     let sampled = Arc::new(Sampled::default());
     {
         let engine = engine.clone();
-        let report = tokio::task::spawn_blocking(move || engine.reconcile())
-            .await
-            .map_err(|e| ServeError::Config(format!("reconcile task: {e}")))??;
+        let report = tokio::task::spawn_blocking(move || {
+            engine.recover_snapshots()?;
+            engine.reconcile()
+        })
+        .await
+        .map_err(|e| ServeError::Config(format!("reconcile task: {e}")))??;
         sampled.set_reconcile(report);
     }
     let health = Health::new(

@@ -37,8 +37,12 @@ pub fn status(error: Error) -> Status {
         | Error::Invalid { .. }
         | Error::UnknownParameter(_)
         | Error::Unsupported(_) => Code::InvalidArgument,
-        Error::VolumeNotFound(_) | Error::NotFound(_) => Code::NotFound,
-        Error::AlreadyExists { .. } | Error::PublishedDifferently(_) => Code::AlreadyExists,
+        Error::VolumeNotFound(_) | Error::SnapshotNotFound(_) | Error::NotFound(_) => {
+            Code::NotFound
+        }
+        Error::AlreadyExists { .. }
+        | Error::SnapshotExists { .. }
+        | Error::PublishedDifferently(_) => Code::AlreadyExists,
         Error::InProgress(_) | Error::BadToken(_) => Code::Aborted,
         Error::CapacityOutOfRange(_) => Code::OutOfRange,
         Error::Exhausted(_) => Code::ResourceExhausted,
