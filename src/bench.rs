@@ -428,7 +428,8 @@ pub struct SnapshotBenchArgs {
     /// Volume sizes in GiB, comma separated.
     #[arg(long, value_delimiter = ',', default_value = "1,10")]
     pub sizes_gib: Vec<u64>,
-    /// MiB of data written into each volume before it is snapshotted (at most its size).
+    /// MiB of data written into each volume before it is snapshotted (at most its size; 0
+    /// fills it).
     #[arg(long, default_value_t = 1024)]
     pub fill_mib: u64,
     /// Snapshot + restore rounds per size.
@@ -517,8 +518,8 @@ pub async fn run_snapshots(args: SnapshotBenchArgs) -> Result<(), String> {
     let status = |e: tonic::Status| format!("{}: {}", e.code(), e.message());
     for &gib in &args.sizes_gib {
         let bytes = gib << 30;
-        let create = |name: String, source: Option<proto::VolumeContentSource>| {
-            proto::CreateVolumeRequest {
+        let create =
+            |name: String, source: Option<proto::VolumeContentSource>| proto::CreateVolumeRequest {
                 name,
                 capacity_range: Some(proto::CapacityRange {
                     required_bytes: bytes as i64,
@@ -528,8 +529,7 @@ pub async fn run_snapshots(args: SnapshotBenchArgs) -> Result<(), String> {
                 parameters: parameters.clone(),
                 volume_content_source: source,
                 ..Default::default()
-            }
-        };
+            };
         let volume = c
             .create_volume(create(format!("bench-snap-src-{gib}"), None))
             .await
@@ -548,7 +548,17 @@ pub async fn run_snapshots(args: SnapshotBenchArgs) -> Result<(), String> {
                 .join(&volume.volume_id)
                 .join("data"),
         };
-        let fill_mib = args.fill_mib.min(gib << 10);
+        // 0 fills the whole volume; a directory keeps 10% free for the filesystem's own use
+        // (a btrfs qgroup counts metadata too).
+        let room = if args.backend == "dir" {
+            (gib << 10) * 9 / 10
+        } else {
+            gib << 10
+        };
+        let fill_mib = match args.fill_mib {
+            0 => room,
+            n => n.min(room),
+        };
         fill(&target, fill_mib)?;
         let (mut snaps, mut restores) = (Vec::new(), Vec::new());
         for round in 0..args.rounds {
@@ -614,9 +624,21 @@ pub async fn run_snapshots(args: SnapshotBenchArgs) -> Result<(), String> {
             "{:>3} GiB volume, {fill_mib:>5} MiB written  mechanism={mechanism:<15} snapshot p50={:>9.1}ms max={:>9.1}ms  restore p50={:>9.1}ms max={:>9.1}ms  ({} rounds)",
             gib,
             median(snaps.clone()).as_secs_f64() * 1e3,
-            snaps.iter().max().copied().unwrap_or_default().as_secs_f64() * 1e3,
+            snaps
+                .iter()
+                .max()
+                .copied()
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1e3,
             median(restores.clone()).as_secs_f64() * 1e3,
-            restores.iter().max().copied().unwrap_or_default().as_secs_f64() * 1e3,
+            restores
+                .iter()
+                .max()
+                .copied()
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1e3,
             args.rounds,
         );
     }

@@ -607,3 +607,135 @@ async fn interrupted_snapshots_are_removed_at_restart_and_errors_follow_the_spec
     assert!(got.ready_to_use);
     assert_eq!(got.creation_time, snap.creation_time);
 }
+
+#[tokio::test]
+async fn group_snapshots_capture_every_member_at_one_point() {
+    skip_unless_ready!(tool_missing(&["mkfs.ext4", "losetup", "fsfreeze"]));
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let mut g = proto::group_controller_client::GroupControllerClient::new(d.channel().await);
+    let a = create(&mut c, loop_request("pvc-ga", 16 * MIB, "ext4"), None)
+        .await
+        .unwrap();
+    let b = create(&mut c, loop_request("pvc-gb", 16 * MIB, "ext4"), None)
+        .await
+        .unwrap();
+    let ma = stage(&d, &a.volume_id, "ext4", "ga-staging").await;
+    let mb = stage(&d, &b.volume_id, "ext4", "gb-staging").await;
+    std::fs::write(ma.join("a"), noise(30, 1 << 20)).unwrap();
+    std::fs::write(mb.join("b"), noise(31, 1 << 20)).unwrap();
+    let (before_a, before_b) = (checksums(&ma), checksums(&mb));
+
+    let request = proto::CreateVolumeGroupSnapshotRequest {
+        name: "group-1".into(),
+        source_volume_ids: vec![a.volume_id.clone(), b.volume_id.clone()],
+        ..Default::default()
+    };
+    let group = g
+        .create_volume_group_snapshot(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert!(group.ready_to_use);
+    assert_eq!(group.snapshots.len(), 2);
+    std::fs::write(ma.join("a"), b"later").unwrap();
+    std::fs::write(mb.join("later"), b"later").unwrap();
+    for s in &group.snapshots {
+        assert_eq!(s.group_snapshot_id, group.group_snapshot_id);
+        assert!(s.ready_to_use);
+    }
+    // Idempotent; another member set under the same name is ALREADY_EXISTS.
+    let again = g
+        .create_volume_group_snapshot(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(again.group_snapshot_id, group.group_snapshot_id);
+    let mut other = request.clone();
+    other.source_volume_ids.pop();
+    let status = g.create_volume_group_snapshot(other).await.unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+
+    // Each member restores to the data it held before the group snapshot.
+    for (i, s) in group.snapshots.iter().enumerate() {
+        let restored = create(
+            &mut c,
+            loop_request(&format!("pvc-g-restored-{i}"), 16 * MIB, "ext4"),
+            Some(snap_source(&s.snapshot_id)),
+        )
+        .await
+        .unwrap();
+        let m = stage(&d, &restored.volume_id, "ext4", &format!("g-restored-{i}")).await;
+        let expected = if s.source_volume_id == a.volume_id {
+            &before_a
+        } else {
+            &before_b
+        };
+        assert_eq!(&checksums(&m), expected);
+        unstage(&d, &restored.volume_id, &m).await;
+    }
+
+    // Members go with their group only.
+    let status = c
+        .delete_snapshot(proto::DeleteSnapshotRequest {
+            snapshot_id: group.snapshots[0].snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let status = g
+        .get_volume_group_snapshot(proto::GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: group.group_snapshot_id.clone(),
+            snapshot_ids: vec![group.snapshots[0].snapshot_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // Directory volumes cannot be frozen: refused.
+    let dir = create(&mut c, create_request("pvc-gdir", 8 * MIB), None)
+        .await
+        .unwrap();
+    let status = g
+        .create_volume_group_snapshot(proto::CreateVolumeGroupSnapshotRequest {
+            name: "group-dir".into(),
+            source_volume_ids: vec![dir.volume_id.clone(), a.volume_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // Writes still go through: every filesystem was thawed.
+    std::fs::write(ma.join("after-refusal"), b"x").unwrap();
+    rustix::fs::sync();
+
+    g.delete_volume_group_snapshot(proto::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: group.group_snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let status = g
+        .get_volume_group_snapshot(proto::GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: group.group_snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    for s in &group.snapshots {
+        assert!(
+            !d.data_dir()
+                .join("snapshots")
+                .join(format!("{}.ext4", s.snapshot_id))
+                .exists()
+        );
+    }
+    unstage(&d, &a.volume_id, &ma).await;
+    unstage(&d, &b.volume_id, &mb).await;
+}

@@ -93,7 +93,11 @@ impl LoopBackend {
     /// Makes the image of `id` consistent for the instant of a copy: a mounted filesystem is
     /// frozen (flushed, writes blocked) until the returned guard drops; an attached raw block
     /// device has its cached writes flushed to the image.
-    fn quiesce(&self, image: &Path, kind: Kind) -> Result<Option<freeze::Frozen>, BackendError> {
+    fn quiesce_image(
+        &self,
+        image: &Path,
+        kind: Kind,
+    ) -> Result<Option<freeze::Frozen>, BackendError> {
         let Some(device) = loopdev::find_attached(image)? else {
             return Ok(None);
         };
@@ -115,13 +119,18 @@ impl LoopBackend {
         &self,
         source: &VolumeId,
         snapshot: &SnapshotId,
+        quiesced: bool,
     ) -> Result<Mechanism, BackendError> {
         let (image, kind) = self.existing(source)?;
         self.remove_snapshot(snapshot)?;
         let dst = self.snapshot_image(snapshot, kind);
         let partial = PathBuf::from(format!("{}{PARTIAL_SUFFIX}", dst.display()));
         let copied = {
-            let _frozen = self.quiesce(&image, kind)?;
+            let _frozen = if quiesced {
+                None
+            } else {
+                self.quiesce_image(&image, kind)?
+            };
             snapcopy::clone_path(&image, &partial, true)
         };
         let result = copied.and_then(|mechanism| {
@@ -191,7 +200,7 @@ impl LoopBackend {
         let dst = self.image(id, kind);
         let mechanism = {
             let _frozen = match source {
-                ContentSource::Volume(_) => self.quiesce(&src, kind)?,
+                ContentSource::Volume(_) => self.quiesce_image(&src, kind)?,
                 ContentSource::Snapshot(_) => None, // snapshots never change
             };
             snapcopy::clone_path(&src, &dst, true)
@@ -406,7 +415,27 @@ impl Backend for LoopBackend {
         source: &VolumeId,
         snapshot: &SnapshotId,
     ) -> Result<Mechanism, BackendError> {
-        self.take_snapshot(source, snapshot)
+        self.take_snapshot(source, snapshot, false)
+    }
+
+    fn quiesce(&self, id: &VolumeId) -> Result<Option<freeze::Frozen>, BackendError> {
+        let (image, kind) = self.existing(id)?;
+        if kind == Kind::Block && loopdev::find_attached(&image)?.is_some() {
+            // A flush orders nothing across volumes: writes continue between the members' cuts.
+            return Err(BackendError::Unsupported(format!(
+                "volume {id} is a raw block volume in use; it cannot be frozen for a volume \
+                 group snapshot"
+            )));
+        }
+        self.quiesce_image(&image, kind)
+    }
+
+    fn snapshot_quiesced(
+        &self,
+        source: &VolumeId,
+        snapshot: &SnapshotId,
+    ) -> Result<Mechanism, BackendError> {
+        self.take_snapshot(source, snapshot, true)
     }
 
     fn delete_snapshot(&self, snapshot: &SnapshotId) -> Result<(), BackendError> {

@@ -309,6 +309,27 @@ pub trait Backend: Send + Sync + 'static {
         )))
     }
 
+    /// Makes volume `id` unchanging until the returned guard drops, for a volume group
+    /// snapshot (every member is quiesced before any is cut). `None`: nothing to hold (the
+    /// volume is not in use). Backends that cannot stop writes refuse.
+    fn quiesce(&self, id: &VolumeId) -> Result<Option<freeze::Frozen>, BackendError> {
+        let _ = id;
+        Err(BackendError::Unsupported(format!(
+            "volumes of the {} backend cannot be frozen, so they cannot be part of a volume \
+             group snapshot",
+            self.name()
+        )))
+    }
+
+    /// [`Backend::snapshot`] of a volume the caller has already quiesced.
+    fn snapshot_quiesced(
+        &self,
+        source: &VolumeId,
+        snapshot: &SnapshotId,
+    ) -> Result<Mechanism, BackendError> {
+        self.snapshot(source, snapshot)
+    }
+
     /// Removes a snapshot's storage; absent storage is success.
     fn delete_snapshot(&self, snapshot: &SnapshotId) -> Result<(), BackendError> {
         let _ = snapshot;

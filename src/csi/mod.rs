@@ -1,4 +1,4 @@
-//! The gRPC edge: CSI Identity, Controller and Node services over tonic.
+//! The gRPC edge: CSI Identity, Controller, GroupController and Node services over tonic.
 //!
 //! Each handler converts the request into engine types (checking required fields), calls the
 //! engine, and converts the answer back. Engine errors become `tonic::Status` in exactly one
@@ -7,6 +7,7 @@
 pub mod codec;
 mod controller;
 mod convert;
+mod group_controller;
 mod identity;
 mod node;
 
@@ -21,6 +22,7 @@ use crate::engine::Error;
 use crate::mount::MountError;
 
 pub use controller::ControllerService;
+pub use group_controller::GroupControllerService;
 pub use identity::IdentityService;
 pub use node::NodeService;
 

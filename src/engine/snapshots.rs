@@ -14,13 +14,18 @@
 //! snapshot that is being copied from is ABORTED (the CSI "operation pending" answer) and
 //! succeeds once the copy is done. Snapshots do not depend on their source volume: a volume with
 //! snapshots can be deleted and its snapshots stay usable.
+//!
+//! A volume group snapshot quiesces every member (freezes each mounted filesystem) before it
+//! cuts any, then thaws them all, so all members show one point in time. Its members are
+//! ordinary snapshot records tagged with the group ID, committed in one transaction; the group
+//! has no record of its own. Group IDs are `group-` + 32 hex digits derived from the name.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::error::{Error, Result};
 use super::ids::{IdError, SnapshotId, VolumeId};
-use super::types::{CreateSnapshot, Snapshot, SnapshotPage, VolumeSource};
+use super::types::{CreateSnapshot, GroupSnapshot, Snapshot, SnapshotPage, VolumeSource};
 use super::{Engine, blocking, params};
 use crate::backend::ContentSource;
 use crate::store::{Mutation, SnapshotRecord};
@@ -342,5 +347,268 @@ impl Engine {
             }
         }
         Ok(())
+    }
+
+    /// CreateVolumeGroupSnapshot.
+    pub async fn create_group_snapshot(
+        &self,
+        name: &str,
+        source_volume_ids: &[String],
+        parameters: &BTreeMap<String, String>,
+    ) -> Result<GroupSnapshot> {
+        super::ids::check_name(name).map_err(|reason| Error::invalid("name", reason))?;
+        if source_volume_ids.is_empty() {
+            return Err(Error::Missing("source_volume_ids"));
+        }
+        params::check_map("parameters", parameters)?;
+        if let Some(key) = parameters
+            .keys()
+            .find(|k| !k.starts_with("csi.storage.k8s.io/volumegroupsnapshot"))
+        {
+            return Err(Error::UnknownParameter(key.clone()));
+        }
+        let mut sources = Vec::new();
+        for raw in source_volume_ids {
+            let id = Self::parse_id(raw)?.ok_or_else(|| Error::VolumeNotFound(raw.clone()))?;
+            if !sources.contains(&id) {
+                sources.push(id);
+            }
+        }
+        sources.sort();
+        let group_id = group_id_for_name(name);
+        let members: Vec<(VolumeId, SnapshotId)> = sources
+            .iter()
+            .map(|v| {
+                (
+                    v.clone(),
+                    SnapshotId::for_name(v.backend(), &format!("{group_id}/{v}")),
+                )
+            })
+            .collect();
+        let mut keys = vec![format!("groupname:{name}"), format!("group:{group_id}")];
+        for (v, s) in &members {
+            keys.push(format!("vol:{v}"));
+            keys.push(format!("snap:{s}"));
+        }
+        let _guard = self.lock(keys)?;
+
+        let existing = self.group_members(&group_id)?;
+        if !existing.is_empty() {
+            let mut recorded: Vec<&str> = existing
+                .iter()
+                .map(|r| r.source_volume_id.as_str())
+                .collect();
+            recorded.sort();
+            let wanted: Vec<&str> = sources.iter().map(|v| v.as_str()).collect();
+            if recorded != wanted {
+                return Err(Error::SnapshotExists {
+                    name: name.to_string(),
+                    what: "set of source volumes (volume group snapshot)".into(),
+                });
+            }
+            return Ok(group_from_records(&group_id, &existing));
+        }
+        let mut volumes = Vec::new();
+        for (v, _) in &members {
+            let record = self
+                .store
+                .volume(v.as_str())?
+                .ok_or_else(|| Error::VolumeNotFound(v.to_string()))?;
+            volumes.push((record, self.backend_of(v)?));
+        }
+
+        let (created_unix, created_nanos) = now();
+        let work: Vec<_> = members
+            .iter()
+            .zip(&volumes)
+            .map(|((v, s), (_, b))| (v.clone(), s.clone(), b.clone()))
+            .collect();
+        let started = std::time::Instant::now();
+        let mechanisms = blocking(move || {
+            // Freeze every member first; guards thaw (in reverse) when dropped, also on error.
+            let mut frozen = Vec::new();
+            for (v, _, b) in &work {
+                frozen.push(b.quiesce(v)?);
+            }
+            let mut made: Vec<(SnapshotId, std::sync::Arc<dyn crate::backend::Backend>)> =
+                Vec::new();
+            let mut mechanisms = Vec::new();
+            for (v, s, b) in &work {
+                match b.snapshot_quiesced(v, s) {
+                    Ok(m) => {
+                        made.push((s.clone(), b.clone()));
+                        mechanisms.push(m);
+                    }
+                    Err(e) => {
+                        drop(frozen);
+                        for (s, b) in made {
+                            let _ = b.delete_snapshot(&s);
+                        }
+                        return Err(e.into());
+                    }
+                }
+            }
+            drop(frozen);
+            Ok(mechanisms)
+        })
+        .await?;
+        tracing::info!(group_snapshot_id = %group_id, members = members.len(),
+            duration_ms = started.elapsed().as_millis() as u64, "volume group snapshot taken");
+        let mut sync_dirs = Vec::new();
+        let mut mutations = Vec::new();
+        let mut records = Vec::new();
+        for (((v, s), (volume, backend)), mechanism) in
+            members.iter().zip(&volumes).zip(&mechanisms)
+        {
+            sync_dirs.extend(backend.snapshot_sync_dirs());
+            let record = SnapshotRecord {
+                id: s.to_string(),
+                name: format!("{group_id}/{v}"),
+                source_volume_id: v.to_string(),
+                backend: backend.name().to_string(),
+                size_bytes: volume.capacity_bytes,
+                created_unix,
+                created_nanos,
+                ready_to_use: true,
+                mechanism: mechanism.name().to_string(),
+                group_snapshot_id: group_id.clone(),
+                metadata: parameters.clone(),
+            };
+            mutations.push(Mutation::PutSnapshot(record.clone()));
+            records.push(record);
+        }
+        sync_dirs.sort();
+        sync_dirs.dedup();
+        // All members become visible together, or none (one transaction).
+        self.store.commit(mutations, sync_dirs).await?;
+        Ok(group_from_records(&group_id, &records))
+    }
+
+    fn group_members(&self, group_id: &str) -> Result<Vec<SnapshotRecord>> {
+        Ok(self
+            .store
+            .list_snapshots("", usize::MAX, |r| r.group_snapshot_id == group_id)?
+            .0)
+    }
+
+    /// Checks a group snapshot ID and the member snapshot IDs a request lists against the
+    /// recorded members (a mismatch is INVALID_ARGUMENT, as the spec suggests).
+    fn group_of_request(
+        &self,
+        raw_id: &str,
+        snapshot_ids: &[String],
+    ) -> Result<Option<(String, Vec<SnapshotRecord>)>> {
+        if raw_id.is_empty() {
+            return Err(Error::Missing("group_snapshot_id"));
+        }
+        if raw_id.len() > super::ids::MAX_NAME_BYTES || raw_id.chars().any(char::is_control) {
+            return Err(Error::invalid("group_snapshot_id", "is malformed"));
+        }
+        if !is_group_id(raw_id) {
+            return Ok(None);
+        }
+        let members = self.group_members(raw_id)?;
+        if members.is_empty() {
+            return Ok(None);
+        }
+        if !snapshot_ids.is_empty() {
+            let mut listed: Vec<&str> = snapshot_ids.iter().map(String::as_str).collect();
+            listed.sort();
+            listed.dedup();
+            let mut recorded: Vec<&str> = members.iter().map(|r| r.id.as_str()).collect();
+            recorded.sort();
+            if listed != recorded {
+                return Err(Error::invalid(
+                    "snapshot_ids",
+                    format!("do not match the members of group snapshot {raw_id}"),
+                ));
+            }
+        }
+        Ok(Some((raw_id.to_string(), members)))
+    }
+
+    /// GetVolumeGroupSnapshot.
+    pub fn get_group_snapshot(
+        &self,
+        raw_id: &str,
+        snapshot_ids: &[String],
+    ) -> Result<GroupSnapshot> {
+        let (id, members) = self
+            .group_of_request(raw_id, snapshot_ids)?
+            .ok_or_else(|| {
+                Error::NotFound(format!("volume group snapshot {raw_id} does not exist"))
+            })?;
+        Ok(group_from_records(&id, &members))
+    }
+
+    /// DeleteVolumeGroupSnapshot: removes every member; unknown IDs are success.
+    pub async fn delete_group_snapshot(&self, raw_id: &str, snapshot_ids: &[String]) -> Result<()> {
+        let Some((id, members)) = self.group_of_request(raw_id, snapshot_ids)? else {
+            return Ok(());
+        };
+        let mut keys = vec![format!("group:{id}")];
+        keys.extend(members.iter().map(|m| format!("snap:{}", m.id)));
+        let _guard = self.lock(keys)?;
+        let mut sync_dirs = Vec::new();
+        let mut mutations = Vec::new();
+        for member in &members {
+            let Ok(sid) = SnapshotId::parse(&member.id) else {
+                continue;
+            };
+            if let Some(backend) = self.backends.get(sid.backend()).cloned() {
+                sync_dirs.extend(backend.snapshot_sync_dirs());
+                blocking(move || Ok(backend.delete_snapshot(&sid)?)).await?;
+            }
+            mutations.push(Mutation::DeleteSnapshot {
+                id: member.id.clone(),
+            });
+        }
+        sync_dirs.sort();
+        sync_dirs.dedup();
+        self.store.commit(mutations, sync_dirs).await?;
+        Ok(())
+    }
+}
+
+const GROUP_PREFIX: &str = "group-";
+
+/// `group-` + 32 hex digits of the name's SHA-256.
+fn group_id_for_name(name: &str) -> String {
+    let volume_shaped = VolumeId::for_name("x", name);
+    format!("{GROUP_PREFIX}{}", &volume_shaped.as_str()[2..])
+}
+
+fn is_group_id(raw: &str) -> bool {
+    raw.strip_prefix(GROUP_PREFIX).is_some_and(|digits| {
+        digits.len() == 32
+            && digits
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
+}
+
+fn group_from_records(id: &str, records: &[SnapshotRecord]) -> GroupSnapshot {
+    let first = records.first();
+    GroupSnapshot {
+        id: id.to_string(),
+        members: records.iter().map(snapshot_from_record).collect(),
+        created_unix: first.map(|r| r.created_unix).unwrap_or_default(),
+        created_nanos: first.map(|r| r.created_nanos).unwrap_or_default(),
+        ready_to_use: records.iter().all(|r| r.ready_to_use),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_ids_are_derived_and_checked() {
+        let id = group_id_for_name("g1");
+        assert_eq!(id, group_id_for_name("g1"));
+        assert_ne!(id, group_id_for_name("g2"));
+        assert!(is_group_id(&id), "{id}");
+        assert!(!is_group_id("group-../../etc"));
+        assert!(!is_group_id(&format!("{id}0")));
     }
 }
