@@ -744,7 +744,7 @@ async fn create_volume_checks_names() {
         .map(|n| n.to_string_lossy().into_owned())
         .collect();
     names.sort();
-    assert_eq!(names, vec!["images", "volumes"]);
+    assert_eq!(names, vec!["images", "snapshots", "volumes"]);
     assert_eq!(volume_dirs(&d).len(), 3);
     for id in volume_dirs(&d) {
         assert!(id.starts_with("dir-") && id.len() == 36, "{id}");
