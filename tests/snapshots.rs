@@ -739,3 +739,55 @@ async fn group_snapshots_capture_every_member_at_one_point() {
     unstage(&d, &a.volume_id, &ma).await;
     unstage(&d, &b.volume_id, &mb).await;
 }
+
+#[tokio::test]
+async fn client_snapshot_commands() {
+    let d = Driver::start();
+    let client = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_k8scsi"))
+            .arg("client")
+            .arg("--endpoint")
+            .arg(format!("unix://{}", d.socket().display()))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let created = client(&[
+        "create-volume",
+        "pvc-cli",
+        "--size",
+        "8Mi",
+        "--param",
+        "enforceCapacity=false",
+    ]);
+    let volume = created.split('\t').next().unwrap().to_string();
+    std::fs::write(dir_volume(&d, &volume).join("f"), b"cli").unwrap();
+    let snap = client(&["snapshot", "create", "snap-cli", &volume]);
+    let snap_id = snap.split('\t').next().unwrap().to_string();
+    assert!(snap_id.starts_with("snap-dir-"), "{snap}");
+    assert!(
+        snap.contains(&volume) && snap.contains("ready=true"),
+        "{snap}"
+    );
+    assert_eq!(client(&["snapshot", "list", "--source", &volume]), snap);
+    assert_eq!(client(&["snapshot", "get", &snap_id]), snap);
+    let restored = client(&[
+        "create-volume",
+        "pvc-cli-restored",
+        "--size",
+        "16Mi",
+        "--param",
+        "enforceCapacity=false",
+        "--from-snapshot",
+        &snap_id,
+    ]);
+    let restored = restored.split('\t').next().unwrap().to_string();
+    assert_eq!(
+        std::fs::read(dir_volume(&d, &restored).join("f")).unwrap(),
+        b"cli"
+    );
+    client(&["snapshot", "delete", &snap_id]);
+    assert_eq!(client(&["snapshot", "list"]), "");
+}
