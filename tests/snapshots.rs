@@ -791,3 +791,80 @@ async fn client_snapshot_commands() {
     client(&["snapshot", "delete", &snap_id]);
     assert_eq!(client(&["snapshot", "list"]), "");
 }
+
+#[tokio::test]
+async fn a_snapshot_killed_mid_copy_is_never_reported_ready_while_partial() {
+    let mut d = Driver::start();
+    let mut c = d.controller().await;
+    let volume = create(&mut c, create_request("pvc-kill", 512 * MIB), None)
+        .await
+        .unwrap();
+    let src = dir_volume(&d, &volume.volume_id);
+    // 128 MiB in 64 files, enough for the copy to take a while.
+    for i in 0..64 {
+        std::fs::write(
+            src.join(format!("f{i}")),
+            noise(100 + i, 64 << 10).repeat(32),
+        )
+        .unwrap();
+    }
+    let before = checksums(&src);
+    let snaps = d.data_dir().join("snapshots");
+    let partial_exists = || {
+        std::fs::read_dir(&snaps)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+    };
+    let request = proto::CreateSnapshotRequest {
+        source_volume_id: volume.volume_id.clone(),
+        name: "snap-kill".into(),
+        ..Default::default()
+    };
+    let mut racing = c.clone();
+    let racing_request = request.clone();
+    let call = tokio::spawn(async move { racing.create_snapshot(racing_request).await });
+    // Kill the server while the copy is under way (or, on a fast machine, just after it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !partial_exists() && !call.is_finished() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let killed_mid_copy = partial_exists();
+    d.kill();
+    let answered = call.await.unwrap().is_ok();
+    d.restart();
+    assert!(!partial_exists(), "partial copy removed at start-up");
+    let mut c = d.controller().await;
+    let listed = c
+        .list_snapshots(proto::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    if answered {
+        assert_eq!(listed.len(), 1, "an answered snapshot survives");
+    }
+    for entry in &listed {
+        // Whatever is listed is complete.
+        let s = entry.snapshot.as_ref().unwrap();
+        assert!(s.ready_to_use);
+        assert_eq!(checksums(&snaps.join(&s.snapshot_id)), before);
+    }
+    if listed.is_empty() {
+        assert!(
+            std::fs::read_dir(&snaps).unwrap().next().is_none(),
+            "no unrecorded storage left"
+        );
+    }
+    eprintln!("killed mid-copy: {killed_mid_copy}, answered before the kill: {answered}");
+    // The retry converges on a complete snapshot.
+    let snap = c
+        .create_snapshot(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snap.ready_to_use);
+    assert_eq!(checksums(&snaps.join(&snap.snapshot_id)), before);
+}
