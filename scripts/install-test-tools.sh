@@ -33,7 +33,7 @@ APT_PACKAGES=(
   xfsprogs      # mkfs.xfs, xfs_growfs
   btrfs-progs   # mkfs.btrfs
   quota         # setquota (ext4 project quotas)
-  util-linux    # findmnt, blkid, lsblk, fallocate, wipefs
+  util-linux    # findmnt, blkid, lsblk, fallocate, wipefs, fsfreeze (snapshots)
   mount         # mount, umount, losetup (separate package on Debian 12)
   ca-certificates # TLS to the Go module proxy
 )
