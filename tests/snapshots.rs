@@ -868,3 +868,49 @@ async fn a_snapshot_killed_mid_copy_is_never_reported_ready_while_partial() {
     assert!(snap.ready_to_use);
     assert_eq!(checksums(&snaps.join(&snap.snapshot_id)), before);
 }
+
+#[tokio::test]
+async fn a_failed_mount_at_staging_leaves_no_loop_device() {
+    skip_unless_ready!(tool_missing(&["mkfs.ext4", "losetup"]));
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let v = create(&mut c, loop_request("pvc-broken", 16 * MIB, "ext4"), None)
+        .await
+        .unwrap();
+    // Destroy the superblock: the mount at staging must fail.
+    let image = d
+        .data_dir()
+        .join("images")
+        .join(format!("{}.ext4", v.volume_id));
+    std::os::unix::fs::FileExt::write_at(
+        &std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap(),
+        &vec![0u8; 1 << 20],
+        0,
+    )
+    .unwrap();
+    let status = d
+        .node()
+        .await
+        .node_stage_volume(proto::NodeStageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: d.target("broken-staging"),
+            volume_capability: Some(fs_capability("ext4")),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_ne!(status.code(), Code::Ok);
+    let attached = Command::new("losetup")
+        .arg("-j")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        attached.stdout.is_empty(),
+        "loop device left attached: {}",
+        String::from_utf8_lossy(&attached.stdout)
+    );
+}

@@ -536,7 +536,17 @@ impl Backend for LoopBackend {
         if let Kind::Filesystem(fs) = kind {
             let mounted = mounter.inspect(staging)?.is_some_and(|s| s.is_mount_point);
             if !mounted {
-                mounter.mount_device(&device, fs.name(), staging, &MountOptions::default())?;
+                if let Err(e) =
+                    mounter.mount_device(&device, fs.name(), staging, &MountOptions::default())
+                {
+                    // Nothing uses the device now: do not leave it attached (it would keep the
+                    // image, and the data filesystem holding it, busy).
+                    if let Err(d) = loopdev::detach(&image) {
+                        tracing::warn!(volume_id = %id, error = %d,
+                            "could not detach the loop device after a failed mount");
+                    }
+                    return Err(e.into());
+                }
                 // A volume restored or cloned into a larger size has a larger image than its
                 // filesystem: grow the filesystem to the device (a no-op otherwise). A failure
                 // leaves a usable, smaller filesystem, so it is reported, not fatal.
