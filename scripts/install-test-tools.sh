@@ -38,7 +38,7 @@ APT_PACKAGES=(
   xfsprogs      # mkfs.xfs, xfs_growfs
   btrfs-progs   # mkfs.btrfs
   quota         # setquota (ext4 project quotas)
-  util-linux    # findmnt, blkid, lsblk, fallocate, wipefs, setpriv (the driver runs its tools under it)
+  util-linux    # findmnt, blkid, lsblk, fallocate, wipefs, fsfreeze (snapshots), setpriv (the driver runs its tools under it)
   mount         # mount, umount, losetup (separate package on Debian 12)
   ca-certificates # TLS to the Go module proxy
   openssl       # e2e: the API server's service-account signing key

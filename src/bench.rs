@@ -288,6 +288,14 @@ where
 }
 
 fn spawn_server(dir: &Path, log_level: &str) -> Result<(std::process::Child, PathBuf), String> {
+    spawn_server_on(dir, &dir.join("data"), log_level)
+}
+
+fn spawn_server_on(
+    dir: &Path,
+    data_dir: &Path,
+    log_level: &str,
+) -> Result<(std::process::Child, PathBuf), String> {
     let exe = std::env::current_exe().map_err(|e| e.to_string())?;
     let socket = dir.join("csi.sock");
     let log = std::fs::File::create(dir.join("server.log")).map_err(|e| e.to_string())?;
@@ -300,7 +308,7 @@ fn spawn_server(dir: &Path, log_level: &str) -> Result<(std::process::Child, Pat
         .arg("--state-dir")
         .arg(dir.join("state"))
         .arg("--data-dir")
-        .arg(dir.join("data"))
+        .arg(data_dir)
         .arg("--kubelet-dir")
         .arg(dir.join("kubelet"))
         .arg("--log-level")
@@ -423,5 +431,236 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
     if let Some(line) = spawned.and_then(Spawned::stop) {
         println!("server: {line}");
     }
+    Ok(())
+}
+
+/// Options of `k8scsi bench-snapshots`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SnapshotBenchArgs {
+    /// Data directory of the spawned server: put it on the filesystem to measure (XFS with
+    /// reflink=1, btrfs, ext4). Volumes and snapshots made here are deleted at the end.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Backend to measure: `loop` (raw block image volumes) or `dir`.
+    #[arg(long, default_value = "loop")]
+    pub backend: String,
+    /// Volume sizes in GiB, comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,10")]
+    pub sizes_gib: Vec<u64>,
+    /// MiB of data written into each volume before it is snapshotted (at most its size; 0
+    /// fills it).
+    #[arg(long, default_value_t = 1024)]
+    pub fill_mib: u64,
+    /// Snapshot + restore rounds per size.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Log level of the spawned server.
+    #[arg(long, default_value = "info")]
+    pub server_log_level: String,
+}
+
+/// Writes `mib` MiB of non-zero data to the start of `path` (created if missing) and syncs it.
+fn fill(path: &Path, mib: u64) -> Result<(), String> {
+    use std::io::Write;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| format!("open {}: {e}", path.display()))?;
+    let mut chunk = vec![0u8; 1 << 20];
+    for (i, b) in chunk.iter_mut().enumerate() {
+        *b = (i.wrapping_mul(2654435761) >> 7) as u8 | 1;
+    }
+    for _ in 0..mib {
+        file.write_all(&chunk)
+            .map_err(|e| format!("write {}: {e}", path.display()))?;
+    }
+    file.sync_all()
+        .map_err(|e| format!("fsync {}: {e}", path.display()))
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    percentile(&v, 0.5)
+}
+
+/// `k8scsi bench-snapshots`: for each size, creates a volume, writes data into it, then times
+/// CreateSnapshot and CreateVolume-from-snapshot (restore) over the real socket, and prints the
+/// medians with the mechanism the server reported in its log.
+pub async fn run_snapshots(args: SnapshotBenchArgs) -> Result<(), String> {
+    let dir = tempfile_dir::TempDir::new().map_err(|e| e.to_string())?;
+    let (child, socket) = spawn_server_on(dir.path(), &args.data_dir, &args.server_log_level)?;
+    let spawned = Spawned { child, _dir: dir };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if Instant::now() > deadline {
+            return Err("server did not create its socket within 10s".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let channel = connect(&Endpoint::Unix(socket))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut c = ControllerClient::new(channel);
+    let log_path = spawned._dir.path().join("server.log");
+    let (capability, mut parameters) = match args.backend.as_str() {
+        "loop" => (
+            proto::VolumeCapability {
+                access_type: Some(proto::volume_capability::AccessType::Block(
+                    proto::volume_capability::BlockVolume {},
+                )),
+                access_mode: Some(proto::volume_capability::AccessMode {
+                    mode: Mode::SingleNodeWriter as i32,
+                }),
+            },
+            std::collections::HashMap::from([("type".to_string(), "loop".to_string())]),
+        ),
+        "dir" => (
+            mount_capability(Mode::SingleNodeWriter, vec![]),
+            std::collections::HashMap::new(),
+        ),
+        other => return Err(format!("unknown backend {other:?} (loop or dir)")),
+    };
+    if args.backend == "dir" && !crate::backend::btrfs::is_btrfs(&args.data_dir) {
+        // Sizes are enforced only on btrfs here: measure unenforced directories elsewhere.
+        parameters.insert("enforceCapacity".into(), "false".into());
+    }
+    let fs = rustix::fs::statfs(&args.data_dir)
+        .map(|st| format!("{:#x}", st.f_type))
+        .unwrap_or_default();
+    println!(
+        "data dir {} (fs type {fs}), backend {}",
+        args.data_dir.display(),
+        args.backend
+    );
+    let status = |e: tonic::Status| format!("{}: {}", e.code(), e.message());
+    for &gib in &args.sizes_gib {
+        let bytes = gib << 30;
+        let create =
+            |name: String, source: Option<proto::VolumeContentSource>| proto::CreateVolumeRequest {
+                name,
+                capacity_range: Some(proto::CapacityRange {
+                    required_bytes: bytes as i64,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![capability.clone()],
+                parameters: parameters.clone(),
+                volume_content_source: source,
+                ..Default::default()
+            };
+        let volume = c
+            .create_volume(create(format!("bench-snap-src-{gib}"), None))
+            .await
+            .map_err(status)?
+            .into_inner()
+            .volume
+            .unwrap_or_default();
+        let target = match args.backend.as_str() {
+            "loop" => args
+                .data_dir
+                .join("images")
+                .join(format!("{}.block", volume.volume_id)),
+            _ => args
+                .data_dir
+                .join("volumes")
+                .join(&volume.volume_id)
+                .join("data"),
+        };
+        // 0 fills the whole volume; a directory keeps 10% free for the filesystem's own use
+        // (a btrfs qgroup counts metadata too).
+        let room = if args.backend == "dir" {
+            (gib << 10) * 9 / 10
+        } else {
+            gib << 10
+        };
+        let fill_mib = match args.fill_mib {
+            0 => room,
+            n => n.min(room),
+        };
+        fill(&target, fill_mib)?;
+        let (mut snaps, mut restores) = (Vec::new(), Vec::new());
+        for round in 0..args.rounds {
+            let started = Instant::now();
+            let snapshot = c
+                .create_snapshot(proto::CreateSnapshotRequest {
+                    source_volume_id: volume.volume_id.clone(),
+                    name: format!("bench-snap-{gib}-{round}"),
+                    ..Default::default()
+                })
+                .await
+                .map_err(status)?
+                .into_inner()
+                .snapshot
+                .unwrap_or_default();
+            snaps.push(started.elapsed());
+            let source = proto::VolumeContentSource {
+                r#type: Some(proto::volume_content_source::Type::Snapshot(
+                    proto::volume_content_source::SnapshotSource {
+                        snapshot_id: snapshot.snapshot_id.clone(),
+                    },
+                )),
+            };
+            let started = Instant::now();
+            let restored = c
+                .create_volume(create(format!("bench-restore-{gib}-{round}"), Some(source)))
+                .await
+                .map_err(status)?
+                .into_inner()
+                .volume
+                .unwrap_or_default();
+            restores.push(started.elapsed());
+            c.delete_volume(proto::DeleteVolumeRequest {
+                volume_id: restored.volume_id,
+                secrets: Default::default(),
+            })
+            .await
+            .map_err(status)?;
+            c.delete_snapshot(proto::DeleteSnapshotRequest {
+                snapshot_id: snapshot.snapshot_id,
+                secrets: Default::default(),
+            })
+            .await
+            .map_err(status)?;
+        }
+        c.delete_volume(proto::DeleteVolumeRequest {
+            volume_id: volume.volume_id,
+            secrets: Default::default(),
+        })
+        .await
+        .map_err(status)?;
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let mechanism = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("snapshot taken"))
+            .and_then(|l| l.split("mechanism=").nth(1))
+            .and_then(|m| m.split_whitespace().next())
+            .unwrap_or("?")
+            .trim_matches('"')
+            .to_string();
+        println!(
+            "{:>3} GiB volume, {fill_mib:>5} MiB written  mechanism={mechanism:<15} snapshot p50={:>9.1}ms max={:>9.1}ms  restore p50={:>9.1}ms max={:>9.1}ms  ({} rounds)",
+            gib,
+            median(snaps.clone()).as_secs_f64() * 1e3,
+            snaps
+                .iter()
+                .max()
+                .copied()
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1e3,
+            median(restores.clone()).as_secs_f64() * 1e3,
+            restores
+                .iter()
+                .max()
+                .copied()
+                .unwrap_or_default()
+                .as_secs_f64()
+                * 1e3,
+            args.rounds,
+        );
+    }
+    spawned.stop();
     Ok(())
 }

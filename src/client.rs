@@ -66,6 +66,17 @@ pub enum ClientCommand {
         /// StorageClass parameter key=value (repeatable).
         #[arg(long = "param", value_parser = parse_key_value)]
         params: Vec<(String, String)>,
+        /// Restore the content of this snapshot.
+        #[arg(long, conflicts_with = "from_volume")]
+        from_snapshot: Option<String>,
+        /// Clone the content of this volume.
+        #[arg(long)]
+        from_volume: Option<String>,
+    },
+    /// Snapshots: create, list, get, delete.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
     },
     /// Delete a volume by ID.
     Delete { volume_id: String },
@@ -95,6 +106,41 @@ pub enum ClientCommand {
         volume_id: String,
         volume_path: String,
     },
+}
+
+/// `client snapshot` subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum SnapshotCommand {
+    /// Snapshot a volume (prints the snapshot).
+    Create {
+        name: String,
+        source_volume_id: String,
+    },
+    /// List snapshots, optionally of one volume.
+    List {
+        #[arg(long)]
+        source: Option<String>,
+    },
+    /// Show one snapshot.
+    Get { snapshot_id: String },
+    /// Delete a snapshot by ID.
+    Delete { snapshot_id: String },
+}
+
+fn print_snapshot(s: &proto::Snapshot) {
+    let created = s
+        .creation_time
+        .as_ref()
+        .map(|t| crate::ops::format_unix(t.seconds.max(0) as u64))
+        .unwrap_or_default();
+    println!(
+        "{}\t{}\t{}\t{}\tready={}",
+        s.snapshot_id,
+        s.source_volume_id,
+        format_size(s.size_bytes.max(0) as u64),
+        created,
+        s.ready_to_use
+    );
 }
 
 fn parse_key_value(raw: &str) -> Result<(String, String), String> {
@@ -171,8 +217,20 @@ pub async fn run(endpoint: &Endpoint, command: ClientCommand) -> Result<(), Stri
                 println!("node:     {} ({})", info.node_id, topology.join(","));
             }
         }
-        ClientCommand::CreateVolume { name, size, params } => {
+        ClientCommand::CreateVolume {
+            name,
+            size,
+            params,
+            from_snapshot,
+            from_volume,
+        } => {
             let bytes = parse_size(&size)? as i64;
+            use proto::volume_content_source::{SnapshotSource, Type, VolumeSource};
+            let source = match (from_snapshot, from_volume) {
+                (Some(snapshot_id), _) => Some(Type::Snapshot(SnapshotSource { snapshot_id })),
+                (None, Some(volume_id)) => Some(Type::Volume(VolumeSource { volume_id })),
+                (None, None) => None,
+            };
             let response = controller
                 .create_volume(proto::CreateVolumeRequest {
                     name,
@@ -182,6 +240,8 @@ pub async fn run(endpoint: &Endpoint, command: ClientCommand) -> Result<(), Stri
                     }),
                     volume_capabilities: vec![mount_capability(Mode::SingleNodeWriter, vec![])],
                     parameters: params.into_iter().collect::<HashMap<_, _>>(),
+                    volume_content_source: source
+                        .map(|t| proto::VolumeContentSource { r#type: Some(t) }),
                     ..Default::default()
                 })
                 .await
@@ -191,6 +251,72 @@ pub async fn run(endpoint: &Endpoint, command: ClientCommand) -> Result<(), Stri
                 print_volume(&v);
             }
         }
+        ClientCommand::Snapshot { command } => match command {
+            SnapshotCommand::Create {
+                name,
+                source_volume_id,
+            } => {
+                let response = controller
+                    .create_snapshot(proto::CreateSnapshotRequest {
+                        source_volume_id,
+                        name,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if let Some(s) = response.snapshot {
+                    print_snapshot(&s);
+                }
+            }
+            SnapshotCommand::List { source } => {
+                let mut token = String::new();
+                loop {
+                    let page = controller
+                        .list_snapshots(proto::ListSnapshotsRequest {
+                            max_entries: 500,
+                            starting_token: token,
+                            source_volume_id: source.clone().unwrap_or_default(),
+                            ..Default::default()
+                        })
+                        .await
+                        .map_err(status)?
+                        .into_inner();
+                    for entry in &page.entries {
+                        if let Some(s) = &entry.snapshot {
+                            print_snapshot(s);
+                        }
+                    }
+                    if page.next_token.is_empty() {
+                        break;
+                    }
+                    token = page.next_token;
+                }
+            }
+            SnapshotCommand::Get { snapshot_id } => {
+                let response = controller
+                    .get_snapshot(proto::GetSnapshotRequest {
+                        snapshot_id,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if let Some(s) = response.snapshot {
+                    print_snapshot(&s);
+                }
+            }
+            SnapshotCommand::Delete { snapshot_id } => {
+                controller
+                    .delete_snapshot(proto::DeleteSnapshotRequest {
+                        snapshot_id: snapshot_id.clone(),
+                        secrets: Default::default(),
+                    })
+                    .await
+                    .map_err(status)?;
+                println!("deleted {snapshot_id}");
+            }
+        },
         ClientCommand::Delete { volume_id } => {
             controller
                 .delete_volume(proto::DeleteVolumeRequest {

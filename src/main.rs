@@ -114,6 +114,8 @@ enum Command {
     },
     /// Measure throughput, latency and memory of a k8scsi server.
     Bench(k8scsi::bench::BenchArgs),
+    /// Measure snapshot and restore times on a data directory (see scripts/bench-snapshots.sh).
+    BenchSnapshots(k8scsi::bench::SnapshotBenchArgs),
 }
 
 fn init_logging(args: &LogArgs) {
@@ -206,6 +208,7 @@ fn main() -> ExitCode {
                 k8scsi::client::run(&Endpoint::parse(&endpoint)?, command).await
             }
             Command::Bench(args) => k8scsi::bench::run(args).await,
+            Command::BenchSnapshots(args) => k8scsi::bench::run_snapshots(args).await,
             Command::Ops(_) => unreachable!("handled before the runtime starts"),
         }
     });

@@ -11,9 +11,10 @@ use tonic::transport::Server;
 use crate::backend::Backend;
 use crate::backend::dir::DirBackend;
 use crate::csi::proto::controller_server::ControllerServer;
+use crate::csi::proto::group_controller_server::GroupControllerServer;
 use crate::csi::proto::identity_server::IdentityServer;
 use crate::csi::proto::node_server::NodeServer;
-use crate::csi::{ControllerService, IdentityService, NodeService};
+use crate::csi::{ControllerService, GroupControllerService, IdentityService, NodeService};
 use crate::engine::{Engine, EngineConfig};
 use crate::health::Health;
 use crate::metrics::sampler::{Sampled, Sampler};
@@ -323,9 +324,12 @@ pub async fn serve(
     let sampled = Arc::new(Sampled::default());
     {
         let engine = engine.clone();
-        let report = tokio::task::spawn_blocking(move || engine.reconcile())
-            .await
-            .map_err(|e| ServeError::Config(format!("reconcile task: {e}")))??;
+        let report = tokio::task::spawn_blocking(move || {
+            engine.recover_snapshots()?;
+            engine.reconcile()
+        })
+        .await
+        .map_err(|e| ServeError::Config(format!("reconcile task: {e}")))??;
         sampled.set_reconcile(report);
     }
     let health = Health::new(
@@ -353,6 +357,10 @@ pub async fn serve(
         .add_optional_service(
             serves_controller
                 .then(|| ControllerServer::new(ControllerService::new(engine.clone()))),
+        )
+        .add_optional_service(
+            serves_controller
+                .then(|| GroupControllerServer::new(GroupControllerService::new(engine.clone()))),
         )
         .add_optional_service(
             serves_node.then(|| NodeServer::new(NodeService::new(engine.clone()))),

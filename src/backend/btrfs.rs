@@ -57,6 +57,30 @@ pub fn create_subvolume(path: &Path) -> Result<(), BackendError> {
     run(path, &["subvolume", "create"]).map(|_| ())
 }
 
+/// Makes `dst` a snapshot of the subvolume `src` (read-only when `readonly`): O(1), and
+/// atomic (the snapshot is the subvolume as of one transaction).
+pub fn snapshot_subvolume(src: &Path, dst: &Path, readonly: bool) -> Result<(), BackendError> {
+    let mut args = vec!["subvolume", "snapshot"];
+    if readonly {
+        args.push("-r");
+    }
+    let output = Command::new("btrfs")
+        .args(&args)
+        .arg(src)
+        .arg(dst)
+        .output()
+        .map_err(|e| BackendError::io("btrfs", src, e))?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(BackendError::Command {
+            command: format!("btrfs {} {}", args.join(" "), src.display()),
+            path: dst.to_path_buf(),
+            stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        })
+    }
+}
+
 /// Deletes the subvolume at `path` and its qgroup, committing before returning so the deletion
 /// survives a crash.
 pub fn delete_subvolume(path: &Path) -> Result<(), BackendError> {

@@ -12,9 +12,10 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use super::{
-    Backend, BackendError, Enforcement, FsCapacity, Usage, VolumeOptions, btrfs, projquota,
+    Backend, BackendError, ContentSource, Enforcement, FsCapacity, Mechanism, Usage, VolumeOptions,
+    btrfs, projquota, snapcopy,
 };
-use crate::engine::ids::VolumeId;
+use crate::engine::ids::{SnapshotId, VolumeId};
 use crate::engine::types::{AccessType, Capability};
 
 /// Mode of a new volume's root: writable by any pod user, as Kubernetes expects of a fresh
@@ -26,6 +27,9 @@ const VOLUME_DIR_MODE: u32 = 0o777;
 #[derive(Debug, Clone)]
 pub struct DirBackend {
     volumes: PathBuf,
+    /// `<data-dir>/snapshots`: one directory (or read-only subvolume) per snapshot, on the
+    /// same filesystem as the volumes so snapshots can share their extents.
+    snapshots: PathBuf,
     /// How this node can enforce volume sizes, detected at start.
     enforcement: Enforcement,
     /// Why enforcement is unavailable, for error messages.
@@ -39,6 +43,7 @@ impl DirBackend {
         std::fs::create_dir_all(&volumes).map_err(|e| BackendError::io("mkdir", &volumes, e))?;
         std::fs::set_permissions(&volumes, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| BackendError::io("chmod", &volumes, e))?;
+        let snapshots = prepare_snapshots_dir(data_dir)?;
         let (enforcement, unenforceable_reason) = detect_enforcement(&volumes);
         match enforcement {
             Enforcement::BtrfsQgroup => tracing::info!(
@@ -57,6 +62,7 @@ impl DirBackend {
         }
         Ok(DirBackend {
             volumes,
+            snapshots,
             enforcement,
             unenforceable_reason,
         })
@@ -78,9 +84,40 @@ impl DirBackend {
         };
         DirBackend {
             volumes,
+            snapshots: data_dir.join(SNAPSHOTS_DIR),
             enforcement,
             unenforceable_reason,
         }
+    }
+}
+
+/// Name of the snapshots directory inside the data directory (shared by the backends: their
+/// snapshot IDs name the backend, so entries never collide).
+pub const SNAPSHOTS_DIR: &str = "snapshots";
+
+/// Suffix of a snapshot copy still being made; a crash leaves it behind for recovery to remove.
+pub const PARTIAL_SUFFIX: &str = ".partial";
+
+/// Prepares `<data_dir>/snapshots` (mode 0700).
+pub fn prepare_snapshots_dir(data_dir: &Path) -> Result<PathBuf, BackendError> {
+    let dir = data_dir.join(SNAPSHOTS_DIR);
+    std::fs::create_dir_all(&dir).map_err(|e| BackendError::io("mkdir", &dir, e))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| BackendError::io("chmod", &dir, e))?;
+    Ok(dir)
+}
+
+/// Removes a snapshot directory or subvolume (absent is success).
+fn remove_dir_or_subvolume(path: &Path) -> Result<(), BackendError> {
+    if btrfs::is_subvolume(path) {
+        return btrfs::delete_subvolume(path);
+    }
+    snapcopy::remove_tree(path)
+}
+
+impl DirBackend {
+    fn snapshot_path(&self, snapshot: &SnapshotId) -> PathBuf {
+        self.snapshots.join(snapshot.as_str())
     }
 }
 
@@ -280,6 +317,78 @@ impl Backend for DirBackend {
         Ok(usage)
     }
 
+    fn supports_snapshots(&self) -> bool {
+        true
+    }
+
+    fn snapshot(
+        &self,
+        source: &VolumeId,
+        snapshot: &SnapshotId,
+    ) -> Result<Mechanism, BackendError> {
+        self.take_snapshot(source, snapshot)
+    }
+
+    fn delete_snapshot(&self, snapshot: &SnapshotId) -> Result<(), BackendError> {
+        remove_dir_or_subvolume(&self.snapshot_path(snapshot))
+    }
+
+    fn snapshot_exists(&self, snapshot: &SnapshotId) -> Result<bool, BackendError> {
+        let path = self.snapshot_path(snapshot);
+        match std::fs::symlink_metadata(&path) {
+            Ok(meta) => Ok(meta.is_dir()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(BackendError::io("stat", &path, e)),
+        }
+    }
+
+    fn list_snapshots(&self) -> Result<Vec<SnapshotId>, BackendError> {
+        let entries = std::fs::read_dir(&self.snapshots)
+            .map_err(|e| BackendError::io("readdir", &self.snapshots, e))?;
+        Ok(entries
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()
+                    .and_then(|n| SnapshotId::parse(n).ok())
+            })
+            .filter(|id| id.backend() == self.name())
+            .collect())
+    }
+
+    fn snapshot_sync_dirs(&self) -> Vec<PathBuf> {
+        vec![self.snapshots.clone()]
+    }
+
+    fn create_from(
+        &self,
+        id: &VolumeId,
+        source: ContentSource<'_>,
+        options: &VolumeOptions,
+    ) -> Result<(Enforcement, Mechanism), BackendError> {
+        self.populate(id, source, options)
+    }
+
+    fn recover_snapshots(&self) -> Result<(), BackendError> {
+        let entries = std::fs::read_dir(&self.snapshots)
+            .map_err(|e| BackendError::io("readdir", &self.snapshots, e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(PARTIAL_SUFFIX))
+                .and_then(|n| SnapshotId::parse(n).ok())
+            else {
+                continue;
+            };
+            if id.backend() == self.name() {
+                tracing::warn!(snapshot_id = %id, "removing a snapshot copy interrupted by a crash");
+                remove_dir_or_subvolume(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
     fn list(&self) -> Result<Vec<VolumeId>, BackendError> {
         let entries = std::fs::read_dir(&self.volumes)
             .map_err(|e| BackendError::io("readdir", &self.volumes, e))?;
@@ -295,6 +404,89 @@ impl Backend for DirBackend {
             }
         }
         Ok(out)
+    }
+}
+
+impl DirBackend {
+    /// The snapshot methods of [`Backend`], kept apart for readability.
+    fn take_snapshot(
+        &self,
+        source: &VolumeId,
+        snapshot: &SnapshotId,
+    ) -> Result<Mechanism, BackendError> {
+        let src = self.volume_path(source);
+        let dst = self.snapshot_path(snapshot);
+        let partial = self.snapshots.join(format!("{snapshot}{PARTIAL_SUFFIX}"));
+        remove_dir_or_subvolume(&partial)?;
+        remove_dir_or_subvolume(&dst)?;
+        if btrfs::is_subvolume(&src) {
+            // Atomic: the read-only snapshot is the subvolume as of one btrfs transaction.
+            btrfs::snapshot_subvolume(&src, &dst, true)?;
+            snapcopy::sync_filesystem(&self.snapshots)?;
+            return Ok(Mechanism::BtrfsSnapshot);
+        }
+        if !self.exists(source)? {
+            return Err(BackendError::io(
+                "snapshot",
+                &src,
+                std::io::Error::from(std::io::ErrorKind::NotFound),
+            ));
+        }
+        std::fs::create_dir(&partial).map_err(|e| BackendError::io("mkdir", &partial, e))?;
+        let copied = snapcopy::copy_tree(&src, &partial).and_then(|mechanism| {
+            std::fs::rename(&partial, &dst).map_err(|e| BackendError::io("rename", &partial, e))?;
+            Ok(mechanism)
+        });
+        if copied.is_err() {
+            let _ = snapcopy::remove_tree(&partial);
+        }
+        copied
+    }
+
+    fn populate(
+        &self,
+        id: &VolumeId,
+        source: ContentSource<'_>,
+        options: &VolumeOptions,
+    ) -> Result<(Enforcement, Mechanism), BackendError> {
+        let src = match source {
+            ContentSource::Snapshot(s) => self.snapshot_path(s),
+            ContentSource::Volume(v) => self.volume_path(v),
+        };
+        let dst = self.volume_path(id);
+        if btrfs::is_subvolume(&src) && self.enforcement == Enforcement::BtrfsQgroup {
+            btrfs::snapshot_subvolume(&src, &dst, false)?;
+            let result = (|| {
+                if options.capacity_bytes > 0 {
+                    btrfs::set_limit(&dst, options.capacity_bytes)?;
+                }
+                snapcopy::sync_filesystem(&dst)
+            })();
+            if let Err(e) = result {
+                let _ = btrfs::delete_subvolume(&dst);
+                return Err(e);
+            }
+            return Ok((Enforcement::BtrfsQgroup, Mechanism::BtrfsSnapshot));
+        }
+        let meta =
+            std::fs::symlink_metadata(&src).map_err(|e| BackendError::io("stat", &src, e))?;
+        if !meta.is_dir() {
+            return Err(BackendError::io(
+                "restore",
+                &src,
+                std::io::Error::other("not a directory"),
+            ));
+        }
+        // An empty volume with the requested enforcement, then the content: files created
+        // inside a quota-limited directory are charged to it as they are copied.
+        let enforcement = self.create(id, options)?;
+        match snapcopy::copy_tree(&src, &dst) {
+            Ok(mechanism) => Ok((enforcement, mechanism)),
+            Err(e) => {
+                let _ = self.delete(id);
+                Err(e)
+            }
+        }
     }
 }
 

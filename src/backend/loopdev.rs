@@ -524,7 +524,12 @@ pub fn attach(image: &Path) -> Result<PathBuf, BackendError> {
             std::io::Error::from(ErrorKind::NotFound),
         ));
     }
-    let base = ["--find", "--show", "--nooverlap"];
+    // 512-byte logical sectors always: with direct I/O the kernel would otherwise take the
+    // backing file's direct I/O alignment, which becomes the filesystem block size once the
+    // image shares extents with a snapshot (reflink), and a filesystem made with 512-byte
+    // sectors then no longer mounts. The kernel falls back to buffered I/O where the fixed
+    // size does not fit the file's alignment.
+    let base = ["--find", "--show", "--nooverlap", "--sector-size", "512"];
     let stdout = match run("losetup", &[&base[..], &["--direct-io=on"]].concat(), &path) {
         Ok(out) => out,
         Err(dio_error) => {

@@ -11,9 +11,13 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use super::dir::{PARTIAL_SUFFIX, prepare_snapshots_dir};
 use super::loopdev::{self, FsType};
-use super::{Backend, BackendError, Enforcement, FsCapacity, PublishSource, Usage, VolumeOptions};
-use crate::engine::ids::VolumeId;
+use super::{
+    Backend, BackendError, ContentSource, Enforcement, FsCapacity, Mechanism, PublishSource, Usage,
+    VolumeOptions, freeze, snapcopy,
+};
+use crate::engine::ids::{SnapshotId, VolumeId};
 use crate::engine::types::{AccessType, Capability};
 use crate::mount::{ConfinedPath, MountOptions, Mounter};
 
@@ -50,7 +54,17 @@ impl Kind {
 #[derive(Debug, Clone)]
 pub struct LoopBackend {
     images: PathBuf,
+    /// `<data-dir>/snapshots`: `<snapshot-id>.<kind>` image copies, on the same filesystem as
+    /// the images so they can be reflinked.
+    snapshots: PathBuf,
 }
+
+/// Every kind, in the order an image is looked for.
+const KINDS: [Kind; 3] = [
+    Kind::Filesystem(FsType::Ext4),
+    Kind::Filesystem(FsType::Xfs),
+    Kind::Block,
+];
 
 impl LoopBackend {
     /// Prepares `<data_dir>/images` (mode 0700).
@@ -60,7 +74,157 @@ impl LoopBackend {
         std::fs::create_dir_all(&images).map_err(|e| BackendError::io("mkdir", &images, e))?;
         std::fs::set_permissions(&images, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| BackendError::io("chmod", &images, e))?;
-        Ok(LoopBackend { images })
+        let snapshots = prepare_snapshots_dir(data_dir)?;
+        Ok(LoopBackend { images, snapshots })
+    }
+
+    fn snapshot_image(&self, snapshot: &SnapshotId, kind: Kind) -> PathBuf {
+        self.snapshots
+            .join(format!("{snapshot}.{}", kind.extension()))
+    }
+
+    fn find_snapshot(&self, snapshot: &SnapshotId) -> Option<(PathBuf, Kind)> {
+        KINDS
+            .into_iter()
+            .map(|kind| (self.snapshot_image(snapshot, kind), kind))
+            .find(|(path, _)| path.is_file())
+    }
+
+    /// Makes the image of `id` consistent for the instant of a copy: a mounted filesystem is
+    /// frozen (flushed, writes blocked) until the returned guard drops; an attached raw block
+    /// device has its cached writes flushed to the image.
+    fn quiesce_image(
+        &self,
+        image: &Path,
+        kind: Kind,
+    ) -> Result<Option<freeze::Frozen>, BackendError> {
+        let Some(device) = loopdev::find_attached(image)? else {
+            return Ok(None);
+        };
+        match kind {
+            Kind::Filesystem(_) => match freeze::mount_point_of(&device)? {
+                Some(mount_point) => Ok(Some(freeze::freeze(&mount_point)?)),
+                None => Ok(None),
+            },
+            Kind::Block => {
+                let fd = snapcopy::open_source(&device)
+                    .map_err(|e| BackendError::io("open", &device, e))?;
+                rustix::fs::fsync(&fd).map_err(|e| BackendError::io("fsync", &device, e.into()))?;
+                Ok(None)
+            }
+        }
+    }
+
+    fn take_snapshot(
+        &self,
+        source: &VolumeId,
+        snapshot: &SnapshotId,
+        quiesced: bool,
+    ) -> Result<Mechanism, BackendError> {
+        let (image, kind) = self.existing(source)?;
+        self.remove_snapshot(snapshot)?;
+        let dst = self.snapshot_image(snapshot, kind);
+        let partial = PathBuf::from(format!("{}{PARTIAL_SUFFIX}", dst.display()));
+        let copied = {
+            let _frozen = if quiesced {
+                None
+            } else {
+                self.quiesce_image(&image, kind)?
+            };
+            snapcopy::clone_path(&image, &partial, true)
+        };
+        let result = copied.and_then(|mechanism| {
+            std::fs::rename(&partial, &dst).map_err(|e| BackendError::io("rename", &partial, e))?;
+            Ok(mechanism)
+        });
+        if result.is_err() {
+            let _ = std::fs::remove_file(&partial);
+        }
+        result
+    }
+
+    fn remove_snapshot(&self, snapshot: &SnapshotId) -> Result<(), BackendError> {
+        for kind in KINDS {
+            let path = self.snapshot_image(snapshot, kind);
+            for p in [
+                PathBuf::from(format!("{}{PARTIAL_SUFFIX}", path.display())),
+                path,
+            ] {
+                match std::fs::remove_file(&p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(BackendError::io("remove", &p, e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn populate(
+        &self,
+        id: &VolumeId,
+        source: ContentSource<'_>,
+        options: &VolumeOptions,
+    ) -> Result<(Enforcement, Mechanism), BackendError> {
+        let (src, kind) = match source {
+            ContentSource::Snapshot(s) => self.find_snapshot(s).ok_or_else(|| {
+                BackendError::io(
+                    "find snapshot",
+                    &self.snapshots.join(s.as_str()),
+                    std::io::Error::from(std::io::ErrorKind::NotFound),
+                )
+            })?,
+            ContentSource::Volume(v) => self.existing(v)?,
+        };
+        match kind {
+            Kind::Block if !options.block => {
+                return Err(BackendError::Unsupported(
+                    "the content source is a raw block volume; it cannot populate a filesystem \
+                     volume"
+                        .into(),
+                ));
+            }
+            Kind::Filesystem(fs) if options.block => {
+                return Err(BackendError::Unsupported(format!(
+                    "the content source holds {fs}; it cannot populate a raw block volume"
+                )));
+            }
+            Kind::Filesystem(fs) if !options.fs_type.is_empty() && options.fs_type != fs.name() => {
+                return Err(BackendError::Unsupported(format!(
+                    "the content source holds {fs}, not the requested {}",
+                    options.fs_type
+                )));
+            }
+            _ => {}
+        }
+        let dst = self.image(id, kind);
+        let mechanism = {
+            let _frozen = match source {
+                ContentSource::Volume(_) => self.quiesce_image(&src, kind)?,
+                ContentSource::Snapshot(_) => None, // snapshots never change
+            };
+            snapcopy::clone_path(&src, &dst, true)
+        };
+        let result = mechanism.and_then(|mechanism| {
+            // Larger than the source: the image grows now, its filesystem when it is next
+            // staged (see `stage`).
+            if options.capacity_bytes > 0 {
+                let len = std::fs::metadata(&dst)
+                    .map_err(|e| BackendError::io("stat", &dst, e))?
+                    .len();
+                if options.capacity_bytes > len {
+                    loopdev::grow_image(&dst, options.capacity_bytes)?;
+                }
+            }
+            Ok(mechanism)
+        });
+        match result {
+            Ok(mechanism) => Ok((Enforcement::LoopImage, mechanism)),
+            Err(e) => {
+                let _ = std::fs::remove_file(&dst);
+                Err(e)
+            }
+        }
     }
 
     fn image(&self, id: &VolumeId, kind: Kind) -> PathBuf {
@@ -242,6 +406,107 @@ impl Backend for LoopBackend {
         Ok(out)
     }
 
+    fn supports_snapshots(&self) -> bool {
+        true
+    }
+
+    fn snapshot(
+        &self,
+        source: &VolumeId,
+        snapshot: &SnapshotId,
+    ) -> Result<Mechanism, BackendError> {
+        self.take_snapshot(source, snapshot, false)
+    }
+
+    fn quiesce(&self, id: &VolumeId) -> Result<Option<freeze::Frozen>, BackendError> {
+        let (image, kind) = self.existing(id)?;
+        if kind == Kind::Block && loopdev::find_attached(&image)?.is_some() {
+            // A flush orders nothing across volumes: writes continue between the members' cuts.
+            return Err(BackendError::Unsupported(format!(
+                "volume {id} is a raw block volume in use; it cannot be frozen for a volume \
+                 group snapshot"
+            )));
+        }
+        self.quiesce_image(&image, kind)
+    }
+
+    fn snapshot_quiesced(
+        &self,
+        source: &VolumeId,
+        snapshot: &SnapshotId,
+    ) -> Result<Mechanism, BackendError> {
+        self.take_snapshot(source, snapshot, true)
+    }
+
+    fn delete_snapshot(&self, snapshot: &SnapshotId) -> Result<(), BackendError> {
+        self.remove_snapshot(snapshot)
+    }
+
+    fn snapshot_exists(&self, snapshot: &SnapshotId) -> Result<bool, BackendError> {
+        Ok(self.find_snapshot(snapshot).is_some())
+    }
+
+    fn list_snapshots(&self) -> Result<Vec<SnapshotId>, BackendError> {
+        let entries = std::fs::read_dir(&self.snapshots)
+            .map_err(|e| BackendError::io("readdir", &self.snapshots, e))?;
+        Ok(entries
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name();
+                let (id, ext) = name.to_str()?.rsplit_once('.')?;
+                Kind::from_extension(ext)?;
+                SnapshotId::parse(id).ok()
+            })
+            .filter(|id| id.backend() == self.name())
+            .collect())
+    }
+
+    fn snapshot_sync_dirs(&self) -> Vec<PathBuf> {
+        vec![self.snapshots.clone()]
+    }
+
+    fn create_from(
+        &self,
+        id: &VolumeId,
+        source: ContentSource<'_>,
+        options: &VolumeOptions,
+    ) -> Result<(Enforcement, Mechanism), BackendError> {
+        self.populate(id, source, options)
+    }
+
+    fn recover_snapshots(&self) -> Result<(), BackendError> {
+        let entries = std::fs::read_dir(&self.snapshots)
+            .map_err(|e| BackendError::io("readdir", &self.snapshots, e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let partial_of_ours = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(PARTIAL_SUFFIX))
+                .and_then(|n| n.rsplit_once('.'))
+                .and_then(|(id, _)| SnapshotId::parse(id).ok())
+                .is_some_and(|id| id.backend() == self.name());
+            if partial_of_ours {
+                tracing::warn!(path = %entry.path().display(),
+                    "removing a snapshot copy interrupted by a crash");
+                std::fs::remove_file(entry.path())
+                    .map_err(|e| BackendError::io("remove", &entry.path(), e))?;
+            }
+        }
+        // A crash between freeze and thaw leaves the volume's filesystem frozen.
+        for id in self.list()? {
+            let Some((image, Kind::Filesystem(_))) = self.find(&id) else {
+                continue;
+            };
+            if let Some(device) = loopdev::find_attached(&image)?
+                && let Some(mount_point) = freeze::mount_point_of(&device)?
+                && let Err(e) = freeze::thaw(&mount_point)
+            {
+                tracing::error!(volume_id = %id, error = %e, "could not thaw a volume's filesystem");
+            }
+        }
+        Ok(())
+    }
+
     fn stages_mounts(&self) -> bool {
         true
     }
@@ -271,7 +536,24 @@ impl Backend for LoopBackend {
         if let Kind::Filesystem(fs) = kind {
             let mounted = mounter.inspect(staging)?.is_some_and(|s| s.is_mount_point);
             if !mounted {
-                mounter.mount_device(&device, fs.name(), staging, &MountOptions::default())?;
+                if let Err(e) =
+                    mounter.mount_device(&device, fs.name(), staging, &MountOptions::default())
+                {
+                    // Nothing uses the device now: do not leave it attached (it would keep the
+                    // image, and the data filesystem holding it, busy).
+                    if let Err(d) = loopdev::detach(&image) {
+                        tracing::warn!(volume_id = %id, error = %d,
+                            "could not detach the loop device after a failed mount");
+                    }
+                    return Err(e.into());
+                }
+                // A volume restored or cloned into a larger size has a larger image than its
+                // filesystem: grow the filesystem to the device (a no-op otherwise). A failure
+                // leaves a usable, smaller filesystem, so it is reported, not fatal.
+                if let Err(e) = loopdev::grow_filesystem(&device, &staging.absolute(), fs) {
+                    tracing::warn!(volume_id = %id, error = %e,
+                        "could not grow the filesystem to its device at staging");
+                }
             }
             // The mount now holds the device: let the kernel free it when the filesystem is
             // unmounted, whoever unmounts it. (Block volumes keep an explicit attachment: a pod

@@ -3,15 +3,17 @@
 
 pub mod btrfs;
 pub mod dir;
+pub mod freeze;
 pub mod loopdev;
 pub mod loopvol;
 pub mod projquota;
 pub mod shared;
+pub mod snapcopy;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use crate::engine::ids::VolumeId;
+use crate::engine::ids::{SnapshotId, VolumeId};
 use crate::engine::types::{AccessType, Capability};
 use crate::mount::{ConfinedPath, MountError, MountOptions, Mounter};
 
@@ -146,6 +148,35 @@ impl Enforcement {
             Enforcement::None => "none",
         }
     }
+}
+
+/// How a snapshot or a clone got its data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mechanism {
+    /// A btrfs subvolume snapshot (read-only for snapshots, writable for volumes): O(1).
+    BtrfsSnapshot,
+    /// Shared extents (`FICLONE`) of every file: O(extents), no data copied.
+    Reflink,
+    /// A full copy that keeps holes, links and metadata.
+    Copy,
+}
+
+impl Mechanism {
+    /// The name recorded and logged.
+    pub fn name(self) -> &'static str {
+        match self {
+            Mechanism::BtrfsSnapshot => "btrfs-snapshot",
+            Mechanism::Reflink => "reflink",
+            Mechanism::Copy => "copy",
+        }
+    }
+}
+
+/// Where a new volume's content comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentSource<'a> {
+    Snapshot(&'a SnapshotId),
+    Volume(&'a VolumeId),
 }
 
 /// What NodePublishVolume binds at a target.
@@ -309,5 +340,93 @@ pub trait Backend: Send + Sync + 'static {
         _staging: Option<&ConfinedPath>,
     ) -> Result<Option<u64>, BackendError> {
         Ok(None)
+    }
+
+    // ----- Snapshots and clones. Backends that cannot take them keep these defaults; the
+    // engine advertises the snapshot capabilities only when every configured backend can. -----
+
+    /// Whether this backend implements the methods below.
+    fn supports_snapshots(&self) -> bool {
+        false
+    }
+
+    /// Cuts a snapshot of volume `source` into the snapshot storage `snapshot`, durably, and
+    /// says how. The point in time is fixed before this returns. Storage left by an interrupted
+    /// earlier attempt is replaced.
+    fn snapshot(
+        &self,
+        source: &VolumeId,
+        snapshot: &SnapshotId,
+    ) -> Result<Mechanism, BackendError> {
+        let _ = (source, snapshot);
+        Err(BackendError::Unsupported(format!(
+            "the {} backend does not take snapshots",
+            self.name()
+        )))
+    }
+
+    /// Makes volume `id` unchanging until the returned guard drops, for a volume group
+    /// snapshot (every member is quiesced before any is cut). `None`: nothing to hold (the
+    /// volume is not in use). Backends that cannot stop writes refuse.
+    fn quiesce(&self, id: &VolumeId) -> Result<Option<freeze::Frozen>, BackendError> {
+        let _ = id;
+        Err(BackendError::Unsupported(format!(
+            "volumes of the {} backend cannot be frozen, so they cannot be part of a volume \
+             group snapshot",
+            self.name()
+        )))
+    }
+
+    /// [`Backend::snapshot`] of a volume the caller has already quiesced.
+    fn snapshot_quiesced(
+        &self,
+        source: &VolumeId,
+        snapshot: &SnapshotId,
+    ) -> Result<Mechanism, BackendError> {
+        self.snapshot(source, snapshot)
+    }
+
+    /// Removes a snapshot's storage; absent storage is success.
+    fn delete_snapshot(&self, snapshot: &SnapshotId) -> Result<(), BackendError> {
+        let _ = snapshot;
+        Ok(())
+    }
+
+    /// Whether storage for `snapshot` exists.
+    fn snapshot_exists(&self, snapshot: &SnapshotId) -> Result<bool, BackendError> {
+        let _ = snapshot;
+        Ok(false)
+    }
+
+    /// IDs of every snapshot that has storage, for start-up recovery.
+    fn list_snapshots(&self) -> Result<Vec<SnapshotId>, BackendError> {
+        Ok(Vec::new())
+    }
+
+    /// Directories whose entries change when snapshots are created or deleted.
+    fn snapshot_sync_dirs(&self) -> Vec<PathBuf> {
+        Vec::new()
+    }
+
+    /// Creates volume `id` (which has no storage yet) with the content of `source`, grown to
+    /// `options.capacity_bytes` when that is larger, durably. Returns how its size is enforced
+    /// and how the content was copied.
+    fn create_from(
+        &self,
+        id: &VolumeId,
+        source: ContentSource<'_>,
+        options: &VolumeOptions,
+    ) -> Result<(Enforcement, Mechanism), BackendError> {
+        let _ = (id, source, options);
+        Err(BackendError::Unsupported(format!(
+            "the {} backend cannot create volumes from snapshots or volumes",
+            self.name()
+        )))
+    }
+
+    /// Start-up recovery after a crash: removes partial snapshot copies and thaws filesystems
+    /// a snapshot may have left frozen.
+    fn recover_snapshots(&self) -> Result<(), BackendError> {
+        Ok(())
     }
 }

@@ -9,7 +9,7 @@ use super::handle;
 use super::proto::controller_server::Controller;
 use super::proto::controller_service_capability::{Rpc, Type as CapType, rpc::Type};
 use super::proto::{self, ControllerServiceCapability};
-use crate::engine::types::CreateVolume;
+use crate::engine::types::{CreateSnapshot, CreateVolume};
 use crate::engine::{Engine, Error};
 
 /// Controller: provisioning, listing, capacity.
@@ -32,6 +32,14 @@ impl ControllerService {
             Type::SingleNodeMultiWriter,
             Type::ExpandVolume,
         ];
+        if self.engine.supports_snapshots() {
+            types.extend([
+                Type::CreateDeleteSnapshot,
+                Type::ListSnapshots,
+                Type::GetSnapshot,
+                Type::CloneVolume,
+            ]);
+        }
         // Only a process that also serves the node side knows where volumes are published.
         if self.engine.config().serves_node {
             types.push(Type::ListVolumesPublishedNodes);
@@ -68,7 +76,7 @@ impl Controller for ControllerService {
                 capabilities: convert::capabilities("volume_capabilities", r.volume_capabilities)?,
                 parameters: sorted(r.parameters),
                 topology: convert::topology_requirement(r.accessibility_requirements),
-                has_content_source: r.volume_content_source.is_some(),
+                content_source: convert::content_source(r.volume_content_source)?,
             };
             if !r.mutable_parameters.is_empty() {
                 return Err(Error::Unsupported(
@@ -212,30 +220,86 @@ impl Controller for ControllerService {
 
     async fn create_snapshot(
         &self,
-        _request: Request<proto::CreateSnapshotRequest>,
+        request: Request<proto::CreateSnapshotRequest>,
     ) -> Result<Response<proto::CreateSnapshotResponse>, Status> {
-        unimplemented("CreateSnapshot")
+        let r = request.into_inner();
+        let ids = format!("{} {}", r.name, r.source_volume_id);
+        handle("CreateSnapshot", &ids, async {
+            if !self.engine.supports_snapshots() {
+                return Err(Error::Unsupported("snapshots are not supported".into()));
+            }
+            if r.name.is_empty() {
+                return Err(Error::Missing("name"));
+            }
+            crate::engine::params::check_map("secrets", &sorted(r.secrets))?;
+            let snapshot = self
+                .engine
+                .create_snapshot(CreateSnapshot {
+                    name: r.name,
+                    source_volume_id: r.source_volume_id,
+                    parameters: sorted(r.parameters),
+                })
+                .await?;
+            Ok(proto::CreateSnapshotResponse {
+                snapshot: Some(convert::snapshot(snapshot)),
+            })
+        })
+        .await
     }
 
     async fn delete_snapshot(
         &self,
-        _request: Request<proto::DeleteSnapshotRequest>,
+        request: Request<proto::DeleteSnapshotRequest>,
     ) -> Result<Response<proto::DeleteSnapshotResponse>, Status> {
-        unimplemented("DeleteSnapshot")
+        let r = request.into_inner();
+        handle("DeleteSnapshot", &r.snapshot_id.clone(), async {
+            crate::engine::params::check_map("secrets", &sorted(r.secrets))?;
+            self.engine.delete_snapshot(&r.snapshot_id).await?;
+            Ok(proto::DeleteSnapshotResponse {})
+        })
+        .await
     }
 
     async fn list_snapshots(
         &self,
-        _request: Request<proto::ListSnapshotsRequest>,
+        request: Request<proto::ListSnapshotsRequest>,
     ) -> Result<Response<proto::ListSnapshotsResponse>, Status> {
-        unimplemented("ListSnapshots")
+        let r = request.into_inner();
+        handle("ListSnapshots", &r.starting_token.clone(), async {
+            let max = usize::try_from(r.max_entries)
+                .map_err(|_| Error::invalid("max_entries", "must not be negative"))?;
+            let page = self.engine.list_snapshots(
+                max,
+                &r.starting_token,
+                &r.snapshot_id,
+                &r.source_volume_id,
+            )?;
+            Ok(proto::ListSnapshotsResponse {
+                entries: page
+                    .entries
+                    .into_iter()
+                    .map(|s| proto::list_snapshots_response::Entry {
+                        snapshot: Some(convert::snapshot(s)),
+                    })
+                    .collect(),
+                next_token: page.next_token.unwrap_or_default(),
+            })
+        })
+        .await
     }
 
     async fn get_snapshot(
         &self,
-        _request: Request<proto::GetSnapshotRequest>,
+        request: Request<proto::GetSnapshotRequest>,
     ) -> Result<Response<proto::GetSnapshotResponse>, Status> {
-        unimplemented("GetSnapshot")
+        let r = request.into_inner();
+        handle("GetSnapshot", &r.snapshot_id.clone(), async {
+            let snapshot = self.engine.get_snapshot(&r.snapshot_id)?;
+            Ok(proto::GetSnapshotResponse {
+                snapshot: Some(convert::snapshot(snapshot)),
+            })
+        })
+        .await
     }
 
     async fn controller_expand_volume(

@@ -106,7 +106,20 @@ pub fn volume(volume: Volume) -> proto::Volume {
         capacity_bytes: int64(volume.capacity_bytes),
         volume_id: volume.id.to_string(),
         volume_context: unsorted(volume.context),
-        content_source: None,
+        content_source: volume
+            .content_source
+            .map(|source| proto::VolumeContentSource {
+                r#type: Some(match source {
+                    VolumeSource::Snapshot(snapshot_id) => {
+                        proto::volume_content_source::Type::Snapshot(
+                            proto::volume_content_source::SnapshotSource { snapshot_id },
+                        )
+                    }
+                    VolumeSource::Volume(volume_id) => proto::volume_content_source::Type::Volume(
+                        proto::volume_content_source::VolumeSource { volume_id },
+                    ),
+                }),
+            }),
         accessible_topology: volume
             .accessible_topology
             .into_iter()
@@ -119,5 +132,42 @@ pub fn condition(condition: Condition) -> proto::VolumeCondition {
     proto::VolumeCondition {
         abnormal: condition.abnormal,
         message: condition.message,
+    }
+}
+
+/// CreateVolume's content source; one without a type is refused.
+pub fn content_source(
+    source: Option<proto::VolumeContentSource>,
+) -> Result<Option<VolumeSource>, Error> {
+    use proto::volume_content_source::Type;
+    let Some(source) = source else {
+        return Ok(None);
+    };
+    match source.r#type {
+        Some(Type::Snapshot(s)) => Ok(Some(VolumeSource::Snapshot(s.snapshot_id))),
+        Some(Type::Volume(v)) => Ok(Some(VolumeSource::Volume(v.volume_id))),
+        None => Err(Error::invalid(
+            "volume_content_source",
+            "names neither a snapshot nor a volume",
+        )),
+    }
+}
+
+/// Seconds and nanoseconds since the epoch as a protobuf timestamp.
+pub fn timestamp(seconds: u64, nanos: u32) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: int64(seconds),
+        nanos: i32::try_from(nanos).unwrap_or(0),
+    }
+}
+
+pub fn snapshot(snapshot: Snapshot) -> proto::Snapshot {
+    proto::Snapshot {
+        size_bytes: int64(snapshot.size_bytes),
+        snapshot_id: snapshot.id,
+        source_volume_id: snapshot.source_volume_id,
+        creation_time: Some(timestamp(snapshot.created_unix, snapshot.created_nanos)),
+        ready_to_use: snapshot.ready_to_use,
+        group_snapshot_id: snapshot.group_snapshot_id,
     }
 }

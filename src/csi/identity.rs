@@ -48,6 +48,8 @@ impl Identity for IdentityService {
         let mut types = vec![service::Type::VolumeAccessibilityConstraints];
         if self.serves_controller {
             types.insert(0, service::Type::ControllerService);
+            // Volume group snapshots (loop volumes; see the GroupController service).
+            types.push(service::Type::GroupControllerService);
         }
         let mut capabilities: Vec<PluginCapability> = types
             .into_iter()

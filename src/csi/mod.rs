@@ -1,4 +1,4 @@
-//! The gRPC edge: CSI Identity, Controller and Node services over tonic.
+//! The gRPC edge: CSI Identity, Controller, GroupController and Node services over tonic.
 //!
 //! Each handler converts the request into engine types (checking required fields), calls the
 //! engine, and converts the answer back. Engine errors become `tonic::Status` in exactly one
@@ -7,6 +7,7 @@
 pub mod codec;
 mod controller;
 mod convert;
+mod group_controller;
 mod identity;
 mod node;
 
@@ -21,6 +22,7 @@ use crate::engine::Error;
 use crate::mount::MountError;
 
 pub use controller::ControllerService;
+pub use group_controller::GroupControllerService;
 pub use identity::IdentityService;
 pub use node::NodeService;
 
@@ -37,8 +39,12 @@ pub fn status(error: Error) -> Status {
         | Error::Invalid { .. }
         | Error::UnknownParameter(_)
         | Error::Unsupported(_) => Code::InvalidArgument,
-        Error::VolumeNotFound(_) | Error::NotFound(_) => Code::NotFound,
-        Error::AlreadyExists { .. } | Error::PublishedDifferently(_) => Code::AlreadyExists,
+        Error::VolumeNotFound(_) | Error::SnapshotNotFound(_) | Error::NotFound(_) => {
+            Code::NotFound
+        }
+        Error::AlreadyExists { .. }
+        | Error::SnapshotExists { .. }
+        | Error::PublishedDifferently(_) => Code::AlreadyExists,
         Error::InProgress(_) | Error::BadToken(_) => Code::Aborted,
         Error::CapacityOutOfRange(_) => Code::OutOfRange,
         Error::Exhausted(_) => Code::ResourceExhausted,

@@ -23,6 +23,12 @@ pub enum Error {
     /// No volume with this ID exists.
     #[error("volume {0} does not exist")]
     VolumeNotFound(String),
+    /// No snapshot with this ID exists.
+    #[error("snapshot {0} does not exist")]
+    SnapshotNotFound(String),
+    /// A snapshot with this name exists but differs from what was asked.
+    #[error("snapshot {name:?} already exists with a different {what}")]
+    SnapshotExists { name: String, what: String },
     /// Something else named in the request does not exist.
     #[error("{0}")]
     NotFound(String),

@@ -95,6 +95,64 @@ impl fmt::Debug for VolumeId {
     }
 }
 
+/// A syntactically valid snapshot ID of ours: `snap-<backend>-<32 hex digits>`, the digits
+/// derived from the snapshot name as volume IDs are from volume names, so a CreateSnapshot
+/// retried after a crash lands on the same storage. The backend is the source volume's: a
+/// snapshot lives next to the volumes it can be restored into.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SnapshotId(String);
+
+const SNAPSHOT_PREFIX: &str = "snap-";
+
+impl SnapshotId {
+    /// The ID a snapshot named `name` of a volume on `backend` gets.
+    pub fn for_name(backend: &str, name: &str) -> SnapshotId {
+        SnapshotId(format!(
+            "{SNAPSHOT_PREFIX}{}",
+            VolumeId::for_name(backend, name)
+        ))
+    }
+
+    /// Parses a request's snapshot ID, with the same rules as [`VolumeId::parse`].
+    pub fn parse(raw: &str) -> Result<SnapshotId, IdError> {
+        if raw.len() > MAX_NAME_BYTES {
+            return Err(IdError::Malformed("longer than 128 bytes"));
+        }
+        if raw.chars().any(char::is_control) {
+            return Err(IdError::Malformed("contains NUL or control characters"));
+        }
+        let rest = raw
+            .strip_prefix(SNAPSHOT_PREFIX)
+            .ok_or_else(|| IdError::Foreign(raw.to_string()))?;
+        VolumeId::parse(rest).map_err(|_| IdError::Foreign(raw.to_string()))?;
+        Ok(SnapshotId(raw.to_string()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The backend holding the snapshot.
+    pub fn backend(&self) -> &str {
+        self.0[SNAPSHOT_PREFIX.len()..]
+            .split_once('-')
+            .map(|(b, _)| b)
+            .unwrap_or_default()
+    }
+}
+
+impl fmt::Display for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for SnapshotId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
 /// Checks a CO-supplied name: non-empty, within CSI's 128-byte limit, no NUL or control
 /// characters. Names are never used in paths, so any other character is fine.
 pub fn check_name(name: &str) -> Result<(), &'static str> {
@@ -146,6 +204,37 @@ mod tests {
         ));
         assert!(matches!(
             VolumeId::parse(&"a".repeat(129)),
+            Err(IdError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn snapshot_ids_have_their_own_shape() {
+        let s = SnapshotId::for_name("loop", "snap-1");
+        assert_eq!(s, SnapshotId::for_name("loop", "snap-1"));
+        assert_eq!(s.backend(), "loop");
+        assert_eq!(SnapshotId::parse(s.as_str()).unwrap(), s);
+        let v = VolumeId::for_name("loop", "snap-1");
+        assert!(matches!(
+            SnapshotId::parse(v.as_str()),
+            Err(IdError::Foreign(_))
+        ));
+        assert!(matches!(
+            VolumeId::parse(s.as_str()),
+            Err(IdError::Foreign(_))
+        ));
+        for raw in [
+            "snap-",
+            "snap-../x",
+            "snap-zzz-0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(
+                matches!(SnapshotId::parse(raw), Err(IdError::Foreign(_))),
+                "{raw}"
+            );
+        }
+        assert!(matches!(
+            SnapshotId::parse("snap-\0"),
             Err(IdError::Malformed(_))
         ));
     }

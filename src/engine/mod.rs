@@ -12,6 +12,7 @@ pub mod locks;
 mod node;
 pub mod params;
 mod reconcile;
+mod snapshots;
 pub mod types;
 
 use std::collections::BTreeMap;
@@ -161,6 +162,13 @@ impl Engine {
             } else {
                 vec![]
             },
+            content_source: if !record.source_snapshot_id.is_empty() {
+                Some(VolumeSource::Snapshot(record.source_snapshot_id.clone()))
+            } else if !record.source_volume_id.is_empty() {
+                Some(VolumeSource::Volume(record.source_volume_id.clone()))
+            } else {
+                None
+            },
         })
     }
 
@@ -197,14 +205,18 @@ impl Engine {
                 .check_capability(capability)
                 .map_err(|reason| Error::invalid("volume_capabilities", reason))?;
         }
-        if request.has_content_source {
-            return Err(Error::Unsupported(
-                "volume_content_source is not supported yet: snapshots and clones are not \
-                 implemented"
-                    .into(),
-            ));
-        }
-        let capacity = resolve_capacity(request.capacity)?;
+        let mut capacity = resolve_capacity(request.capacity)?;
+        let source = match &request.content_source {
+            Some(source) => {
+                let resolved =
+                    self.resolve_source(source, &params.backend, request.capacity.limit_bytes)?;
+                // A restored volume is at least as large as its source, grown when asked for
+                // more (OUT_OF_RANGE when the limit is smaller, in resolve_source).
+                capacity = capacity.max(resolved.size_bytes);
+                Some(resolved)
+            }
+            None => None,
+        };
         let mount_flags = mount_flags_of(&request.capabilities);
         if let Some(topology) = &request.topology
             && backend.node_local()
@@ -226,7 +238,11 @@ impl Engine {
 
         let name = request.name.clone();
         let new_id = backend.volume_id(&name, &params.defining, &mount_flags)?;
-        let _guard = self.lock(vec![format!("name:{name}"), format!("vol:{new_id}")])?;
+        let mut keys = vec![format!("name:{name}"), format!("vol:{new_id}")];
+        if let Some(source) = &source {
+            keys.push(source.lock_key.clone());
+        }
+        let _guard = self.lock(keys)?;
 
         if let Some(existing_id) = self.store.volume_id_for_name(&name)? {
             let record = self
@@ -234,6 +250,12 @@ impl Engine {
                 .volume(&existing_id)?
                 .ok_or_else(|| Error::Internal(format!("name {name:?} maps to missing record")))?;
             check_compatible(&record, &params.defining, &request)?;
+            if self.volume_from_record(&record)?.content_source != request.content_source {
+                return Err(Error::AlreadyExists {
+                    name: record.name.clone(),
+                    what: "content source".into(),
+                });
+            }
             let id = VolumeId::parse(&record.id)
                 .map_err(|e| Error::Internal(format!("stored volume ID: {e}")))?;
             let backend = self.backend_of(&id)?;
@@ -277,14 +299,57 @@ impl Engine {
             )));
         }
 
-        let intent = self.store.intent();
         let sync_dirs = backend.sync_dirs();
         let id = new_id.clone();
         let options = VolumeOptions {
             capacity_bytes: capacity,
             ..volume_options(&request, &params)?
         };
-        let enforcement = blocking(move || Ok(backend.create(&id, &options)?)).await?;
+        let (mut source_snapshot_id, mut source_volume_id, mut populated_by) =
+            (String::new(), String::new(), String::new());
+        let enforcement = match &source {
+            None => {
+                let intent = self.store.intent();
+                let enforcement = blocking(move || Ok(backend.create(&id, &options)?)).await?;
+                (Some(intent), enforcement)
+            }
+            Some(source) => {
+                let started = std::time::Instant::now();
+                let snapshot = source.snapshot.clone();
+                let volume = source.volume.clone();
+                let b = backend.clone();
+                let (enforcement, mechanism) = blocking(move || {
+                    // Storage without a record is from an attempt that never answered and may
+                    // be partly copied: start over.
+                    if b.exists(&id)? {
+                        b.delete(&id)?;
+                    }
+                    let content = match (&snapshot, &volume) {
+                        (Some(s), _) => crate::backend::ContentSource::Snapshot(s),
+                        (None, Some(v)) => crate::backend::ContentSource::Volume(v),
+                        (None, None) => unreachable!("resolved sources name one"),
+                    };
+                    Ok(b.create_from(&id, content, &options)?)
+                })
+                .await?;
+                tracing::info!(volume_id = %new_id, source = ?source.content(),
+                    mechanism = mechanism.name(), duration_ms = started.elapsed().as_millis() as u64,
+                    "volume populated from its content source");
+                source_snapshot_id = source
+                    .snapshot
+                    .as_ref()
+                    .map(|s| s.to_string())
+                    .unwrap_or_default();
+                source_volume_id = source
+                    .volume
+                    .as_ref()
+                    .map(|v| v.to_string())
+                    .unwrap_or_default();
+                populated_by = mechanism.name().to_string();
+                (None, enforcement)
+            }
+        };
+        let (intent, enforcement) = enforcement;
         if enforcement == crate::backend::Enforcement::None {
             tracing::warn!(volume_id = %new_id, capacity, "volume size is recorded but not enforced");
         }
@@ -307,11 +372,16 @@ impl Engine {
                 .map(|d| d.as_secs())
                 .unwrap_or_default(),
             metadata: params.metadata,
+            source_snapshot_id,
+            source_volume_id,
+            populated_by,
         };
         // The directory entry and the record become durable in the same group commit.
-        intent
-            .commit(vec![Mutation::PutVolume(record.clone())], sync_dirs)
-            .await?;
+        let mutations = vec![Mutation::PutVolume(record.clone())];
+        match intent {
+            Some(intent) => intent.commit(mutations, sync_dirs).await?,
+            None => self.store.commit(mutations, sync_dirs).await?,
+        }
         self.volume_from_record(&record)
     }
 

@@ -62,7 +62,7 @@ fn create(name: &str, bytes: u64) -> CreateVolume {
         capabilities: vec![mount_cap(AccessMode::SingleNodeWriter)],
         parameters: BTreeMap::from([("enforceCapacity".to_string(), "false".to_string())]),
         topology: None,
-        has_content_source: false,
+        content_source: None,
     }
 }
 

@@ -95,8 +95,15 @@ pub struct CreateVolume {
     pub capabilities: Vec<Capability>,
     pub parameters: BTreeMap<String, String>,
     pub topology: Option<TopologyRequirement>,
-    /// Whether the request asked to pre-populate from a snapshot or volume.
-    pub has_content_source: bool,
+    /// The snapshot or volume to pre-populate the volume from.
+    pub content_source: Option<VolumeSource>,
+}
+
+/// A CreateVolume content source, by the raw ID the CO sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VolumeSource {
+    Snapshot(String),
+    Volume(String),
 }
 
 /// A provisioned volume as returned to the CO.
@@ -106,6 +113,45 @@ pub struct Volume {
     pub capacity_bytes: u64,
     pub context: BTreeMap<String, String>,
     pub accessible_topology: Vec<Segment>,
+    /// What the volume was pre-populated from (echoed in CreateVolume's answer).
+    pub content_source: Option<VolumeSource>,
+}
+
+/// A CreateSnapshot request.
+#[derive(Debug, Clone)]
+pub struct CreateSnapshot {
+    pub name: String,
+    pub source_volume_id: String,
+    pub parameters: BTreeMap<String, String>,
+}
+
+/// A snapshot as returned to the CO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Snapshot {
+    pub id: String,
+    pub source_volume_id: String,
+    pub size_bytes: u64,
+    pub created_unix: u64,
+    pub created_nanos: u32,
+    pub ready_to_use: bool,
+    pub group_snapshot_id: String,
+}
+
+/// One page of ListSnapshots.
+#[derive(Debug, Clone)]
+pub struct SnapshotPage {
+    pub entries: Vec<Snapshot>,
+    pub next_token: Option<String>,
+}
+
+/// A volume group snapshot as returned to the CO.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupSnapshot {
+    pub id: String,
+    pub members: Vec<Snapshot>,
+    pub created_unix: u64,
+    pub created_nanos: u32,
+    pub ready_to_use: bool,
 }
 
 /// Health of a volume.

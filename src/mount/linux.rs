@@ -196,7 +196,11 @@ impl Mounter for LinuxMounter {
         // resolved, whatever happens to the path meanwhile.
         let at = format!("/proc/self/fd/{}", target_fd.as_raw_fd());
         let flags = remount_flags(options) - MountFlags::BIND;
-        rustix::mount::mount(device, at.as_str(), fs_type, flags, None)
+        // Snapshots and clones copy a filesystem with its UUID, and XFS refuses to mount a
+        // second filesystem whose UUID is already mounted: tell it not to check (k8scsi never
+        // relies on UUIDs to find its filesystems).
+        let data = (fs_type == "xfs").then_some(c"nouuid");
+        rustix::mount::mount(device, at.as_str(), fs_type, flags, data)
             .map_err(|e| io("mount", target.absolute(), e))
     }
 

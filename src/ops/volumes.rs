@@ -384,6 +384,10 @@ pub fn snapshots(dirs: &NodeDirs, output: Output) -> Result<(), String> {
         let map: BTreeMap<String, serde_json::Value> = snapshots.into_iter().collect();
         return print_json(&map);
     }
+    if snapshots.is_empty() {
+        out!("0 snapshots");
+        return Ok(());
+    }
     let rows: Vec<Vec<String>> = snapshots
         .iter()
         .map(|(id, value)| {

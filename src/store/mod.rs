@@ -25,7 +25,7 @@ use std::sync::mpsc;
 use tokio::sync::oneshot;
 
 pub use reader::{ReadSource, StateDump, read_file};
-pub use records::{PublicationRecord, VolumeRecord};
+pub use records::{PublicationRecord, SnapshotRecord, VolumeRecord};
 
 /// Volume ID → JSON [`VolumeRecord`].
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
@@ -36,6 +36,11 @@ const NAMES: TableDefinition<&str, &str> = TableDefinition::new("names");
 const ORDER: TableDefinition<u64, &str> = TableDefinition::new("order");
 /// (volume ID, target or staging path) → JSON [`PublicationRecord`].
 const PUBLICATIONS: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("publications");
+/// Snapshot ID → JSON [`SnapshotRecord`]. ListSnapshots pages walk this table in ID order; a
+/// token is the ID to continue from, which stays valid when snapshots come and go.
+const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
+/// Snapshot name (CreateSnapshot's idempotency key) → snapshot ID.
+const SNAPSHOT_NAMES: TableDefinition<&str, &str> = TableDefinition::new("snapshot_names");
 /// Counters and the schema version.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
@@ -130,6 +135,10 @@ pub enum Mutation {
     PutPublication(PublicationRecord),
     /// Remove a publication.
     DeletePublication { volume_id: String, path: String },
+    /// Insert or replace a snapshot.
+    PutSnapshot(SnapshotRecord),
+    /// Remove a snapshot and its name mapping.
+    DeleteSnapshot { id: String },
 }
 
 struct CommitRequest {
@@ -257,6 +266,9 @@ impl Store {
             db_err!(txn.open_table(NAMES))?;
             db_err!(txn.open_table(ORDER))?;
             db_err!(txn.open_table(PUBLICATIONS))?;
+            // Added with snapshots; older stores simply gain the (empty) tables.
+            db_err!(txn.open_table(SNAPSHOTS))?;
+            db_err!(txn.open_table(SNAPSHOT_NAMES))?;
         }
         db_err!(txn.commit())?;
         // The new file's directory entry must be durable too.
@@ -435,6 +447,53 @@ impl Store {
         Ok(out)
     }
 
+    /// The snapshot with this ID, if recorded.
+    pub fn snapshot(&self, id: &str) -> Result<Option<SnapshotRecord>, StoreError> {
+        let txn = self.read_txn()?;
+        let table = db_err!(txn.open_table(SNAPSHOTS))?;
+        match db_err!(table.get(id))? {
+            Some(bytes) => Ok(Some(decode(id, bytes.value())?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The ID recorded for a snapshot name, if any.
+    pub fn snapshot_id_for_name(&self, name: &str) -> Result<Option<String>, StoreError> {
+        let txn = self.read_txn()?;
+        let table = db_err!(txn.open_table(SNAPSHOT_NAMES))?;
+        Ok(db_err!(table.get(name))?.map(|v| v.value().to_string()))
+    }
+
+    /// Up to `max` snapshots accepted by `keep`, in ID order from `from` (inclusive), and the
+    /// ID to continue from when more remain.
+    pub fn list_snapshots(
+        &self,
+        from: &str,
+        max: usize,
+        keep: impl Fn(&SnapshotRecord) -> bool,
+    ) -> Result<(Vec<SnapshotRecord>, Option<String>), StoreError> {
+        let txn = self.read_txn()?;
+        let table = db_err!(txn.open_table(SNAPSHOTS))?;
+        let mut out = Vec::new();
+        for entry in db_err!(table.range(from..))? {
+            let (id, bytes) = db_err!(entry)?;
+            let record: SnapshotRecord = decode(id.value(), bytes.value())?;
+            if !keep(&record) {
+                continue;
+            }
+            if out.len() == max {
+                return Ok((out, Some(record.id)));
+            }
+            out.push(record);
+        }
+        Ok((out, None))
+    }
+
+    /// Every recorded snapshot.
+    pub fn all_snapshots(&self) -> Result<Vec<SnapshotRecord>, StoreError> {
+        Ok(self.list_snapshots("", usize::MAX, |_| true)?.0)
+    }
+
     /// Every recorded publication.
     pub fn all_publications(&self) -> Result<Vec<PublicationRecord>, StoreError> {
         let txn = self.read_txn()?;
@@ -598,6 +657,8 @@ fn commit_mutations(db: &Database, batch: &[CommitRequest]) -> Result<(), StoreE
         let mut names = db_err!(txn.open_table(NAMES))?;
         let mut order = db_err!(txn.open_table(ORDER))?;
         let mut publications = db_err!(txn.open_table(PUBLICATIONS))?;
+        let mut snapshots = db_err!(txn.open_table(SNAPSHOTS))?;
+        let mut snapshot_names = db_err!(txn.open_table(SNAPSHOT_NAMES))?;
         let mut meta = db_err!(txn.open_table(META))?;
         let mut next_seq = db_err!(meta.get(NEXT_SEQ))?.map(|v| v.value()).unwrap_or(1);
         for mutation in batch.iter().flat_map(|r| r.mutations.iter()) {
@@ -636,6 +697,18 @@ fn commit_mutations(db: &Database, batch: &[CommitRequest]) -> Result<(), StoreE
                 Mutation::DeletePublication { volume_id, path } => {
                     db_err!(publications.remove((volume_id.as_str(), path.as_str())))?;
                 }
+                Mutation::PutSnapshot(record) => {
+                    db_err!(snapshots.insert(record.id.as_str(), encode(record).as_slice()))?;
+                    db_err!(snapshot_names.insert(record.name.as_str(), record.id.as_str()))?;
+                }
+                Mutation::DeleteSnapshot { id } => {
+                    let previous = db_err!(snapshots.remove(id.as_str()))?
+                        .map(|v| decode::<SnapshotRecord>(id, v.value()))
+                        .transpose()?;
+                    if let Some(prev) = previous {
+                        db_err!(snapshot_names.remove(prev.name.as_str()))?;
+                    }
+                }
             }
         }
         db_err!(meta.insert(NEXT_SEQ, next_seq))?;
@@ -661,7 +734,67 @@ mod tests {
             created_unix: 0,
             enforcement: String::new(),
             metadata: BTreeMap::new(),
+            source_snapshot_id: String::new(),
+            source_volume_id: String::new(),
+            populated_by: String::new(),
         }
+    }
+
+    fn snapshot(id: &str, name: &str, source: &str) -> SnapshotRecord {
+        SnapshotRecord {
+            id: id.into(),
+            name: name.into(),
+            source_volume_id: source.into(),
+            backend: "dir".into(),
+            size_bytes: 1,
+            created_unix: 1,
+            created_nanos: 0,
+            ready_to_use: true,
+            mechanism: "copy".into(),
+            group_snapshot_id: String::new(),
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn snapshots_page_by_id_and_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let puts = ["s1", "s2", "s3", "s4"]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| {
+                Mutation::PutSnapshot(snapshot(id, &format!("n{id}"), ["a", "b"][i % 2]))
+            })
+            .collect();
+        store.commit(puts, vec![]).await.unwrap();
+        let (page, next) = store.list_snapshots("", 2, |_| true).unwrap();
+        assert_eq!(
+            page.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+            ["s1", "s2"]
+        );
+        assert_eq!(next.as_deref(), Some("s3"));
+        let (rest, end) = store.list_snapshots("s3", 2, |_| true).unwrap();
+        assert_eq!(rest.len(), 2);
+        assert!(end.is_none());
+        let (of_b, _) = store
+            .list_snapshots("", 10, |s| s.source_volume_id == "b")
+            .unwrap();
+        assert_eq!(
+            of_b.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+            ["s2", "s4"]
+        );
+        store
+            .commit(vec![Mutation::DeleteSnapshot { id: "s2".into() }], vec![])
+            .await
+            .unwrap();
+        assert!(store.snapshot("s2").unwrap().is_none());
+        assert!(store.snapshot_id_for_name("ns2").unwrap().is_none());
+        assert_eq!(
+            store.snapshot_id_for_name("ns3").unwrap().as_deref(),
+            Some("s3")
+        );
+        assert_eq!(store.all_snapshots().unwrap().len(), 3);
     }
 
     #[tokio::test]

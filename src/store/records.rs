@@ -38,6 +38,46 @@ pub struct VolumeRecord {
     /// Provisioner metadata (PV name, PVC name and namespace), when the CO sent it.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// The snapshot the volume was restored from (empty: none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source_snapshot_id: String,
+    /// The volume the volume was cloned from (empty: none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source_volume_id: String,
+    /// How the content was copied from its source (`btrfs-snapshot`, `reflink`, `copy`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub populated_by: String,
+}
+
+/// A snapshot of a volume. Only complete snapshots are recorded: the record is committed after
+/// the snapshot's storage is durable, so a record always means "ready to use".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// Our opaque snapshot ID (see `engine::ids::SnapshotId`).
+    pub id: String,
+    /// The CO-chosen name; CreateSnapshot's idempotency key.
+    pub name: String,
+    /// The volume it was taken of (which may since have been deleted).
+    pub source_volume_id: String,
+    /// Which backend holds the data.
+    pub backend: String,
+    /// The source volume's capacity when the snapshot was taken: the smallest volume it can be
+    /// restored into.
+    pub size_bytes: u64,
+    /// When the snapshot was cut, seconds and nanoseconds since the epoch.
+    pub created_unix: u64,
+    #[serde(default)]
+    pub created_nanos: u32,
+    /// Always true for records written by this version (see above).
+    pub ready_to_use: bool,
+    /// How it was taken (`btrfs-snapshot`, `reflink`, `copy`).
+    pub mechanism: String,
+    /// The volume group snapshot it belongs to (empty: none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group_snapshot_id: String,
+    /// Provisioner metadata (VolumeSnapshot name and namespace), when the CO sent it.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// A volume published (bind-mounted) at a path on this node.

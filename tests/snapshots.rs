@@ -1,0 +1,916 @@
+//! Snapshots and clones for real, one test per mechanism, each on its own filesystem image:
+//! - btrfs data directory: directory volumes are subvolumes, snapshots read-only subvolume
+//!   snapshots, restores and clones writable snapshots;
+//! - XFS with `reflink=1`: loop volumes' images reflinked while their mounted filesystem is
+//!   frozen, restored into a larger volume whose filesystem grows at staging;
+//! - ext4 (no reflink): the full copy, which must keep holes, hard links, symlinks, xattrs,
+//!   owners, modes and timestamps.
+//!
+//! Every test writes data, snapshots, writes more *after* CreateSnapshot answered, and checks
+//! by checksum that a volume restored from the snapshot holds exactly the data before the
+//! snapshot, while a clone holds the data at clone time. Needs root and the filesystem tools;
+//! skips with a printed reason otherwise (fails under `K8SCSI_REQUIRE_TOOLS=1`).
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{Driver, create_request};
+use k8scsi::client::mount_capability;
+use k8scsi::csi::proto::volume_capability::AccessType;
+use k8scsi::csi::proto::volume_capability::access_mode::Mode;
+use k8scsi::csi::proto::volume_content_source::{SnapshotSource, Type, VolumeSource};
+use k8scsi::csi::proto::{self, VolumeCapability, VolumeContentSource};
+use proto::controller_client::ControllerClient;
+use sha2::{Digest, Sha256};
+use tonic::Code;
+use tonic::transport::Channel;
+
+const MIB: i64 = 1 << 20;
+
+fn tool_missing(tools: &[&str]) -> Option<String> {
+    if !common::is_root() {
+        return Some("needs root (loop devices, mounts)".into());
+    }
+    tools
+        .iter()
+        .find(|t| Command::new(t).arg("-V").output().is_err())
+        .map(|t| format!("{t} is not installed (scripts/install-test-tools.sh installs it)"))
+}
+
+/// Formats a sparse image of `mib` MiB next to `data` with `mkfs` and mounts it at `data`
+/// (mount(8) attaches an autoclear loop device, freed at unmount).
+fn mount_image(data: &Path, mib: u64, mkfs: &[&str]) {
+    let image = data.parent().unwrap().join("data.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
+    let out = Command::new(mkfs[0])
+        .args(&mkfs[1..])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{mkfs:?}: {out:?}");
+    let out = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mount: {out:?}");
+}
+
+fn snap_source(id: &str) -> VolumeContentSource {
+    VolumeContentSource {
+        r#type: Some(Type::Snapshot(SnapshotSource {
+            snapshot_id: id.to_string(),
+        })),
+    }
+}
+
+fn volume_source(id: &str) -> VolumeContentSource {
+    VolumeContentSource {
+        r#type: Some(Type::Volume(VolumeSource {
+            volume_id: id.to_string(),
+        })),
+    }
+}
+
+async fn snapshot(c: &mut ControllerClient<Channel>, name: &str, source: &str) -> proto::Snapshot {
+    let snap = c
+        .create_snapshot(proto::CreateSnapshotRequest {
+            source_volume_id: source.to_string(),
+            name: name.to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snap.ready_to_use, "{snap:?}");
+    assert_eq!(snap.source_volume_id, source);
+    snap
+}
+
+async fn create(
+    c: &mut ControllerClient<Channel>,
+    mut request: proto::CreateVolumeRequest,
+    source: Option<VolumeContentSource>,
+) -> Result<proto::Volume, tonic::Status> {
+    request.volume_content_source = source.clone();
+    let volume = c.create_volume(request).await?.into_inner().volume.unwrap();
+    assert_eq!(volume.content_source, source, "content source echoed");
+    Ok(volume)
+}
+
+/// SHA-256 of every regular file under `root`, by relative path.
+fn checksums(root: &Path) -> BTreeMap<PathBuf, String> {
+    let mut out = BTreeMap::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let entry = entry.unwrap();
+            let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+            if meta.is_dir() {
+                if entry.file_name() != "lost+found" {
+                    pending.push(entry.path());
+                }
+            } else if meta.is_file() {
+                let digest = Sha256::digest(std::fs::read(entry.path()).unwrap());
+                let rel = entry.path().strip_prefix(root).unwrap().to_path_buf();
+                out.insert(rel, format!("{digest:x}"));
+            }
+        }
+    }
+    out
+}
+
+/// Pseudo-random bytes (a fixed LCG), so every file has distinct content.
+fn noise(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (x >> 33) as u8
+        })
+        .collect()
+}
+
+/// Whether the server logged a snapshot or population of `kind` (`btrfs-snapshot`, `reflink`,
+/// `copy`).
+fn logged_mechanism(d: &Driver, kind: &str) -> bool {
+    d.log().lines().any(|l| {
+        (l.contains("snapshot taken") || l.contains("volume populated"))
+            && (l.contains(&format!("mechanism=\"{kind}\""))
+                || l.contains(&format!("mechanism={kind} ")))
+    })
+}
+
+fn dir_volume(d: &Driver, id: &str) -> PathBuf {
+    d.data_dir().join("volumes").join(id)
+}
+
+#[tokio::test]
+async fn btrfs_directory_volumes_snapshot_as_subvolumes() {
+    skip_unless_ready!(tool_missing(&["mkfs.btrfs", "btrfs"]));
+    let d = Driver::start_on(|data| mount_image(data, 512, &["mkfs.btrfs", "-q"]));
+    let mut c = d.controller().await;
+
+    // Enforced (btrfs qgroup) volume.
+    let mut request = create_request("pvc-src", 32 * MIB);
+    request.parameters.clear();
+    let source = create(&mut c, request, None).await.unwrap();
+    let src_dir = dir_volume(&d, &source.volume_id);
+    std::fs::create_dir(src_dir.join("sub")).unwrap();
+    std::fs::write(src_dir.join("a"), noise(1, 3 << 20)).unwrap();
+    std::fs::write(src_dir.join("sub/b"), noise(2, 100_000)).unwrap();
+    let before = checksums(&src_dir);
+
+    let snap = snapshot(&mut c, "snap-1", &source.volume_id).await;
+    assert_eq!(snap.size_bytes, 32 * MIB);
+    // Writes after CreateSnapshot answered must not reach the snapshot.
+    std::fs::write(src_dir.join("a"), noise(3, 3 << 20)).unwrap();
+    std::fs::write(src_dir.join("later"), b"after the snapshot").unwrap();
+    let after = checksums(&src_dir);
+    assert_ne!(before, after);
+
+    // Restore into a larger volume: same content, the larger limit.
+    let mut request = create_request("pvc-restored", 64 * MIB);
+    request.parameters.clear();
+    let restored = create(
+        &mut c,
+        request.clone(),
+        Some(snap_source(&snap.snapshot_id)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(restored.capacity_bytes, 64 * MIB);
+    assert_eq!(checksums(&dir_volume(&d, &restored.volume_id)), before);
+    // Idempotent repeat; a different source under the same name is ALREADY_EXISTS.
+    create(
+        &mut c,
+        request.clone(),
+        Some(snap_source(&snap.snapshot_id)),
+    )
+    .await
+    .unwrap();
+    let status = create(&mut c, request, Some(volume_source(&source.volume_id)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+
+    // A clone holds the data as of the clone.
+    let mut request = create_request("pvc-clone", 32 * MIB);
+    request.parameters.clear();
+    let clone = create(&mut c, request, Some(volume_source(&source.volume_id)))
+        .await
+        .unwrap();
+    assert_eq!(checksums(&dir_volume(&d, &clone.volume_id)), after);
+
+    // Restored volumes are independent of the snapshot and of each other.
+    std::fs::write(dir_volume(&d, &restored.volume_id).join("mine"), b"x").unwrap();
+    assert!(!dir_volume(&d, &clone.volume_id).join("mine").exists());
+
+    // A smaller volume than the snapshot is OUT_OF_RANGE.
+    let mut small = create_request("pvc-small", 16 * MIB);
+    small.capacity_range.as_mut().unwrap().limit_bytes = 16 * MIB;
+    small.parameters.clear();
+    let status = create(&mut c, small, Some(snap_source(&snap.snapshot_id)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+
+    // The source volume can go; its snapshot stays usable.
+    c.delete_volume(proto::DeleteVolumeRequest {
+        volume_id: source.volume_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut request = create_request("pvc-restored-2", 32 * MIB);
+    request.parameters.clear();
+    let again = create(&mut c, request, Some(snap_source(&snap.snapshot_id)))
+        .await
+        .unwrap();
+    assert_eq!(checksums(&dir_volume(&d, &again.volume_id)), before);
+    assert!(logged_mechanism(&d, "btrfs-snapshot"), "{}", d.log());
+
+    c.delete_snapshot(proto::DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let status = c
+        .get_snapshot(proto::GetSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(
+        !d.data_dir()
+            .join("snapshots")
+            .join(&snap.snapshot_id)
+            .exists()
+    );
+    // The restored volumes do not depend on the snapshot.
+    assert_eq!(checksums(&dir_volume(&d, &again.volume_id)), before);
+}
+
+fn loop_params() -> HashMap<String, String> {
+    [("type".to_string(), "loop".to_string())].into()
+}
+
+fn fs_capability(fs_type: &str) -> VolumeCapability {
+    let mut cap = mount_capability(Mode::SingleNodeWriter, vec![]);
+    if let Some(AccessType::Mount(m)) = cap.access_type.as_mut() {
+        m.fs_type = fs_type.to_string();
+    }
+    cap
+}
+
+fn loop_request(name: &str, bytes: i64, fs_type: &str) -> proto::CreateVolumeRequest {
+    proto::CreateVolumeRequest {
+        name: name.to_string(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![fs_capability(fs_type)],
+        parameters: loop_params(),
+        ..Default::default()
+    }
+}
+
+async fn stage(d: &Driver, volume_id: &str, fs_type: &str, pod: &str) -> PathBuf {
+    let staging = d.target(pod);
+    d.node()
+        .await
+        .node_stage_volume(proto::NodeStageVolumeRequest {
+            volume_id: volume_id.to_string(),
+            staging_target_path: staging.clone(),
+            volume_capability: Some(fs_capability(fs_type)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    PathBuf::from(staging)
+}
+
+async fn unstage(d: &Driver, volume_id: &str, staging: &Path) {
+    d.node()
+        .await
+        .node_unstage_volume(proto::NodeUnstageVolumeRequest {
+            volume_id: volume_id.to_string(),
+            staging_target_path: staging.to_string_lossy().into_owned(),
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn xfs_reflink_snapshots_of_mounted_loop_volumes() {
+    skip_unless_ready!(tool_missing(&[
+        "mkfs.xfs",
+        "xfs_growfs",
+        "losetup",
+        "fsfreeze"
+    ]));
+    let d =
+        Driver::start_on(|data| mount_image(data, 2048, &["mkfs.xfs", "-q", "-m", "reflink=1"]));
+    let mut c = d.controller().await;
+    let source = create(&mut c, loop_request("pvc-xfs", 320 * MIB, "xfs"), None)
+        .await
+        .unwrap();
+    let mnt = stage(&d, &source.volume_id, "xfs", "src-staging").await;
+    // Written but not synced: the freeze must flush it into the snapshot.
+    std::fs::write(mnt.join("a"), noise(10, 5 << 20)).unwrap();
+    std::fs::create_dir(mnt.join("dir")).unwrap();
+    std::fs::write(mnt.join("dir/b"), noise(11, 12345)).unwrap();
+    let before = checksums(&mnt);
+
+    let snap = snapshot(&mut c, "snap-xfs", &source.volume_id).await;
+    assert!(logged_mechanism(&d, "reflink"), "{}", d.log());
+    std::fs::write(mnt.join("a"), noise(12, 5 << 20)).unwrap();
+    std::fs::write(mnt.join("later"), b"after").unwrap();
+    let after = checksums(&mnt);
+    // The filesystem is thawed again: writes went through and sync returns.
+    rustix::fs::sync();
+
+    // Restore into a larger volume: its filesystem is grown when staged.
+    let restored = create(
+        &mut c,
+        loop_request("pvc-xfs-restored", 400 * MIB, "xfs"),
+        Some(snap_source(&snap.snapshot_id)),
+    )
+    .await
+    .unwrap();
+    assert_eq!(restored.capacity_bytes, 400 * MIB);
+    let rmnt = stage(&d, &restored.volume_id, "xfs", "restored-staging").await;
+    assert_eq!(checksums(&rmnt), before);
+    let st = rustix::fs::statvfs(&rmnt).unwrap();
+    let total = st.f_blocks * st.f_frsize;
+    assert!(
+        total > 330 << 20,
+        "filesystem grown to its device: {total} bytes"
+    );
+
+    // A clone of the mounted source holds what it held at clone time.
+    let clone = create(
+        &mut c,
+        loop_request("pvc-xfs-clone", 320 * MIB, "xfs"),
+        Some(volume_source(&source.volume_id)),
+    )
+    .await
+    .unwrap();
+    let cmnt = stage(&d, &clone.volume_id, "xfs", "clone-staging").await;
+    assert_eq!(checksums(&cmnt), after);
+
+    // A filesystem type other than the snapshot's is refused.
+    let status = create(
+        &mut c,
+        loop_request("pvc-ext4-from-xfs", 400 * MIB, "ext4"),
+        Some(snap_source(&snap.snapshot_id)),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    // Delete the source; the snapshot still restores.
+    unstage(&d, &source.volume_id, &mnt).await;
+    c.delete_volume(proto::DeleteVolumeRequest {
+        volume_id: source.volume_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let again = create(
+        &mut c,
+        loop_request("pvc-xfs-again", 320 * MIB, "xfs"),
+        Some(snap_source(&snap.snapshot_id)),
+    )
+    .await
+    .unwrap();
+    let amnt = stage(&d, &again.volume_id, "xfs", "again-staging").await;
+    assert_eq!(checksums(&amnt), before);
+    for (id, m) in [
+        (&restored.volume_id, &rmnt),
+        (&clone.volume_id, &cmnt),
+        (&again.volume_id, &amnt),
+    ] {
+        unstage(&d, id, m).await;
+    }
+}
+
+#[tokio::test]
+async fn ext4_full_copy_keeps_holes_links_xattrs_and_metadata() {
+    skip_unless_ready!(tool_missing(&["mkfs.ext4", "losetup", "fsfreeze"]));
+    let d = Driver::start_on(|data| mount_image(data, 512, &["mkfs.ext4", "-q"]));
+    let mut c = d.controller().await;
+    let source = create(&mut c, create_request("pvc-ext4", 64 * MIB), None)
+        .await
+        .unwrap();
+    let src = dir_volume(&d, &source.volume_id);
+    // A sparse file: 1 MiB of data in the middle of 100 MiB.
+    let f = std::fs::File::create(src.join("sparse")).unwrap();
+    f.set_len(100 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_at(&f, &noise(20, 1 << 20), 50 << 20).unwrap();
+    drop(f);
+    std::fs::create_dir(src.join("d")).unwrap();
+    std::fs::write(src.join("d/file"), noise(21, 4096)).unwrap();
+    std::fs::hard_link(src.join("d/file"), src.join("hard")).unwrap();
+    std::os::unix::fs::symlink("../outside", src.join("d/link")).unwrap();
+    rustix::fs::setxattr(
+        src.join("d/file"),
+        "user.k8scsi",
+        b"kept",
+        rustix::fs::XattrFlags::empty(),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(src.join("d/file"), Some(1234), Some(5678)).unwrap();
+    std::fs::set_permissions(
+        src.join("d/file"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o4750),
+    )
+    .unwrap();
+    let old = rustix::fs::Timestamps {
+        last_access: rustix::fs::Timespec {
+            tv_sec: 1_000_000_000,
+            tv_nsec: 5,
+        },
+        last_modification: rustix::fs::Timespec {
+            tv_sec: 1_000_000_001,
+            tv_nsec: 7,
+        },
+    };
+    rustix::fs::utimensat(
+        rustix::fs::CWD,
+        src.join("d"),
+        &old,
+        rustix::fs::AtFlags::empty(),
+    )
+    .unwrap();
+    let before = checksums(&src);
+
+    let snap = snapshot(&mut c, "snap-ext4", &source.volume_id).await;
+    std::fs::write(src.join("d/file"), b"changed").unwrap();
+    std::fs::write(src.join("later"), b"after").unwrap();
+    assert!(logged_mechanism(&d, "copy"), "{}", d.log());
+
+    let restored = create(
+        &mut c,
+        create_request("pvc-ext4-restored", 64 * MIB),
+        Some(snap_source(&snap.snapshot_id)),
+    )
+    .await
+    .unwrap();
+    let dst = dir_volume(&d, &restored.volume_id);
+    assert_eq!(checksums(&dst), before);
+    let sparse = std::fs::metadata(dst.join("sparse")).unwrap();
+    assert_eq!(sparse.len(), 100 << 20);
+    assert!(
+        sparse.blocks() * 512 < 4 << 20,
+        "holes kept: {} bytes allocated",
+        sparse.blocks() * 512
+    );
+    let file = std::fs::metadata(dst.join("d/file")).unwrap();
+    assert_eq!(
+        file.ino(),
+        std::fs::metadata(dst.join("hard")).unwrap().ino()
+    );
+    assert_eq!((file.uid(), file.gid()), (1234, 5678));
+    assert_eq!(file.mode() & 0o7777, 0o4750);
+    let mut value = [0u8; 16];
+    let n = rustix::fs::getxattr(dst.join("d/file"), "user.k8scsi", &mut value[..]).unwrap();
+    assert_eq!(&value[..n], b"kept");
+    assert_eq!(
+        std::fs::read_link(dst.join("d/link")).unwrap(),
+        Path::new("../outside")
+    );
+    let dmeta = std::fs::metadata(dst.join("d")).unwrap();
+    // (atime is not compared: reading the copy to check it updates it.)
+    assert_eq!((dmeta.mtime(), dmeta.mtime_nsec()), (1_000_000_001, 7));
+
+    // Loop images on ext4 are copied too, and stay sparse.
+    let image_vol = create(&mut c, loop_request("pvc-img", 64 * MIB, "ext4"), None)
+        .await
+        .unwrap();
+    let img_snap = snapshot(&mut c, "snap-img", &image_vol.volume_id).await;
+    let copy = d
+        .data_dir()
+        .join("snapshots")
+        .join(format!("{}.ext4", img_snap.snapshot_id));
+    let meta = std::fs::metadata(&copy).unwrap();
+    assert_eq!(meta.len(), 64 << 20);
+    assert!(meta.blocks() * 512 < 32 << 20, "sparse image copy");
+}
+
+#[tokio::test]
+async fn interrupted_snapshots_are_removed_at_restart_and_errors_follow_the_spec() {
+    let mut d = Driver::start();
+    let mut c = d.controller().await;
+    let volume = create(&mut c, create_request("pvc-r", 8 * MIB), None)
+        .await
+        .unwrap();
+    std::fs::write(dir_volume(&d, &volume.volume_id).join("f"), b"data").unwrap();
+    let snap = snapshot(&mut c, "snap-r", &volume.volume_id).await;
+    // Same name, other source: ALREADY_EXISTS; unknown source: NOT_FOUND.
+    let other = create(&mut c, create_request("pvc-r2", 8 * MIB), None)
+        .await
+        .unwrap();
+    let status = c
+        .create_snapshot(proto::CreateSnapshotRequest {
+            source_volume_id: other.volume_id.clone(),
+            name: "snap-r".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+    let status = c
+        .create_snapshot(proto::CreateSnapshotRequest {
+            source_volume_id: "dir-00000000000000000000000000000000".into(),
+            name: "snap-x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let status = c
+        .create_snapshot(proto::CreateSnapshotRequest {
+            source_volume_id: volume.volume_id.clone(),
+            name: "snap-p".into(),
+            parameters: [("bogus".to_string(), "1".to_string())].into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // Hostile IDs are refused or unknown, never paths.
+    for bad in ["../../etc", "snap-dir-../../../../../etc/passwd"] {
+        c.delete_snapshot(proto::DeleteSnapshotRequest {
+            snapshot_id: bad.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let status = create(
+            &mut c,
+            create_request("pvc-bad", 8 * MIB),
+            Some(snap_source(bad)),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    }
+    let listed = c
+        .list_snapshots(proto::ListSnapshotsRequest {
+            snapshot_id: "snap-dir-00000000000000000000000000000000".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.entries.is_empty());
+
+    // Leftovers of a crash: a partial copy and complete storage whose record never committed.
+    let snaps = d.data_dir().join("snapshots");
+    let partial = snaps.join("snap-dir-0123456789abcdef0123456789abcdef.partial");
+    let unrecorded = snaps.join("snap-dir-fedcba9876543210fedcba9876543210");
+    std::fs::create_dir_all(partial.join("x")).unwrap();
+    std::fs::create_dir_all(&unrecorded).unwrap();
+    d.restart();
+    assert!(!partial.exists(), "partial copy removed");
+    assert!(!unrecorded.exists(), "unrecorded snapshot removed");
+    assert!(snaps.join(&snap.snapshot_id).join("f").exists());
+    let mut c = d.controller().await;
+    let got = c
+        .get_snapshot(proto::GetSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(got.snapshot_id, snap.snapshot_id);
+    assert!(got.ready_to_use);
+    assert_eq!(got.creation_time, snap.creation_time);
+}
+
+#[tokio::test]
+async fn group_snapshots_capture_every_member_at_one_point() {
+    skip_unless_ready!(tool_missing(&["mkfs.ext4", "losetup", "fsfreeze"]));
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let mut g = proto::group_controller_client::GroupControllerClient::new(d.channel().await);
+    let a = create(&mut c, loop_request("pvc-ga", 16 * MIB, "ext4"), None)
+        .await
+        .unwrap();
+    let b = create(&mut c, loop_request("pvc-gb", 16 * MIB, "ext4"), None)
+        .await
+        .unwrap();
+    let ma = stage(&d, &a.volume_id, "ext4", "ga-staging").await;
+    let mb = stage(&d, &b.volume_id, "ext4", "gb-staging").await;
+    std::fs::write(ma.join("a"), noise(30, 1 << 20)).unwrap();
+    std::fs::write(mb.join("b"), noise(31, 1 << 20)).unwrap();
+    let (before_a, before_b) = (checksums(&ma), checksums(&mb));
+
+    let request = proto::CreateVolumeGroupSnapshotRequest {
+        name: "group-1".into(),
+        source_volume_ids: vec![a.volume_id.clone(), b.volume_id.clone()],
+        ..Default::default()
+    };
+    let group = g
+        .create_volume_group_snapshot(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert!(group.ready_to_use);
+    assert_eq!(group.snapshots.len(), 2);
+    std::fs::write(ma.join("a"), b"later").unwrap();
+    std::fs::write(mb.join("later"), b"later").unwrap();
+    for s in &group.snapshots {
+        assert_eq!(s.group_snapshot_id, group.group_snapshot_id);
+        assert!(s.ready_to_use);
+    }
+    // Idempotent; another member set under the same name is ALREADY_EXISTS.
+    let again = g
+        .create_volume_group_snapshot(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .group_snapshot
+        .unwrap();
+    assert_eq!(again.group_snapshot_id, group.group_snapshot_id);
+    let mut other = request.clone();
+    other.source_volume_ids.pop();
+    let status = g.create_volume_group_snapshot(other).await.unwrap_err();
+    assert_eq!(status.code(), Code::AlreadyExists, "{status:?}");
+
+    // Each member restores to the data it held before the group snapshot.
+    for (i, s) in group.snapshots.iter().enumerate() {
+        let restored = create(
+            &mut c,
+            loop_request(&format!("pvc-g-restored-{i}"), 16 * MIB, "ext4"),
+            Some(snap_source(&s.snapshot_id)),
+        )
+        .await
+        .unwrap();
+        let m = stage(&d, &restored.volume_id, "ext4", &format!("g-restored-{i}")).await;
+        let expected = if s.source_volume_id == a.volume_id {
+            &before_a
+        } else {
+            &before_b
+        };
+        assert_eq!(&checksums(&m), expected);
+        unstage(&d, &restored.volume_id, &m).await;
+    }
+
+    // Members go with their group only.
+    let status = c
+        .delete_snapshot(proto::DeleteSnapshotRequest {
+            snapshot_id: group.snapshots[0].snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status:?}");
+    let status = g
+        .get_volume_group_snapshot(proto::GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: group.group_snapshot_id.clone(),
+            snapshot_ids: vec![group.snapshots[0].snapshot_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // Directory volumes cannot be frozen: refused.
+    let dir = create(&mut c, create_request("pvc-gdir", 8 * MIB), None)
+        .await
+        .unwrap();
+    let status = g
+        .create_volume_group_snapshot(proto::CreateVolumeGroupSnapshotRequest {
+            name: "group-dir".into(),
+            source_volume_ids: vec![dir.volume_id.clone(), a.volume_id.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    // Writes still go through: every filesystem was thawed.
+    std::fs::write(ma.join("after-refusal"), b"x").unwrap();
+    rustix::fs::sync();
+
+    g.delete_volume_group_snapshot(proto::DeleteVolumeGroupSnapshotRequest {
+        group_snapshot_id: group.group_snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let status = g
+        .get_volume_group_snapshot(proto::GetVolumeGroupSnapshotRequest {
+            group_snapshot_id: group.group_snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    for s in &group.snapshots {
+        assert!(
+            !d.data_dir()
+                .join("snapshots")
+                .join(format!("{}.ext4", s.snapshot_id))
+                .exists()
+        );
+    }
+    unstage(&d, &a.volume_id, &ma).await;
+    unstage(&d, &b.volume_id, &mb).await;
+}
+
+#[tokio::test]
+async fn client_snapshot_commands() {
+    let d = Driver::start();
+    let client = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_k8scsi"))
+            .arg("client")
+            .arg("--endpoint")
+            .arg(format!("unix://{}", d.socket().display()))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let created = client(&[
+        "create-volume",
+        "pvc-cli",
+        "--size",
+        "8Mi",
+        "--param",
+        "enforceCapacity=false",
+    ]);
+    let volume = created.split('\t').next().unwrap().to_string();
+    std::fs::write(dir_volume(&d, &volume).join("f"), b"cli").unwrap();
+    let snap = client(&["snapshot", "create", "snap-cli", &volume]);
+    let snap_id = snap.split('\t').next().unwrap().to_string();
+    assert!(snap_id.starts_with("snap-dir-"), "{snap}");
+    assert!(
+        snap.contains(&volume) && snap.contains("ready=true"),
+        "{snap}"
+    );
+    assert_eq!(client(&["snapshot", "list", "--source", &volume]), snap);
+    assert_eq!(client(&["snapshot", "get", &snap_id]), snap);
+    let restored = client(&[
+        "create-volume",
+        "pvc-cli-restored",
+        "--size",
+        "16Mi",
+        "--param",
+        "enforceCapacity=false",
+        "--from-snapshot",
+        &snap_id,
+    ]);
+    let restored = restored.split('\t').next().unwrap().to_string();
+    assert_eq!(
+        std::fs::read(dir_volume(&d, &restored).join("f")).unwrap(),
+        b"cli"
+    );
+    client(&["snapshot", "delete", &snap_id]);
+    assert_eq!(client(&["snapshot", "list"]), "");
+}
+
+#[tokio::test]
+async fn a_snapshot_killed_mid_copy_is_never_reported_ready_while_partial() {
+    let mut d = Driver::start();
+    let mut c = d.controller().await;
+    let volume = create(&mut c, create_request("pvc-kill", 512 * MIB), None)
+        .await
+        .unwrap();
+    let src = dir_volume(&d, &volume.volume_id);
+    // 128 MiB in 64 files, enough for the copy to take a while.
+    for i in 0..64 {
+        std::fs::write(
+            src.join(format!("f{i}")),
+            noise(100 + i, 64 << 10).repeat(32),
+        )
+        .unwrap();
+    }
+    let before = checksums(&src);
+    let snaps = d.data_dir().join("snapshots");
+    let partial_exists = || {
+        std::fs::read_dir(&snaps)
+            .unwrap()
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+    };
+    let request = proto::CreateSnapshotRequest {
+        source_volume_id: volume.volume_id.clone(),
+        name: "snap-kill".into(),
+        ..Default::default()
+    };
+    let mut racing = c.clone();
+    let racing_request = request.clone();
+    let call = tokio::spawn(async move { racing.create_snapshot(racing_request).await });
+    // Kill the server while the copy is under way (or, on a fast machine, just after it).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !partial_exists() && !call.is_finished() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    let killed_mid_copy = partial_exists();
+    d.kill();
+    let answered = call.await.unwrap().is_ok();
+    d.restart();
+    assert!(!partial_exists(), "partial copy removed at start-up");
+    let mut c = d.controller().await;
+    let listed = c
+        .list_snapshots(proto::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    if answered {
+        assert_eq!(listed.len(), 1, "an answered snapshot survives");
+    }
+    for entry in &listed {
+        // Whatever is listed is complete.
+        let s = entry.snapshot.as_ref().unwrap();
+        assert!(s.ready_to_use);
+        assert_eq!(checksums(&snaps.join(&s.snapshot_id)), before);
+    }
+    if listed.is_empty() {
+        assert!(
+            std::fs::read_dir(&snaps).unwrap().next().is_none(),
+            "no unrecorded storage left"
+        );
+    }
+    eprintln!("killed mid-copy: {killed_mid_copy}, answered before the kill: {answered}");
+    // The retry converges on a complete snapshot.
+    let snap = c
+        .create_snapshot(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(snap.ready_to_use);
+    assert_eq!(checksums(&snaps.join(&snap.snapshot_id)), before);
+}
+
+#[tokio::test]
+async fn a_failed_mount_at_staging_leaves_no_loop_device() {
+    skip_unless_ready!(tool_missing(&["mkfs.ext4", "losetup"]));
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let v = create(&mut c, loop_request("pvc-broken", 16 * MIB, "ext4"), None)
+        .await
+        .unwrap();
+    // Destroy the superblock: the mount at staging must fail.
+    let image = d
+        .data_dir()
+        .join("images")
+        .join(format!("{}.ext4", v.volume_id));
+    std::os::unix::fs::FileExt::write_at(
+        &std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap(),
+        &vec![0u8; 1 << 20],
+        0,
+    )
+    .unwrap();
+    let status = d
+        .node()
+        .await
+        .node_stage_volume(proto::NodeStageVolumeRequest {
+            volume_id: v.volume_id.clone(),
+            staging_target_path: d.target("broken-staging"),
+            volume_capability: Some(fs_capability("ext4")),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_ne!(status.code(), Code::Ok);
+    let attached = Command::new("losetup")
+        .arg("-j")
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(
+        attached.stdout.is_empty(),
+        "loop device left attached: {}",
+        String::from_utf8_lossy(&attached.stdout)
+    );
+}
