@@ -1,7 +1,7 @@
 //! End-to-end test with real Kubernetes components on loopback: etcd, kube-apiserver,
 //! kube-controller-manager (PV binder, expander, PV/PVC protection), csi-provisioner (one per
-//! node, `--node-deployment`, as in the distributed overlay), csi-resizer, and, when the driver
-//! advertises snapshots, csi-snapshotter with snapshot-controller, all pointed at k8scsi servers
+//! node, `--node-deployment`, as in the distributed overlay), csi-resizer, csi-snapshotter and
+//! snapshot-controller, all pointed at k8scsi servers
 //! started here. There is no kubelet or container runtime: the test creates the Node and CSINode
 //! objects itself and calls the node service directly, as the kubelet would.
 //!
@@ -1090,11 +1090,11 @@ fn kubernetes_provisions_expands_snapshots_and_deletes_through_k8scsi() {
     done("PVC resize -> ControllerExpandVolume -> larger PV", t);
 
     // --------------------------------------------------------------- snapshots
-    if csi.has_capability(&c.socket("node-1"), RpcType::CreateDeleteSnapshot) {
-        snapshot_scenario(&mut c, &csi);
-    } else {
-        eprintln!("SKIPPED: driver does not advertise snapshots yet (no CREATE_DELETE_SNAPSHOT)");
-    }
+    assert!(
+        csi.has_capability(&c.socket("node-1"), RpcType::CreateDeleteSnapshot),
+        "k8scsi must advertise CREATE_DELETE_SNAPSHOT"
+    );
+    snapshot_scenario(&mut c, &csi);
 
     // ---------------------------------------------------------- reclaim policy
     let t = step("reclaimPolicy Delete removes the volume, Retain keeps it");
@@ -1191,8 +1191,7 @@ fn kubernetes_provisions_expands_snapshots_and_deletes_through_k8scsi() {
     );
 }
 
-/// VolumeSnapshot -> ready -> restore into a new PVC. Runs only when the driver advertises
-/// CREATE_DELETE_SNAPSHOT.
+/// VolumeSnapshot -> ready -> restore into a new PVC.
 fn snapshot_scenario(c: &mut Cluster, csi: &Csi) {
     let t = step("VolumeSnapshot -> ready -> restore into a new PVC");
     let admin = format!("--kubeconfig={}", c.admin.display());
