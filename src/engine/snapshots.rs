@@ -265,7 +265,7 @@ impl Engine {
 
     /// Checks a CreateVolume content source: it must exist (NOT_FOUND otherwise), live on the
     /// requested backend, and fit in `capacity` (OUT_OF_RANGE otherwise; 0 takes its size).
-    pub(super) fn resolve_source(
+    pub(super) async fn resolve_source(
         &self,
         source: &VolumeSource,
         backend: &str,
@@ -279,13 +279,15 @@ impl Engine {
                 let size_bytes = match self.store.snapshot(id.as_str())? {
                     Some(record) => record.size_bytes,
                     // Not in this store: a snapshot kept on shared storage (taken by a
-                    // controller with another state directory) is found through its ID.
+                    // controller with another state directory) is found through its ID. That
+                    // may mount a share, so it runs on a blocking thread.
                     None => {
-                        self.backends
-                            .get(id.backend())
-                            .map(|b| b.stored_snapshot(&id))
-                            .transpose()?
-                            .flatten()
+                        let Some(backend) = self.backends.get(id.backend()).cloned() else {
+                            return Err(Error::SnapshotNotFound(raw.clone()));
+                        };
+                        let i = id.clone();
+                        blocking(move || Ok(backend.stored_snapshot(&i)?))
+                            .await?
                             .ok_or_else(|| Error::SnapshotNotFound(raw.clone()))?
                             .size_bytes
                     }
