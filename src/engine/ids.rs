@@ -98,7 +98,8 @@ impl fmt::Debug for VolumeId {
 /// A syntactically valid snapshot ID of ours: `snap-<backend>-<32 hex digits>`, the digits
 /// derived from the snapshot name as volume IDs are from volume names, so a CreateSnapshot
 /// retried after a crash lands on the same storage. The backend is the source volume's: a
-/// snapshot lives next to the volumes it can be restored into.
+/// snapshot lives next to the volumes it can be restored into. Snapshots of shared volumes live
+/// on the volume's share and their IDs carry it: `snap-shared-<15 hex digits>-<share>`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SnapshotId(String);
 
