@@ -3,7 +3,7 @@
 # filesystem on sparse loop images, runs `k8scsi bench-snapshots` with its data directory on
 # each, and cleans up. Needs root. Usage:
 #   bash scripts/bench-snapshots.sh [path/to/k8scsi] [extra bench-snapshots args...]
-# FILESYSTEMS="xfs-reflink btrfs" limits the runs (default: all five below).
+# FILESYSTEMS="xfs-reflink btrfs" limits the runs (default: all eight below).
 set -euo pipefail
 K8SCSI="${1:-target/debug/k8scsi}"
 shift || true
@@ -16,7 +16,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-FILESYSTEMS="${FILESYSTEMS:-xfs-reflink btrfs btrfs-dir ext4 ext4-dir}"
+FILESYSTEMS="${FILESYSTEMS:-xfs-reflink btrfs btrfs-dir ext4 ext4-dir btrfs-shared xfs-shared ext4-shared}"
 
 run_on() { # name, mkfs command..., then bench args after --
   local name="$1"; shift
@@ -39,3 +39,6 @@ run_on btrfs mkfs.btrfs -q -- --backend loop "$@"
 run_on btrfs-dir mkfs.btrfs -q -- --backend dir "$@"
 run_on ext4 mkfs.ext4 -q -- --backend loop "$@"
 run_on ext4-dir mkfs.ext4 -q -- --backend dir "$@"
+run_on btrfs-shared mkfs.btrfs -q -- --backend shared "$@"
+run_on xfs-shared mkfs.xfs -q -m reflink=1 -- --backend shared "$@"
+run_on ext4-shared mkfs.ext4 -q -- --backend shared "$@"

@@ -441,7 +441,9 @@ pub struct SnapshotBenchArgs {
     /// reflink=1, btrfs, ext4). Volumes and snapshots made here are deleted at the end.
     #[arg(long)]
     pub data_dir: PathBuf,
-    /// Backend to measure: `loop` (raw block image volumes) or `dir`.
+    /// Backend to measure: `loop` (raw block image volumes), `dir`, or `shared` (the share is
+    /// `<data-dir>/bench-share`, a directory on the same filesystem, bind-mounted as
+    /// `fsType: none`).
     #[arg(long, default_value = "loop")]
     pub backend: String,
     /// Volume sizes in GiB, comma separated.
@@ -520,7 +522,20 @@ pub async fn run_snapshots(args: SnapshotBenchArgs) -> Result<(), String> {
             mount_capability(Mode::SingleNodeWriter, vec![]),
             std::collections::HashMap::new(),
         ),
-        other => return Err(format!("unknown backend {other:?} (loop or dir)")),
+        "shared" => {
+            let share = args.data_dir.join("bench-share");
+            std::fs::create_dir_all(&share)
+                .map_err(|e| format!("mkdir {}: {e}", share.display()))?;
+            (
+                mount_capability(Mode::MultiNodeMultiWriter, vec![]),
+                std::collections::HashMap::from([
+                    ("type".to_string(), "shared".to_string()),
+                    ("source".to_string(), share.to_string_lossy().into_owned()),
+                    ("fsType".to_string(), "none".to_string()),
+                ]),
+            )
+        }
+        other => return Err(format!("unknown backend {other:?} (loop, dir or shared)")),
     };
     if args.backend == "dir" && !crate::backend::btrfs::is_btrfs(&args.data_dir) {
         // Sizes are enforced only on btrfs here: measure unenforced directories elsewhere.
@@ -561,6 +576,12 @@ pub async fn run_snapshots(args: SnapshotBenchArgs) -> Result<(), String> {
                 .data_dir
                 .join("images")
                 .join(format!("{}.block", volume.volume_id)),
+            // A shared volume's directory is named after the volume (no subDir template).
+            "shared" => args
+                .data_dir
+                .join("bench-share")
+                .join(format!("bench-snap-src-{gib}"))
+                .join("data"),
             _ => args
                 .data_dir
                 .join("volumes")
@@ -569,7 +590,7 @@ pub async fn run_snapshots(args: SnapshotBenchArgs) -> Result<(), String> {
         };
         // 0 fills the whole volume; a directory keeps 10% free for the filesystem's own use
         // (a btrfs qgroup counts metadata too).
-        let room = if args.backend == "dir" {
+        let room = if args.backend != "loop" {
             (gib << 10) * 9 / 10
         } else {
             gib << 10

@@ -691,3 +691,285 @@ fn copies_within_a_share_use_reflinks_where_the_filesystem_has_them() {
         assert!(!src.exists() && !dst.exists());
     }
 }
+
+/// SHA-256 of every regular file below `root` (by relative path), plus the targets of
+/// symlinks, so two trees compare equal only with the same content.
+fn tree_digest(root: &Path) -> std::collections::BTreeMap<String, String> {
+    use sha2::{Digest, Sha256};
+    let mut out = std::collections::BTreeMap::new();
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let rel = path
+                .strip_prefix(root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            if meta.is_dir() {
+                pending.push(path);
+            } else if meta.is_symlink() {
+                let target = std::fs::read_link(&path).unwrap();
+                out.insert(rel, format!("-> {}", target.display()));
+            } else {
+                let digest = Sha256::digest(std::fs::read(&path).unwrap());
+                out.insert(rel, format!("{digest:x}"));
+            }
+        }
+    }
+    out
+}
+
+async fn snapshot(c: &mut Controller, name: &str, source: &str) -> proto::Snapshot {
+    c.create_snapshot(proto::CreateSnapshotRequest {
+        name: name.to_string(),
+        source_volume_id: source.to_string(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .snapshot
+    .unwrap()
+}
+
+async fn create_from(
+    c: &mut Controller,
+    name: &str,
+    params: HashMap<String, String>,
+    bytes: i64,
+    source: proto::volume_content_source::Type,
+) -> Result<proto::Volume, tonic::Status> {
+    c.create_volume(proto::CreateVolumeRequest {
+        name: name.to_string(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![rwx()],
+        parameters: params,
+        volume_content_source: Some(proto::VolumeContentSource {
+            r#type: Some(source),
+        }),
+        ..Default::default()
+    })
+    .await
+    .map(|r| r.into_inner().volume.unwrap())
+}
+
+fn from_snapshot(id: &str) -> proto::volume_content_source::Type {
+    proto::volume_content_source::Type::Snapshot(proto::volume_content_source::SnapshotSource {
+        snapshot_id: id.to_string(),
+    })
+}
+
+fn from_volume(id: &str) -> proto::volume_content_source::Type {
+    proto::volume_content_source::Type::Volume(proto::volume_content_source::VolumeSource {
+        volume_id: id.to_string(),
+    })
+}
+
+/// The mechanism a shared snapshot's marker on the share records.
+fn recorded_mechanism(share: &Share, snapshot_id: &str) -> String {
+    let path = share
+        .view()
+        .join(".k8scsi/snapshots")
+        .join(snapshot_id)
+        .join("snapshot.json");
+    let marker: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    marker["mechanism"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn snapshots_restores_and_clones_stay_on_the_share_and_survive_the_controller() {
+    use std::io::{Seek, SeekFrom, Write};
+    use std::os::unix::fs::MetadataExt;
+    skip_unless_ready!(skip_reason());
+    skip_unless_ready!(
+        Command::new("mkfs.btrfs")
+            .arg("--version")
+            .output()
+            .is_err()
+            .then_some("mkfs.btrfs is not installed")
+    );
+    // btrfs shares extents (reflink); ext4 gets the hole-keeping copy.
+    for (fs, mechanism) in [("btrfs", "reflink"), ("ext4", "copy")] {
+        let share = Share::formatted(fs);
+        let mut first = Driver::start();
+        let mut c = first.controller().await;
+        let src = create(&mut c, "pvc-src", share.params(&[]), rwx())
+            .await
+            .unwrap();
+        let dir = share.view().join("pvc-src");
+        let payload: Vec<u8> = (0..3u32 << 20).map(|i| (i * 13 % 251) as u8).collect();
+        std::fs::write(dir.join("data"), &payload).unwrap();
+        let mut sparse = std::fs::File::create(dir.join("sparse")).unwrap();
+        sparse.seek(SeekFrom::Start(64 << 20)).unwrap();
+        sparse.write_all(b"end").unwrap();
+        sparse.sync_all().unwrap();
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/file"), b"nested").unwrap();
+        std::os::unix::fs::symlink("../data", dir.join("sub/link")).unwrap();
+        let before = tree_digest(&dir);
+
+        let snap = snapshot(&mut c, "snap-1", &src.volume_id).await;
+        assert!(snap.ready_to_use);
+        assert!(
+            snap.snapshot_id.starts_with("snap-shared-"),
+            "{}",
+            snap.snapshot_id
+        );
+        assert!(snap.snapshot_id.len() <= 128);
+        assert_eq!(snap.size_bytes, 16 << 20);
+        assert_eq!(snap.source_volume_id, src.volume_id);
+        assert_eq!(
+            snapshot(&mut c, "snap-1", &src.volume_id).await.snapshot_id,
+            snap.snapshot_id,
+            "idempotent"
+        );
+        assert_eq!(
+            recorded_mechanism(&share, &snap.snapshot_id),
+            mechanism,
+            "{fs}"
+        );
+        // Written after CreateSnapshot answered: in the volume and its clone, never in the
+        // snapshot.
+        std::fs::write(dir.join("data"), b"after the snapshot").unwrap();
+        std::fs::write(dir.join("later"), b"later").unwrap();
+        let after = tree_digest(&dir);
+        assert_ne!(before, after);
+
+        // A restore into a larger size records that size.
+        let restored = create_from(
+            &mut c,
+            "pvc-restored",
+            share.params(&[]),
+            32 << 20,
+            from_snapshot(&snap.snapshot_id),
+        )
+        .await
+        .unwrap();
+        assert_eq!(restored.capacity_bytes, 32 << 20);
+        let restored_dir = share.view().join("pvc-restored");
+        assert_eq!(
+            tree_digest(&restored_dir),
+            before,
+            "{fs}: restore = snapshot time"
+        );
+        assert_eq!(
+            std::fs::metadata(restored_dir.join("sparse"))
+                .unwrap()
+                .len(),
+            (64 << 20) + 3
+        );
+        assert!(
+            std::fs::metadata(restored_dir.join("sparse"))
+                .unwrap()
+                .blocks()
+                < 8 << 10,
+            "the hole stays a hole"
+        );
+
+        let clone = create_from(
+            &mut c,
+            "pvc-clone",
+            share.params(&[]),
+            0,
+            from_volume(&src.volume_id),
+        )
+        .await
+        .unwrap();
+        assert_eq!(clone.capacity_bytes, 16 << 20);
+        assert_eq!(tree_digest(&share.view().join("pvc-clone")), after);
+
+        // The source must be on the new volume's share: refused before anything is written.
+        let other = tempfile::tempdir().unwrap();
+        let mut elsewhere = share.params(&[]);
+        elsewhere.insert("source".into(), other.path().to_string_lossy().into_owned());
+        elsewhere.insert("fsType".into(), "none".into());
+        for source in [
+            from_snapshot(&snap.snapshot_id),
+            from_volume(&src.volume_id),
+        ] {
+            let err = create_from(&mut c, "pvc-elsewhere", elsewhere.clone(), 0, source)
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+            assert!(
+                err.message().contains("within its source's share"),
+                "{err:?}"
+            );
+        }
+        assert!(std::fs::read_dir(other.path()).unwrap().next().is_none());
+
+        // A volume group snapshot of shared volumes is refused: a tree copy cannot be frozen.
+        let mut g =
+            proto::group_controller_client::GroupControllerClient::new(first.channel().await);
+        let err = g
+            .create_volume_group_snapshot(proto::CreateVolumeGroupSnapshotRequest {
+                name: "group-1".into(),
+                source_volume_ids: vec![src.volume_id.clone(), clone.volume_id.clone()],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        drop((c, g));
+        first.kill();
+
+        // A controller elsewhere, on an empty state directory, knows only the snapshot ID: it
+        // restores from it and deletes it.
+        let second = Driver::start_as("node-2", &["--mode", "controller"]);
+        let mut c = second.controller().await;
+        let again = create_from(
+            &mut c,
+            "pvc-restored-2",
+            share.params(&[]),
+            0,
+            from_snapshot(&snap.snapshot_id),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            again.capacity_bytes,
+            16 << 20,
+            "the size recorded on the share"
+        );
+        assert_eq!(tree_digest(&share.view().join("pvc-restored-2")), before);
+        c.delete_snapshot(proto::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        assert!(
+            std::fs::read_dir(share.view().join(".k8scsi/snapshots"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "the snapshot's directory is gone"
+        );
+        let err = create_from(
+            &mut c,
+            "pvc-restored-3",
+            share.params(&[]),
+            0,
+            from_snapshot(&snap.snapshot_id),
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{err:?}");
+        for id in [
+            &src.volume_id,
+            &restored.volume_id,
+            &clone.volume_id,
+            &again.volume_id,
+        ] {
+            delete(&mut c, id).await;
+        }
+        assert_eq!(share.root_entries(), [".k8scsi"]);
+        drop(c);
+        drop(second);
+    }
+}

@@ -172,6 +172,15 @@ impl Mechanism {
     }
 }
 
+/// A snapshot as its storage describes it (see [`Backend::stored_snapshot`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSnapshot {
+    /// The volume it was cut from.
+    pub source_volume_id: String,
+    /// The source's capacity when it was cut: the smallest volume it restores into.
+    pub size_bytes: u64,
+}
+
 /// Where a new volume's content comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ContentSource<'a> {
@@ -343,7 +352,8 @@ pub trait Backend: Send + Sync + 'static {
     }
 
     // ----- Snapshots and clones. Backends that cannot take them keep these defaults; the
-    // engine advertises the snapshot capabilities only when every configured backend can. -----
+    // engine advertises the snapshot capabilities when any configured backend can and refuses
+    // the others' volumes per request (INVALID_ARGUMENT). -----
 
     /// Whether this backend implements the methods below.
     fn supports_snapshots(&self) -> bool {
@@ -396,6 +406,18 @@ pub trait Backend: Send + Sync + 'static {
     fn snapshot_exists(&self, snapshot: &SnapshotId) -> Result<bool, BackendError> {
         let _ = snapshot;
         Ok(false)
+    }
+
+    /// What the snapshot's own storage says about it (source volume and size), for storage
+    /// that outlives the controller's state directory (a share): a controller on a fresh state
+    /// directory restores from it by ID. `None`: no complete snapshot there, or a backend whose
+    /// snapshots are known only from the store.
+    fn stored_snapshot(
+        &self,
+        snapshot: &SnapshotId,
+    ) -> Result<Option<StoredSnapshot>, BackendError> {
+        let _ = snapshot;
+        Ok(None)
     }
 
     /// IDs of every snapshot that has storage, for start-up recovery.

@@ -98,7 +98,8 @@ impl fmt::Debug for VolumeId {
 /// A syntactically valid snapshot ID of ours: `snap-<backend>-<32 hex digits>`, the digits
 /// derived from the snapshot name as volume IDs are from volume names, so a CreateSnapshot
 /// retried after a crash lands on the same storage. The backend is the source volume's: a
-/// snapshot lives next to the volumes it can be restored into.
+/// snapshot lives next to the volumes it can be restored into. Snapshots of shared volumes live
+/// on the volume's share and their IDs carry it: `snap-shared-<15 hex digits>-<share>`.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SnapshotId(String);
 
@@ -113,6 +114,18 @@ impl SnapshotId {
         ))
     }
 
+    /// The ID a snapshot named `name` of volume `source` gets. A shared volume's snapshot
+    /// lives on the volume's share, so its ID carries the share the way the volume ID does
+    /// (see `backend::shared::spec::snapshot_id`); other backends' IDs derive from the name.
+    pub fn for_source(source: &VolumeId, name: &str) -> SnapshotId {
+        if source.backend() == crate::backend::shared::spec::BACKEND
+            && let Some(id) = crate::backend::shared::spec::snapshot_id(name, source.as_str())
+        {
+            return SnapshotId(format!("{SNAPSHOT_PREFIX}{id}"));
+        }
+        SnapshotId::for_name(source.backend(), name)
+    }
+
     /// Parses a request's snapshot ID, with the same rules as [`VolumeId::parse`].
     pub fn parse(raw: &str) -> Result<SnapshotId, IdError> {
         if raw.len() > MAX_NAME_BYTES {
@@ -124,7 +137,17 @@ impl SnapshotId {
         let rest = raw
             .strip_prefix(SNAPSHOT_PREFIX)
             .ok_or_else(|| IdError::Foreign(raw.to_string()))?;
-        VolumeId::parse(rest).map_err(|_| IdError::Foreign(raw.to_string()))?;
+        let foreign = || IdError::Foreign(raw.to_string());
+        match rest.split_once('-') {
+            // `shared-<hash>-<share>`, with the share decoded and validated in full.
+            Some((backend, tail)) if backend == crate::backend::shared::spec::BACKEND => {
+                crate::backend::shared::spec::parse_snapshot_id_tail(tail)
+                    .map_err(|_| foreign())?;
+            }
+            _ => {
+                VolumeId::parse(rest).map_err(|_| foreign())?;
+            }
+        }
         Ok(SnapshotId(raw.to_string()))
     }
 
@@ -237,6 +260,38 @@ mod tests {
             SnapshotId::parse("snap-\0"),
             Err(IdError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn shared_snapshot_ids_carry_the_share_and_parse_strictly() {
+        use crate::backend::shared::spec::{ShareRef, volume_id};
+        let share = ShareRef {
+            fs_type: "nfs".into(),
+            source: "nfs.example.com:/exports/k8s".into(),
+            options: vec!["hard".into()],
+        };
+        let volume = VolumeId::parse(&volume_id("pvc-1", &share).unwrap()).unwrap();
+        let s = SnapshotId::for_source(&volume, "snap-1");
+        assert_eq!(s, SnapshotId::for_source(&volume, "snap-1"));
+        assert_ne!(s, SnapshotId::for_source(&volume, "snap-2"));
+        assert!(s.as_str().starts_with("snap-shared-"), "{s}");
+        assert_eq!(s.backend(), "shared");
+        assert_eq!(SnapshotId::parse(s.as_str()).unwrap(), s);
+        // A shared volume ID behind `snap-` is not a snapshot ID (the hash is shorter).
+        assert!(matches!(
+            SnapshotId::parse(&format!("snap-{volume}")),
+            Err(IdError::Foreign(_))
+        ));
+        assert!(matches!(
+            SnapshotId::parse("snap-shared-0123456789abcde-Li4vZXRj"),
+            Err(IdError::Foreign(_))
+        ));
+        // Other backends keep their shape.
+        let dir = VolumeId::for_name("dir", "pvc-1");
+        assert_eq!(
+            SnapshotId::for_source(&dir, "snap-1"),
+            SnapshotId::for_name("dir", "snap-1")
+        );
     }
 
     #[test]

@@ -208,8 +208,9 @@ impl Engine {
         let mut capacity = resolve_capacity(request.capacity)?;
         let source = match &request.content_source {
             Some(source) => {
-                let resolved =
-                    self.resolve_source(source, &params.backend, request.capacity.limit_bytes)?;
+                let resolved = self
+                    .resolve_source(source, &params.backend, request.capacity.limit_bytes)
+                    .await?;
                 // A restored volume is at least as large as its source, grown when asked for
                 // more (OUT_OF_RANGE when the limit is smaller, in resolve_source).
                 capacity = capacity.max(resolved.size_bytes);

@@ -77,10 +77,12 @@ fn snapshot_from_record(record: &SnapshotRecord) -> Snapshot {
 }
 
 impl Engine {
-    /// Whether every configured backend takes snapshots and clones (the capabilities are
-    /// advertised only then).
+    /// Whether the snapshot and clone capabilities are advertised: when any configured backend
+    /// takes snapshots. CSI capabilities are plugin-wide, so a backend that cannot is refused
+    /// per request (CreateSnapshot and content sources: INVALID_ARGUMENT) rather than switching
+    /// the feature off for every backend.
     pub fn supports_snapshots(&self) -> bool {
-        !self.backends.is_empty() && self.backends.values().all(|b| b.supports_snapshots())
+        self.backends.values().any(|b| b.supports_snapshots())
     }
 
     /// Parses a snapshot ID from a request: malformed is INVALID_ARGUMENT, one we could never
@@ -116,7 +118,7 @@ impl Engine {
             None => return Err(Error::VolumeNotFound(request.source_volume_id)),
         };
         let name = request.name;
-        let id = SnapshotId::for_name(source.backend(), &name);
+        let id = SnapshotId::for_source(&source, &name);
         let _guard = self.lock(vec![
             format!("snapname:{name}"),
             format!("snap:{id}"),
@@ -263,7 +265,7 @@ impl Engine {
 
     /// Checks a CreateVolume content source: it must exist (NOT_FOUND otherwise), live on the
     /// requested backend, and fit in `capacity` (OUT_OF_RANGE otherwise; 0 takes its size).
-    pub(super) fn resolve_source(
+    pub(super) async fn resolve_source(
         &self,
         source: &VolumeSource,
         backend: &str,
@@ -274,13 +276,25 @@ impl Engine {
                 let id =
                     Self::parse_snapshot_id("volume_content_source.snapshot.snapshot_id", raw)?
                         .ok_or_else(|| Error::SnapshotNotFound(raw.clone()))?;
-                let record = self
-                    .store
-                    .snapshot(id.as_str())?
-                    .ok_or_else(|| Error::SnapshotNotFound(raw.clone()))?;
+                let size_bytes = match self.store.snapshot(id.as_str())? {
+                    Some(record) => record.size_bytes,
+                    // Not in this store: a snapshot kept on shared storage (taken by a
+                    // controller with another state directory) is found through its ID. That
+                    // may mount a share, so it runs on a blocking thread.
+                    None => {
+                        let Some(backend) = self.backends.get(id.backend()).cloned() else {
+                            return Err(Error::SnapshotNotFound(raw.clone()));
+                        };
+                        let i = id.clone();
+                        blocking(move || Ok(backend.stored_snapshot(&i)?))
+                            .await?
+                            .ok_or_else(|| Error::SnapshotNotFound(raw.clone()))?
+                            .size_bytes
+                    }
+                };
                 ResolvedSource {
                     lock_key: format!("snap:{id}"),
-                    size_bytes: record.size_bytes,
+                    size_bytes,
                     snapshot: Some(id),
                     volume: None,
                 }
@@ -381,7 +395,7 @@ impl Engine {
             .map(|v| {
                 (
                     v.clone(),
-                    SnapshotId::for_name(v.backend(), &format!("{group_id}/{v}")),
+                    SnapshotId::for_source(v, &format!("{group_id}/{v}")),
                 )
             })
             .collect();

@@ -20,6 +20,7 @@
 //! enforced.
 
 pub mod mounts;
+pub mod snapshots;
 pub mod spec;
 pub mod tree;
 
@@ -32,8 +33,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 
-use super::{Backend, BackendError, Enforcement, FsCapacity, PublishSource, Usage, VolumeOptions};
-use crate::engine::ids::VolumeId;
+use super::{
+    Backend, BackendError, ContentSource, Enforcement, FsCapacity, Mechanism, PublishSource,
+    StoredSnapshot, Usage, VolumeOptions,
+};
+use crate::engine::ids::{SnapshotId, VolumeId};
 use crate::engine::types::{AccessMode, AccessType, Capability};
 use crate::mount::{ConfinedPath, MountOptions, Mounter};
 use mounts::ShareMounts;
@@ -228,23 +232,35 @@ impl SharedBackend {
         marker: &Marker,
         at: &Path,
     ) -> Result<(), BackendError> {
-        let tmp = format!("{TMP_PREFIX}{}", marker.id);
-        let _ = rustix::fs::unlinkat(markers, tmp.as_str(), AtFlags::empty());
+        let json = serde_json::to_vec_pretty(marker).expect("markers serialize");
+        Self::write_atomically(markers, &marker.id, &json, at)
+    }
+
+    /// Replaces the file `name` in `dir` with `contents` so that a reader (or a crash) sees
+    /// the old file or the new one, never a part: temporary file, fsync, rename, fsync `dir`.
+    fn write_atomically(
+        dir: BorrowedFd<'_>,
+        name: &str,
+        contents: &[u8],
+        at: &Path,
+    ) -> Result<(), BackendError> {
+        let tmp = format!("{TMP_PREFIX}{name}");
+        let _ = rustix::fs::unlinkat(dir, tmp.as_str(), AtFlags::empty());
         let fd = rustix::fs::openat(
-            markers,
+            dir,
             tmp.as_str(),
             OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
             Mode::from_raw_mode(0o600),
         )
         .map_err(|e| BackendError::io("create marker", at, e.into()))?;
         let mut file = std::fs::File::from(fd);
-        let json = serde_json::to_vec_pretty(marker).expect("markers serialize");
-        file.write_all(&json).map_err(io_at("write marker", at))?;
+        file.write_all(contents)
+            .map_err(io_at("write marker", at))?;
         file.sync_all().map_err(io_at("fsync marker", at))?;
         drop(file);
-        rustix::fs::renameat(markers, tmp.as_str(), markers, marker.id.as_str())
+        rustix::fs::renameat(dir, tmp.as_str(), dir, name)
             .map_err(|e| BackendError::io("rename marker", at, e.into()))?;
-        rustix::fs::fsync(markers).map_err(|e| BackendError::io("fsync", at, e.into()))?;
+        rustix::fs::fsync(dir).map_err(|e| BackendError::io("fsync", at, e.into()))?;
         Ok(())
     }
 
@@ -355,6 +371,37 @@ impl SharedBackend {
             );
             tree::copy_tree(src.as_fd(), dst.as_fd()).map_err(io_at("copy volume", at))
         })
+    }
+
+    /// The marker (and directory mode) a new volume gets from its options.
+    fn new_marker(
+        id: &VolumeId,
+        options: &VolumeOptions,
+    ) -> Result<(Marker, Option<u32>), BackendError> {
+        let params = &options.parameters;
+        let dir = spec::render_subdir(
+            params.get(spec::SUB_DIR).map(String::as_str),
+            &options.metadata,
+            &options.name,
+        )
+        .map_err(invalid)?;
+        let on_delete =
+            OnDelete::parse(params.get(spec::ON_DELETE).map(String::as_str)).map_err(invalid)?;
+        let permissions =
+            spec::parse_permissions(params.get(spec::MOUNT_PERMISSIONS).map(String::as_str))
+                .map_err(invalid)?;
+        let marker = Marker {
+            id: id.to_string(),
+            name: options.name.clone(),
+            dir,
+            on_delete,
+            capacity_bytes: options.capacity_bytes,
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or_default(),
+        };
+        Ok((marker, permissions))
     }
 
     /// The share of a volume, as shown in its volume context.
@@ -524,29 +571,7 @@ impl Backend for SharedBackend {
     }
 
     fn create(&self, id: &VolumeId, options: &VolumeOptions) -> Result<Enforcement, BackendError> {
-        let params = &options.parameters;
-        let dir = spec::render_subdir(
-            params.get(spec::SUB_DIR).map(String::as_str),
-            &options.metadata,
-            &options.name,
-        )
-        .map_err(invalid)?;
-        let on_delete =
-            OnDelete::parse(params.get(spec::ON_DELETE).map(String::as_str)).map_err(invalid)?;
-        let permissions =
-            spec::parse_permissions(params.get(spec::MOUNT_PERMISSIONS).map(String::as_str))
-                .map_err(invalid)?;
-        let marker = Marker {
-            id: id.to_string(),
-            name: options.name.clone(),
-            dir,
-            on_delete,
-            capacity_bytes: options.capacity_bytes,
-            created_unix: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or_default(),
-        };
+        let (marker, permissions) = Self::new_marker(id, options)?;
         let share = share_of(id)?;
         self.with_share_ref(&share, true, |root, markers, at| {
             let markers = markers.expect("created on demand");
@@ -555,9 +580,18 @@ impl Backend for SharedBackend {
         Ok(Enforcement::None)
     }
 
-    fn expand(&self, _id: &VolumeId, _capacity_bytes: u64) -> Result<(), BackendError> {
-        // Capacity of shared volumes is recorded only; the engine records the new size.
-        Ok(())
+    fn expand(&self, id: &VolumeId, capacity_bytes: u64) -> Result<(), BackendError> {
+        // Capacity of shared volumes is recorded only. The marker keeps it too, so a snapshot
+        // cut later records the grown size even for a controller without the store.
+        self.with_share(id, (), |_, markers, at| {
+            if let Some(mut marker) = Self::read_marker(markers, id, at)?
+                && marker.capacity_bytes < capacity_bytes
+            {
+                marker.capacity_bytes = capacity_bytes;
+                Self::write_marker(markers, &marker, at)?;
+            }
+            Ok(())
+        })
     }
 
     fn delete(&self, id: &VolumeId) -> Result<(), BackendError> {
@@ -731,6 +765,45 @@ impl Backend for SharedBackend {
             BackendError::Unsupported("shared volumes must be staged first".into())
         })?;
         Ok(PublishSource::Directory(staging.absolute()))
+    }
+
+    // Snapshots live on the share (see [`snapshots`]); the engine finds them by ID, so there
+    // is nothing to list or recover locally, and no local directory to sync.
+
+    fn supports_snapshots(&self) -> bool {
+        true
+    }
+
+    fn snapshot(
+        &self,
+        source: &VolumeId,
+        snapshot: &SnapshotId,
+    ) -> Result<Mechanism, BackendError> {
+        self.take_snapshot(source, snapshot)
+    }
+
+    fn delete_snapshot(&self, snapshot: &SnapshotId) -> Result<(), BackendError> {
+        self.remove_snapshot(snapshot)
+    }
+
+    fn snapshot_exists(&self, snapshot: &SnapshotId) -> Result<bool, BackendError> {
+        Ok(self.find_snapshot(snapshot)?.is_some())
+    }
+
+    fn stored_snapshot(
+        &self,
+        snapshot: &SnapshotId,
+    ) -> Result<Option<StoredSnapshot>, BackendError> {
+        self.find_snapshot(snapshot)
+    }
+
+    fn create_from(
+        &self,
+        id: &VolumeId,
+        source: ContentSource<'_>,
+        options: &VolumeOptions,
+    ) -> Result<(Enforcement, Mechanism), BackendError> {
+        self.populate(id, source, options)
     }
 }
 

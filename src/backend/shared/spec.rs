@@ -25,6 +25,15 @@ use crate::engine::params::{PV_NAME, PVC_NAME, PVC_NAMESPACE};
 pub const BACKEND: &str = "shared";
 /// Hex digits of the name hash in an ID.
 const HASH_DIGITS: usize = 20;
+/// Hex digits of the name hash in a snapshot ID (`snap-shared-<hash>-<share>`): five fewer,
+/// because the `snap-` prefix must fit in the same 128 bytes as the longest share reference.
+const SNAPSHOT_HASH_DIGITS: usize = HASH_DIGITS - 5;
+/// The prefix the engine puts before a backend's snapshot ID.
+const SNAPSHOT_PREFIX: &str = "snap-";
+const _: () = assert!(
+    SNAPSHOT_PREFIX.len() + BACKEND.len() + 1 + SNAPSHOT_HASH_DIGITS + 1 + MAX_REF_BYTES * 4 / 3
+        <= MAX_NAME_BYTES
+);
 /// Raw bytes of share reference an ID can carry: what base64url fits after the prefix.
 pub const MAX_REF_BYTES: usize = (MAX_NAME_BYTES - BACKEND.len() - 1 - HASH_DIGITS - 1) * 3 / 4;
 
@@ -465,10 +474,34 @@ pub fn volume_id(name: &str, share: &ShareRef) -> Result<String, SpecError> {
 
 /// Checks the part of a shared volume ID after `shared-` and returns the share it names.
 pub fn parse_id_tail(tail: &str) -> Result<ShareRef, SpecError> {
+    parse_tail(tail, HASH_DIGITS)
+}
+
+/// The ID (without the engine's `snap-` prefix) of the snapshot named `name` of the shared
+/// volume `volume_id`: `shared-<15 hex digits of the name's SHA-256>-<the volume's share>`.
+/// The snapshot lives on that share, so a controller on any node, with any state directory,
+/// finds it from the ID alone. `None` when `volume_id` is not a valid shared volume ID.
+pub fn snapshot_id(name: &str, volume_id: &str) -> Option<String> {
+    let tail = volume_id.strip_prefix(BACKEND)?.strip_prefix('-')?;
+    parse_id_tail(tail).ok()?;
+    let (_, encoded) = tail.split_once('-')?;
+    let digest = Sha256::digest(name.as_bytes());
+    Some(format!(
+        "{BACKEND}-{}-{encoded}",
+        &hex(&digest)[..SNAPSHOT_HASH_DIGITS]
+    ))
+}
+
+/// Checks the part of a shared snapshot ID after `snap-shared-` and returns its share.
+pub fn parse_snapshot_id_tail(tail: &str) -> Result<ShareRef, SpecError> {
+    parse_tail(tail, SNAPSHOT_HASH_DIGITS)
+}
+
+fn parse_tail(tail: &str, digits: usize) -> Result<ShareRef, SpecError> {
     let Some((hash, encoded)) = tail.split_once('-') else {
         return err("no share reference");
     };
-    if hash.len() != HASH_DIGITS || !hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if hash.len() != digits || !hash.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return err("bad name hash");
     }
     let bytes = b64_decode(encoded).ok_or_else(|| SpecError("bad share encoding".into()))?;
@@ -777,6 +810,51 @@ mod tests {
             options: vec![],
         };
         assert_eq!(volume_id("n", &just_fits).unwrap().len(), 128);
+    }
+
+    #[test]
+    fn snapshot_ids_carry_the_volume_share_within_128_bytes() {
+        let just_fits = ShareRef {
+            fs_type: "none".into(),
+            source: format!("/{}", "a".repeat(MAX_REF_BYTES - 7)),
+            options: vec![],
+        };
+        for share in [nfs(), just_fits] {
+            let volume = volume_id("pvc-1", &share).unwrap();
+            let snap = snapshot_id("snap-1", &volume).unwrap();
+            assert!(
+                SNAPSHOT_PREFIX.len() + snap.len() <= MAX_NAME_BYTES,
+                "{snap}"
+            );
+            let tail = snap.strip_prefix("shared-").unwrap();
+            assert_eq!(parse_snapshot_id_tail(tail).unwrap(), share);
+            // A snapshot ID is never a volume ID and the reverse.
+            assert!(parse_id_tail(tail).is_err());
+            assert!(parse_snapshot_id_tail(volume.strip_prefix("shared-").unwrap()).is_err());
+            assert_eq!(snapshot_id("snap-1", &volume).unwrap(), snap);
+            assert_ne!(snapshot_id("snap-2", &volume).unwrap(), snap);
+        }
+        assert_eq!(
+            snapshot_id("s", "dir-0123456789abcdef0123456789abcdef"),
+            None
+        );
+        assert_eq!(snapshot_id("s", "shared-0123-AAAA"), None);
+        let volume = volume_id("pvc-1", &nfs()).unwrap();
+        let snap = snapshot_id("snap-1", &volume).unwrap();
+        let (hash, encoded) = snap
+            .strip_prefix("shared-")
+            .unwrap()
+            .split_once('-')
+            .unwrap();
+        for bad in [
+            format!("{}-{encoded}", &hash[1..]),
+            format!("{}-{encoded}", hash.to_uppercase()),
+            format!("{hash}-{encoded}="),
+            format!("{hash}-{}", b64_encode(b"none\n/etc/../root\n")),
+            format!("{hash}/../x-{encoded}"),
+        ] {
+            assert!(parse_snapshot_id_tail(&bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -257,3 +257,128 @@ fn stale_temporary_markers_are_cleaned_up() {
     assert!(!old.exists(), "a temporary marker an hour old is removed");
     assert!(fresh.exists(), "a fresh one may be being written: kept");
 }
+
+#[test]
+fn snapshots_are_complete_only_with_their_marker_and_deleted_alone() {
+    if !root_or_skip() {
+        return;
+    }
+    let s = setup();
+    let v = create(&s, "pv-1", &[("onDelete", "retain")], "x").unwrap();
+    std::fs::write(s.share.join("pv-1/f"), b"one").unwrap();
+    let snap = SnapshotId::for_source(&v, "snap-1");
+    let dir = s.share.join(".k8scsi/snapshots").join(snap.as_str());
+
+    // A partial copy (no marker) is neither found nor restored from; taking the snapshot
+    // replaces it.
+    std::fs::create_dir_all(dir.join("data")).unwrap();
+    std::fs::write(dir.join("data/stale"), b"partial").unwrap();
+    assert!(!s.backend.snapshot_exists(&snap).unwrap());
+    assert_eq!(s.backend.stored_snapshot(&snap).unwrap(), None);
+    assert_eq!(s.backend.snapshot(&v, &snap).unwrap(), Mechanism::Copy);
+    assert!(!dir.join("data/stale").exists());
+    assert_eq!(std::fs::read(dir.join("data/f")).unwrap(), b"one");
+    assert_eq!(
+        s.backend.stored_snapshot(&snap).unwrap(),
+        Some(StoredSnapshot {
+            source_volume_id: v.to_string(),
+            size_bytes: 0,
+        })
+    );
+
+    // A restore while the volume is being filled is `delete` on the share; the requested
+    // onDelete only once the copy is complete.
+    let p = params(&s.share, &[("onDelete", "retain")]);
+    let restored = s.backend.volume_id("pv-2", &p, &[]).unwrap();
+    let (enforcement, mechanism) = s
+        .backend
+        .create_from(
+            &restored,
+            ContentSource::Snapshot(&snap),
+            &VolumeOptions {
+                capacity_bytes: 5 << 20,
+                ..options("pv-2", p, "y")
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        (enforcement, mechanism),
+        (Enforcement::None, Mechanism::Copy)
+    );
+    assert_eq!(std::fs::read(s.share.join("pv-2/f")).unwrap(), b"one");
+    let marker: Marker = serde_json::from_slice(
+        &std::fs::read(s.share.join(".k8scsi/volumes").join(restored.as_str())).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        (marker.on_delete, marker.capacity_bytes),
+        (OnDelete::Retain, 5 << 20)
+    );
+
+    // A restore whose copy fails (the target already holds a file of the same name, as an
+    // interrupted copy would leave behind if the engine did not delete it first) leaves
+    // nothing: its marker said `delete` while it was being filled.
+    let p = params(&s.share, &[("onDelete", "retain")]);
+    let failing = s.backend.volume_id("pv-3", &p, &[]).unwrap();
+    let fs_marker = Marker {
+        id: failing.to_string(),
+        name: "pv-3".into(),
+        dir: vec!["pv-3".into()],
+        on_delete: OnDelete::Delete,
+        capacity_bytes: 0,
+        created_unix: 0,
+    };
+    std::fs::write(
+        s.share.join(".k8scsi/volumes").join(failing.as_str()),
+        serde_json::to_vec(&fs_marker).unwrap(),
+    )
+    .unwrap();
+    std::fs::create_dir(s.share.join("pv-3")).unwrap();
+    std::fs::write(s.share.join("pv-3/f"), b"in the way").unwrap();
+    assert!(
+        s.backend
+            .create_from(
+                &failing,
+                ContentSource::Snapshot(&snap),
+                &options("pv-3", p, "z")
+            )
+            .is_err()
+    );
+    assert!(!s.share.join("pv-3").exists());
+    assert!(
+        !s.share
+            .join(".k8scsi/volumes")
+            .join(failing.as_str())
+            .exists()
+    );
+
+    // A marker that names another snapshot is not used.
+    let other = SnapshotId::for_source(&v, "snap-2");
+    let other_dir = s.share.join(".k8scsi/snapshots").join(other.as_str());
+    std::fs::create_dir_all(other_dir.join("data")).unwrap();
+    std::fs::copy(dir.join("snapshot.json"), other_dir.join("snapshot.json")).unwrap();
+    assert!(s.backend.stored_snapshot(&other).is_err());
+
+    // Deleting removes the snapshot's own directory and nothing else; deleting again is fine.
+    s.backend.delete_snapshot(&snap).unwrap();
+    assert!(!dir.exists());
+    assert!(other_dir.exists() && s.share.join("pv-1/f").exists());
+    s.backend.delete_snapshot(&snap).unwrap();
+    s.backend.delete_snapshot(&other).unwrap();
+    assert!(!other_dir.exists());
+
+    // An expansion is kept in the volume's marker, so a later snapshot restores at that size
+    // even for a controller without the store.
+    s.backend.expand(&v, 7 << 20).unwrap();
+    let grown = SnapshotId::for_source(&v, "snap-3");
+    s.backend.snapshot(&v, &grown).unwrap();
+    assert_eq!(
+        s.backend
+            .stored_snapshot(&grown)
+            .unwrap()
+            .unwrap()
+            .size_bytes,
+        7 << 20
+    );
+    s.backend.delete_snapshot(&grown).unwrap();
+}
