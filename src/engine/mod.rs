@@ -278,28 +278,6 @@ impl Engine {
             return self.volume_from_record(&record);
         }
 
-        let fs = {
-            let (b, p, f) = (
-                backend.clone(),
-                params.defining.clone(),
-                mount_flags.clone(),
-            );
-            blocking(move || Ok(b.capacity_for(&p, &f)?)).await?
-        };
-        if capacity > fs.total_bytes {
-            return Err(Error::CapacityOutOfRange(format!(
-                "requested {capacity} bytes is larger than the whole data filesystem \
-                 ({} bytes)",
-                fs.total_bytes
-            )));
-        }
-        if capacity > fs.available_bytes {
-            return Err(Error::Exhausted(format!(
-                "requested {capacity} bytes but only {} bytes are available",
-                fs.available_bytes
-            )));
-        }
-
         let sync_dirs = backend.sync_dirs();
         let id = new_id.clone();
         let options = VolumeOptions {
@@ -311,7 +289,14 @@ impl Engine {
         let enforcement = match &source {
             None => {
                 let intent = self.store.intent();
-                let enforcement = blocking(move || Ok(backend.create(&id, &options)?)).await?;
+                let (p, f) = (params.defining.clone(), mount_flags.clone());
+                // One trip to the blocking pool for the space check and the creation: a
+                // share's space is only known after mounting it.
+                let enforcement = blocking(move || {
+                    check_room(capacity, &backend.capacity_for(&p, &f)?)?;
+                    Ok(backend.create(&id, &options)?)
+                })
+                .await?;
                 (Some(intent), enforcement)
             }
             Some(source) => {
@@ -319,7 +304,9 @@ impl Engine {
                 let snapshot = source.snapshot.clone();
                 let volume = source.volume.clone();
                 let b = backend.clone();
+                let (p, f) = (params.defining.clone(), mount_flags.clone());
                 let (enforcement, mechanism) = blocking(move || {
+                    check_room(capacity, &b.capacity_for(&p, &f)?)?;
                     // Storage without a record is from an attempt that never answered and may
                     // be partly copied: start over.
                     if b.exists(&id)? {
@@ -642,6 +629,26 @@ fn volume_options(request: &CreateVolume, params: &params::Parameters) -> Result
         parameters: params.defining.clone(),
         metadata: params.metadata.clone(),
     })
+}
+
+/// Whether a volume of `capacity` bytes fits the filesystem it is allocated from: larger than
+/// the whole filesystem can never fit (OUT_OF_RANGE), larger than its free space not now
+/// (RESOURCE_EXHAUSTED).
+fn check_room(capacity: u64, fs: &crate::backend::FsCapacity) -> Result<()> {
+    if capacity > fs.total_bytes {
+        return Err(Error::CapacityOutOfRange(format!(
+            "requested {capacity} bytes is larger than the whole data filesystem \
+             ({} bytes)",
+            fs.total_bytes
+        )));
+    }
+    if capacity > fs.available_bytes {
+        return Err(Error::Exhausted(format!(
+            "requested {capacity} bytes but only {} bytes are available",
+            fs.available_bytes
+        )));
+    }
+    Ok(())
 }
 
 /// The capacity to record: required if set, else the limit, else 0 (unspecified).
