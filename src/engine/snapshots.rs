@@ -41,8 +41,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::error::{Error, Result};
 use super::ids::{IdError, SnapshotId, VolumeId};
-use super::types::{CreateSnapshot, GroupSnapshot, Snapshot, SnapshotPage, VolumeSource};
 use super::locks::InFlightGuard;
+use super::types::{CreateSnapshot, GroupSnapshot, Snapshot, SnapshotPage, VolumeSource};
 use super::{Engine, blocking, params};
 use crate::backend::{Backend, ContentSource};
 use crate::store::{Mutation, SnapshotRecord, Store};
@@ -557,7 +557,10 @@ impl Engine {
                 tokio::spawn(async move {
                     let _guard = guard;
                     let _ = store
-                        .commit(vec![Mutation::DeleteSnapshot { id: id.to_string() }], vec![])
+                        .commit(
+                            vec![Mutation::DeleteSnapshot { id: id.to_string() }],
+                            vec![],
+                        )
                         .await;
                 });
             }
