@@ -329,6 +329,10 @@ impl Backend for DirBackend {
         self.take_snapshot(source, snapshot)
     }
 
+    fn snapshot_is_instant(&self, source: &VolumeId) -> bool {
+        btrfs::is_subvolume(&self.volume_path(source)) || snapcopy::can_reflink(&self.snapshots)
+    }
+
     fn delete_snapshot(&self, snapshot: &SnapshotId) -> Result<(), BackendError> {
         remove_dir_or_subvolume(&self.snapshot_path(snapshot))
     }

@@ -418,6 +418,11 @@ impl Backend for LoopBackend {
         self.take_snapshot(source, snapshot, false)
     }
 
+    fn snapshot_is_instant(&self, _source: &VolumeId) -> bool {
+        // Images and their snapshots share the data directory's filesystem.
+        snapcopy::can_reflink(&self.snapshots)
+    }
+
     fn quiesce(&self, id: &VolumeId) -> Result<Option<freeze::Frozen>, BackendError> {
         let (image, kind) = self.existing(id)?;
         if kind == Kind::Block && loopdev::find_attached(&image)?.is_some() {

@@ -375,6 +375,15 @@ pub trait Backend: Send + Sync + 'static {
         )))
     }
 
+    /// Whether a snapshot of `source` would be instant (a btrfs snapshot, reflinks) rather than
+    /// a full copy of its data, whose time grows with the data. The engine runs full copies of
+    /// sources nobody can write to in the background. By default not instant: a backend that
+    /// cannot tell is treated as copying.
+    fn snapshot_is_instant(&self, source: &VolumeId) -> bool {
+        let _ = source;
+        false
+    }
+
     /// Makes volume `id` unchanging until the returned guard drops, for a volume group
     /// snapshot (every member is quiesced before any is cut). `None`: nothing to hold (the
     /// volume is not in use). Backends that cannot stop writes refuse.

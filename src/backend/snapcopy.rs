@@ -415,6 +415,24 @@ pub fn remove_tree(path: &Path) -> Result<(), BackendError> {
     }
 }
 
+/// Whether files in the directory `dir` can be reflinked to each other: probes with two
+/// unnamed temporary files (`O_TMPFILE`, nothing left behind). Any failure counts as "no", which
+/// only means a snapshot is treated as a full copy.
+pub fn can_reflink(dir: &Path) -> bool {
+    let probe = || -> std::io::Result<bool> {
+        let flags = OFlags::RDWR | OFlags::TMPFILE | OFlags::CLOEXEC;
+        let src = rfs::open(dir, flags, Mode::from_raw_mode(0o600))?;
+        rustix::io::write(&src, &[0u8; 4096])?;
+        let dst = rfs::open(dir, flags, Mode::from_raw_mode(0o600))?;
+        match rfs::ioctl_ficlone(&dst, &src) {
+            Ok(()) => Ok(true),
+            Err(e) if reflink_unsupported(e) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    };
+    probe().unwrap_or(false)
+}
+
 /// Flushes the filesystem holding `path`.
 pub fn sync_filesystem(path: &Path) -> Result<(), BackendError> {
     let fd = rfs::openat(CWD, path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())

@@ -5,10 +5,26 @@
 //! (btrfs snapshot, reflink under a filesystem freeze, or a full copy) while the call holds
 //! the snapshot's name, its ID and the source volume, so a concurrent retry gets ABORTED and
 //! later writes to the source can never reach it. Only then is the record committed, with the
-//! snapshot directory entry in the same group commit, so a record always describes a complete,
-//! durable snapshot (`ready_to_use` is always true); storage without a record (a crash before
-//! the commit) is removed at start-up and by a retried CreateSnapshot, which lands on the same
-//! ID because IDs derive from names.
+//! snapshot directory entry in the same group commit, so a ready record always describes a
+//! complete, durable snapshot; storage without a record (a crash before the commit) is removed
+//! at start-up and by a retried CreateSnapshot, which lands on the same ID because IDs derive
+//! from names.
+//!
+//! Background copies: when the snapshot would be a slow full copy (the backend says it is not
+//! instant, and the source holds at least [`BACKGROUND_COPY_MIN_BYTES`]) of a node-local source
+//! that is neither staged nor published, CreateSnapshot commits the record with
+//! `ready_to_use = false` and answers at once; a task copies (into a temporary name, synced,
+//! then renamed) and then commits `ready_to_use = true`. The point in time is still fixed
+//! before the answer: the task keeps the source volume's key, so nothing can stage, publish,
+//! expand or delete the source (ABORTED) until the copy is done, and an unpublished volume has
+//! no writer. Other volumes are never blocked. Meanwhile GetSnapshot and ListSnapshots say
+//! not ready, a repeated CreateSnapshot returns the same not-ready snapshot, and DeleteSnapshot
+//! and restores from the snapshot get ABORTED (the CSI "operation pending" answer; the CO
+//! retries). A staged or published source is copied before answering, as before (frozen where
+//! it is a loop filesystem): a pod can write to it at any time. A crash during a background copy
+//! leaves a not-ready record: start-up removes the partial copy, re-takes the keys before the
+//! server serves and copies again, or removes the snapshot when its source is gone. A copy that
+//! fails removes the snapshot (storage, then record), so the CO's retry starts afresh.
 //!
 //! A restore or clone holds the source snapshot (or volume) for its duration, so deleting a
 //! snapshot that is being copied from is ABORTED (the CSI "operation pending" answer) and
@@ -25,10 +41,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::error::{Error, Result};
 use super::ids::{IdError, SnapshotId, VolumeId};
+use super::locks::InFlightGuard;
 use super::types::{CreateSnapshot, GroupSnapshot, Snapshot, SnapshotPage, VolumeSource};
 use super::{Engine, blocking, params};
-use crate::backend::ContentSource;
-use crate::store::{Mutation, SnapshotRecord};
+use crate::backend::{Backend, ContentSource};
+use crate::store::{Mutation, SnapshotRecord, Store};
 
 /// Keys the external-snapshotter adds with `--extra-create-metadata`.
 const SNAPSHOT_METADATA_KEYS: &[&str] = &[
@@ -54,6 +71,84 @@ impl ResolvedSource {
             (None, Some(v)) => ContentSource::Volume(v),
             (None, None) => unreachable!("a resolved source names a snapshot or a volume"),
         }
+    }
+}
+
+/// Below this much data a full copy takes well under a second, so CreateSnapshot copies
+/// before answering and the snapshot is ready at once (no polling for the CO).
+pub const BACKGROUND_COPY_MIN_BYTES: u64 = 16 << 20;
+
+/// Runs the copy of a snapshot whose record is committed with `ready_to_use = false`, then
+/// commits it ready. `guard` holds the snapshot's name, its ID and its source volume until the
+/// copy ends, so the source cannot be staged, published, expanded or deleted meanwhile, and
+/// DeleteSnapshot and restores of the snapshot get ABORTED. A failed copy removes its storage
+/// and the record: the CO's next CreateSnapshot retry starts a fresh one.
+fn spawn_copy(
+    store: Store,
+    backend: std::sync::Arc<dyn Backend>,
+    record: SnapshotRecord,
+    guard: InFlightGuard,
+) {
+    tokio::spawn(async move {
+        let _guard = guard;
+        let (Ok(source), Ok(id)) = (
+            VolumeId::parse(&record.source_volume_id),
+            SnapshotId::parse(&record.id),
+        ) else {
+            tracing::error!(snapshot_id = %record.id, "stored snapshot record has malformed IDs");
+            return;
+        };
+        let sync_dirs = backend.snapshot_sync_dirs();
+        let started = std::time::Instant::now();
+        let (b, s, i) = (backend.clone(), source.clone(), id.clone());
+        // The backend copies into a temporary name, syncs and renames; only then is the
+        // record marked ready, so a crash before that leaves a record that is not ready.
+        match blocking(move || Ok(b.snapshot(&s, &i)?)).await {
+            Ok(mechanism) => {
+                tracing::info!(snapshot_id = %id, source_volume_id = %source,
+                    mechanism = mechanism.name(),
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    background = true, "snapshot taken");
+                let ready = SnapshotRecord {
+                    ready_to_use: true,
+                    mechanism: mechanism.name().to_string(),
+                    ..record
+                };
+                if let Err(e) = store
+                    .commit(vec![Mutation::PutSnapshot(ready)], sync_dirs)
+                    .await
+                {
+                    // Stays not ready; the next start copies it again.
+                    tracing::error!(snapshot_id = %id, error = %e,
+                        "could not record a finished background snapshot copy");
+                }
+            }
+            Err(e) => {
+                tracing::error!(snapshot_id = %id, source_volume_id = %source, error = %e,
+                    "background snapshot copy failed; removing the snapshot");
+                discard_snapshot(&store, backend, id).await;
+            }
+        }
+    });
+}
+
+/// Removes a snapshot's storage and then its record (storage first: a crash in between
+/// leaves a not-ready record, which start-up handles again).
+async fn discard_snapshot(store: &Store, backend: std::sync::Arc<dyn Backend>, id: SnapshotId) {
+    let sync_dirs = backend.snapshot_sync_dirs();
+    let i = id.clone();
+    if let Err(e) = blocking(move || Ok(backend.delete_snapshot(&i)?)).await {
+        tracing::error!(snapshot_id = %id, error = %e, "could not remove snapshot storage");
+        return;
+    }
+    if let Err(e) = store
+        .commit(
+            vec![Mutation::DeleteSnapshot { id: id.to_string() }],
+            sync_dirs,
+        )
+        .await
+    {
+        tracing::error!(snapshot_id = %id, error = %e, "could not remove a snapshot record");
     }
 }
 
@@ -119,23 +214,18 @@ impl Engine {
         };
         let name = request.name;
         let id = SnapshotId::for_source(&source, &name);
-        let _guard = self.lock(vec![
+        // A repeat of a snapshot whose copy still runs in the background finds its record
+        // without the keys that copy holds, so it answers (not ready yet) instead of ABORTED.
+        if let Some(found) = self.snapshot_named(&name, &source)? {
+            return Ok(found);
+        }
+        let guard = self.lock(vec![
             format!("snapname:{name}"),
             format!("snap:{id}"),
             format!("vol:{source}"),
         ])?;
-
-        if let Some(existing) = self.store.snapshot_id_for_name(&name)? {
-            let record = self.store.snapshot(&existing)?.ok_or_else(|| {
-                Error::Internal(format!("snapshot name {name:?} maps to a missing record"))
-            })?;
-            if record.source_volume_id != source.as_str() {
-                return Err(Error::SnapshotExists {
-                    name,
-                    what: "source volume".into(),
-                });
-            }
-            return Ok(snapshot_from_record(&record));
+        if let Some(found) = self.snapshot_named(&name, &source)? {
+            return Ok(found);
         }
         let volume = self
             .store
@@ -149,18 +239,8 @@ impl Engine {
             )));
         }
 
-        let started = std::time::Instant::now();
         let (created_unix, created_nanos) = now();
-        let sync_dirs = backend.snapshot_sync_dirs();
-        let (b, s, i) = (backend.clone(), source.clone(), id.clone());
-        let intent_store = self.store.clone();
-        // Storage without a record is from an attempt that never answered: the backend
-        // replaces it, so the snapshot's time is this call's.
-        let mechanism = blocking(move || Ok(b.snapshot(&s, &i)?)).await?;
-        tracing::info!(snapshot_id = %id, source_volume_id = %source,
-            mechanism = mechanism.name(), duration_ms = started.elapsed().as_millis() as u64,
-            "snapshot taken");
-        let record = SnapshotRecord {
+        let mut record = SnapshotRecord {
             id: id.to_string(),
             name,
             source_volume_id: source.to_string(),
@@ -169,14 +249,81 @@ impl Engine {
             created_unix,
             created_nanos,
             ready_to_use: true,
-            mechanism: mechanism.name().to_string(),
+            mechanism: String::new(),
             group_snapshot_id: String::new(),
             metadata,
         };
-        intent_store
+        let sync_dirs = backend.snapshot_sync_dirs();
+        if self.copies_in_background(&backend, &source).await? {
+            // Nothing can write to the source while this call holds its key, and the copy
+            // keeps holding it, so the data the copy reads later is the data of now.
+            record.ready_to_use = false;
+            record.mechanism = crate::backend::Mechanism::Copy.name().to_string();
+            self.store
+                .commit(vec![Mutation::PutSnapshot(record.clone())], sync_dirs)
+                .await?;
+            spawn_copy(self.store.clone(), backend, record.clone(), guard);
+            return Ok(snapshot_from_record(&record));
+        }
+
+        let started = std::time::Instant::now();
+        let (b, s, i) = (backend.clone(), source.clone(), id.clone());
+        // Storage without a record is from an attempt that never answered: the backend
+        // replaces it, so the snapshot's time is this call's.
+        let mechanism = blocking(move || Ok(b.snapshot(&s, &i)?)).await?;
+        tracing::info!(snapshot_id = %id, source_volume_id = %source,
+            mechanism = mechanism.name(), duration_ms = started.elapsed().as_millis() as u64,
+            "snapshot taken");
+        record.mechanism = mechanism.name().to_string();
+        self.store
             .commit(vec![Mutation::PutSnapshot(record.clone())], sync_dirs)
             .await?;
+        drop(guard);
         Ok(snapshot_from_record(&record))
+    }
+
+    /// The recorded snapshot called `name`, when it is of `source` (another source is
+    /// ALREADY_EXISTS).
+    fn snapshot_named(&self, name: &str, source: &VolumeId) -> Result<Option<Snapshot>> {
+        let Some(existing) = self.store.snapshot_id_for_name(name)? else {
+            return Ok(None);
+        };
+        let record = self.store.snapshot(&existing)?.ok_or_else(|| {
+            Error::Internal(format!("snapshot name {name:?} maps to a missing record"))
+        })?;
+        if record.source_volume_id != source.as_str() {
+            return Err(Error::SnapshotExists {
+                name: name.to_string(),
+                what: "source volume".into(),
+            });
+        }
+        Ok(Some(snapshot_from_record(&record)))
+    }
+
+    /// Whether a snapshot of `source` is copied after CreateSnapshot answers: only a slow full
+    /// copy (not instant, at least [`BACKGROUND_COPY_MIN_BYTES`] of data) of a source that is
+    /// neither staged nor published on this node, which serves the node side, so the store
+    /// knows every place it is in use. A staged or published source is copied before the
+    /// answer (frozen where it is a loop filesystem): a pod may write to it at any time, and
+    /// holding the volume's key for a long copy would stop the pod's node operations.
+    /// Storage other nodes reach (shares) is never copied in the background, because this
+    /// node cannot see whether another node has it mounted.
+    async fn copies_in_background(
+        &self,
+        backend: &std::sync::Arc<dyn Backend>,
+        source: &VolumeId,
+    ) -> Result<bool> {
+        if !backend.node_local()
+            || !self.config.serves_node
+            || !self.store.publications(source.as_str())?.is_empty()
+        {
+            return Ok(false);
+        }
+        let (b, s) = (backend.clone(), source.clone());
+        blocking(move || {
+            Ok(!b.snapshot_is_instant(&s) && b.usage(&s)?.used_bytes >= BACKGROUND_COPY_MIN_BYTES)
+        })
+        .await
     }
 
     /// DeleteSnapshot: unknown IDs are success (the spec's idempotency).
@@ -277,6 +424,10 @@ impl Engine {
                     Self::parse_snapshot_id("volume_content_source.snapshot.snapshot_id", raw)?
                         .ok_or_else(|| Error::SnapshotNotFound(raw.clone()))?;
                 let size_bytes = match self.store.snapshot(id.as_str())? {
+                    // Its copy still runs (or must run again): the CO retries on ABORTED.
+                    Some(record) if !record.ready_to_use => {
+                        return Err(Error::InProgress(format!("snap:{id}")));
+                    }
                     Some(record) => record.size_bytes,
                     // Not in this store: a snapshot kept on shared storage (taken by a
                     // controller with another state directory) is found through its ID. That
@@ -343,13 +494,14 @@ impl Engine {
     /// Start-up recovery: thaws filesystems and removes partial copies (each backend), then
     /// removes complete snapshot storage that has no record (a crash before the commit; the CO
     /// never got an answer and will retry, and a retry makes a fresh snapshot anyway).
+    ///
+    /// A record that is not ready is a background copy a crash interrupted (its partial copy
+    /// was just removed): its keys are taken here, before the server serves, and the copy
+    /// starts again in the background; if its source volume is gone, the snapshot is removed.
+    /// Must run inside the Tokio runtime (it spawns those tasks).
     pub fn recover_snapshots(&self) -> Result<()> {
-        let recorded: BTreeSet<String> = self
-            .store
-            .all_snapshots()?
-            .into_iter()
-            .map(|s| s.id)
-            .collect();
+        let records = self.store.all_snapshots()?;
+        let recorded: BTreeSet<String> = records.iter().map(|s| s.id.clone()).collect();
         for backend in self.backends.values() {
             backend.recover_snapshots()?;
             for id in backend.list_snapshots()? {
@@ -358,6 +510,59 @@ impl Engine {
                         "removing snapshot storage without a record (interrupted CreateSnapshot)");
                     backend.delete_snapshot(&id)?;
                 }
+            }
+        }
+        for record in records.into_iter().filter(|r| !r.ready_to_use) {
+            self.resume_copy(record)?;
+        }
+        Ok(())
+    }
+
+    /// Restarts (or, without a source, discards) an interrupted background copy.
+    fn resume_copy(&self, record: SnapshotRecord) -> Result<()> {
+        let id = SnapshotId::parse(&record.id)
+            .map_err(|e| Error::Internal(format!("stored snapshot ID: {e}")))?;
+        let source = VolumeId::parse(&record.source_volume_id)
+            .map_err(|e| Error::Internal(format!("stored source volume ID: {e}")))?;
+        let guard = self.lock(vec![
+            format!("snapname:{}", record.name),
+            format!("snap:{id}"),
+            format!("vol:{source}"),
+        ])?;
+        let backend = self.backends.get(id.backend()).cloned();
+        let source_alive = match &backend {
+            Some(b) => self.store.volume(source.as_str())?.is_some() && b.exists(&source)?,
+            None => false,
+        };
+        match backend {
+            Some(backend) if source_alive => {
+                tracing::warn!(snapshot_id = %id, source_volume_id = %source,
+                    "copying a snapshot again: its background copy was interrupted");
+                spawn_copy(self.store.clone(), backend, record, guard);
+            }
+            Some(backend) => {
+                tracing::warn!(snapshot_id = %id, source_volume_id = %source,
+                    "removing a snapshot whose copy was interrupted and whose source is gone");
+                let store = self.store.clone();
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    discard_snapshot(&store, backend, id).await;
+                });
+            }
+            None => {
+                // A backend no longer configured: its storage cannot be reached from here.
+                tracing::warn!(snapshot_id = %id,
+                    "removing the record of an interrupted snapshot of an unconfigured backend");
+                let store = self.store.clone();
+                tokio::spawn(async move {
+                    let _guard = guard;
+                    let _ = store
+                        .commit(
+                            vec![Mutation::DeleteSnapshot { id: id.to_string() }],
+                            vec![],
+                        )
+                        .await;
+                });
             }
         }
         Ok(())
