@@ -1,7 +1,7 @@
 //! End-to-end test with real Kubernetes components on loopback: etcd, kube-apiserver,
 //! kube-controller-manager (PV binder, expander, PV/PVC protection), csi-provisioner (one per
-//! node, `--node-deployment`, as in the distributed overlay), csi-resizer, csi-snapshotter and
-//! snapshot-controller, all pointed at k8scsi servers
+//! node, `--node-deployment`, as in the distributed overlay), csi-resizer, csi-snapshotter (one
+//! per node, `--node-deployment`) and snapshot-controller, all pointed at k8scsi servers
 //! started here. There is no kubelet or container runtime: the test creates the Node and CSINode
 //! objects itself and calls the node service directly, as the kubelet would.
 //!
@@ -242,6 +242,40 @@ fn container_args(objects: &[Value], kind: &str, container: &str, socket: &Path)
             }
         })
         .collect()
+}
+
+/// Every container of every DaemonSet/Deployment, keyed by workload and container name, with
+/// what decides its behaviour: image, args and (for the sidecars) env. The chart must render the
+/// same as the overlay; only the driver container may differ in env (the chart passes
+/// `K8SCSI_DRIVER_NAME` for its `driverName` value).
+fn workload_containers(objects: &[Value]) -> std::collections::BTreeMap<String, Value> {
+    let mut out = std::collections::BTreeMap::new();
+    for o in objects
+        .iter()
+        .filter(|o| o["kind"] == "DaemonSet" || o["kind"] == "Deployment")
+    {
+        for c in o["spec"]["template"]["spec"]["containers"]
+            .as_array()
+            .unwrap()
+        {
+            let key = format!(
+                "{}/{}/{}",
+                o["kind"].as_str().unwrap(),
+                o["metadata"]["name"].as_str().unwrap(),
+                c["name"].as_str().unwrap()
+            );
+            let env = if c["name"] == "k8scsi" {
+                Value::Null
+            } else {
+                c["env"].clone()
+            };
+            out.insert(
+                key,
+                json!({"image": c["image"], "args": c["args"], "env": env}),
+            );
+        }
+    }
+    out
 }
 
 impl Cluster {
@@ -922,7 +956,25 @@ fn kubernetes_provisions_expands_snapshots_and_deletes_through_k8scsi() {
         ("single-node", "single-node"),
         ("shared", "shared"),
     ] {
-        let chart = helm(&[&format!("mode={mode}"), "snapshots.enabled=true"]);
+        // Chart defaults (snapshots on, like the overlays) plus the VolumeSnapshotClass, which
+        // the overlays leave to the `snapshots` add-on; the CRDs are installed here.
+        let chart = helm(&[
+            &format!("mode={mode}"),
+            "snapshots.volumeSnapshotClass=true",
+        ]);
+        assert!(
+            chart
+                .iter()
+                .any(|o| o["kind"] == "VolumeSnapshotClass" && o["driver"] == DRIVER),
+            "helm mode={mode}: VolumeSnapshotClass"
+        );
+        // Same containers with the same images, flags and env (so the sidecar flags the
+        // scenarios run with from the overlays are also the chart's).
+        assert_eq!(
+            workload_containers(&chart),
+            workload_containers(&rendered[overlay]),
+            "containers of helm mode={mode} vs overlay {overlay}"
+        );
         let chart_names = kind_names(&chart);
         let overlay_names = kind_names(&rendered[overlay]);
         // The chart renders every object of the matching overlay except the Namespace (Helm
@@ -1191,26 +1243,46 @@ fn kubernetes_provisions_expands_snapshots_and_deletes_through_k8scsi() {
     );
 }
 
-/// VolumeSnapshot -> ready -> restore into a new PVC.
+/// VolumeSnapshot -> ready -> restore into a new PVC, with the distributed overlay's snapshotter
+/// (one per node, `--node-deployment`) and snapshot-controller as deploy/README.md installs it.
+/// The volume lives on node-2, so the node-1 snapshotter must leave it alone and node-2's must
+/// take it: a snapshotter that is not node-aware would send CreateSnapshot to the wrong k8scsi.
 fn snapshot_scenario(c: &mut Cluster, csi: &Csi) {
     let t = step("VolumeSnapshot -> ready -> restore into a new PVC");
     let admin = format!("--kubeconfig={}", c.admin.display());
     c.spawn(
         "snapshot-controller",
         &c.tool("snapshot-controller"),
-        &[admin, "--leader-election=false".into()],
+        &[
+            admin,
+            "--leader-election=false".into(),
+            // deploy/README.md: required by the distributed overlay's per-node snapshotters.
+            "--enable-distributed-snapshotting=true".into(),
+        ],
         &[],
     );
-    let args = vec![
-        format!("--csi-address={}", c.socket("node-1").display()),
-        format!("--kubeconfig={}", c.sidecar_kubeconfig.display()),
-        "--leader-election=false".into(),
-        "--timeout=60s".into(),
-    ];
-    c.spawn("csi-snapshotter", &c.tool("csi-snapshotter"), &args, &[]);
-    c.apply_json(&pvc("origin", "k8scsi", "1Gi", Some("node-1")));
+    let distributed =
+        c.dry_run_kustomize(&repo_root().join("deploy/kustomize/overlays/distributed"));
+    for node in NODES {
+        let mut args = container_args(
+            &distributed,
+            "DaemonSet",
+            "csi-snapshotter",
+            &c.socket(node),
+        );
+        args.push(format!("--kubeconfig={}", c.sidecar_kubeconfig.display()));
+        c.spawn(
+            &format!("csi-snapshotter-{node}"),
+            &c.tool("csi-snapshotter"),
+            &args,
+            &[("NODE_NAME", node)],
+        );
+    }
+    let node = "node-2";
+    c.apply_json(&pvc("origin", "k8scsi", "1Gi", Some(node)));
     let origin_pv = wait_bound(c, "origin", STEP);
-    publish_write_unpublish(c, csi, "node-1", &origin_pv);
+    assert_eq!(pv_node(&origin_pv), node);
+    publish_write_unpublish(c, csi, node, &origin_pv);
     c.apply_json(&json!({
         "apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot",
         "metadata": {"name": "snap", "namespace": "default"},
@@ -1219,18 +1291,31 @@ fn snapshot_scenario(c: &mut Cluster, csi: &Csi) {
             "source": {"persistentVolumeClaimName": "origin"},
         },
     }));
-    wait_for("VolumeSnapshot readyToUse", STEP, || {
+    let snap = wait_for("VolumeSnapshot readyToUse", STEP, || {
         c.check_alive();
         let s = c.get(&["volumesnapshot", "-n", "default", "snap"])?;
-        (s["status"]["readyToUse"] == true).then_some(())
+        (s["status"]["readyToUse"] == true).then_some(s)
     });
-    let mut restore = pvc("restored", "k8scsi", "1Gi", Some("node-1"));
+    let content_name = snap["status"]["boundVolumeSnapshotContentName"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let content = c
+        .get(&["volumesnapshotcontent", &content_name])
+        .unwrap_or_else(|| panic!("VolumeSnapshotContent {content_name}"));
+    // snapshot-controller routed it to the volume's node, and that node's snapshotter took it.
+    assert_eq!(
+        content["metadata"]["labels"]["snapshot.storage.kubernetes.io/managed-by"], node,
+        "{content}"
+    );
+    assert!(content["status"]["snapshotHandle"].is_string(), "{content}");
+    let mut restore = pvc("restored", "k8scsi", "1Gi", Some(node));
     restore["spec"]["dataSource"] = json!({
         "apiGroup": "snapshot.storage.k8s.io", "kind": "VolumeSnapshot", "name": "snap"});
     c.apply_json(&restore);
     let restored_pv = wait_bound(c, "restored", STEP);
     let restored_id = volume_handle(&restored_pv);
-    assert!(csi.volumes(&c.socket("node-1")).contains_key(&restored_id));
+    assert!(csi.volumes(&c.socket(node)).contains_key(&restored_id));
     for name in ["restored", "origin"] {
         delete_pvc(c, name);
     }
@@ -1244,6 +1329,14 @@ fn snapshot_scenario(c: &mut Cluster, csi: &Csi) {
     ]);
     wait_pv_gone(c, restored_pv["metadata"]["name"].as_str().unwrap());
     wait_pv_gone(c, origin_pv["metadata"]["name"].as_str().unwrap());
+    // deletionPolicy Delete: the content goes only after node-2's snapshotter had DeleteSnapshot
+    // succeed (it holds a finalizer until then).
+    wait_for("VolumeSnapshotContent deleted", STEP, || {
+        c.check_alive();
+        c.get(&["volumesnapshotcontent", &content_name])
+            .is_none()
+            .then_some(())
+    });
     done("VolumeSnapshot -> ready -> restore into a new PVC", t);
 }
 
