@@ -289,6 +289,15 @@ impl Mounter for LinuxMounter {
             .map_err(|e| io("umount", target.absolute(), e))
     }
 
+    fn detach(&self, target: &ConfinedPath) -> Result<(), MountError> {
+        let parent = open_parent(target)?;
+        unmount(
+            fd_path(&parent, target.leaf()),
+            UnmountFlags::NOFOLLOW | UnmountFlags::DETACH,
+        )
+        .map_err(|e| io("umount -l", target.absolute(), e))
+    }
+
     fn remove_target(&self, target: &ConfinedPath) -> Result<(), MountError> {
         let parent = match open_parent(target) {
             Ok(p) => p,
