@@ -489,11 +489,22 @@ async fn wait_for_call(mounter: &FakeMounter, call: &Call) {
     panic!("{call:?} never happened: {:?}", mounter.calls());
 }
 
-/// Bounds a future that must not hang, so a regression fails instead of blocking the suite.
-async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
-    tokio::time::timeout(std::time::Duration::from_secs(60), fut)
-        .await
-        .unwrap_or_else(|_| panic!("{what} hung"))
+/// Bounds a future that must not hang, so a regression fails instead of blocking the suite:
+/// on timeout the hung `path` is released first (the runtime waits for its blocking threads
+/// when it shuts down), then the test panics.
+async fn within<T>(
+    what: &str,
+    mounter: &FakeMounter,
+    path: &std::path::Path,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    match tokio::time::timeout(std::time::Duration::from_secs(60), fut).await {
+        Ok(v) => v,
+        Err(_) => {
+            mounter.release(path);
+            panic!("{what} hung");
+        }
+    }
 }
 
 #[tokio::test]
@@ -507,9 +518,14 @@ async fn unpublish_detaches_a_target_whose_unmount_hangs() {
         .unwrap();
     let abs = PathBuf::from(&target);
     f.mounter.hang(fake::Op::Unmount, &abs);
-    within("unpublish", f.engine.unpublish(v.id.as_str(), &target))
-        .await
-        .unwrap();
+    within(
+        "unpublish",
+        &f.mounter,
+        &abs,
+        f.engine.unpublish(v.id.as_str(), &target),
+    )
+    .await
+    .unwrap();
     let calls = f.mounter.calls();
     assert!(calls.contains(&Call::Unmount(abs.clone())), "{calls:?}");
     assert!(calls.contains(&Call::Detach(abs.clone())), "{calls:?}");
@@ -542,9 +558,14 @@ async fn unpublish_detaches_a_recorded_target_whose_inspection_hangs() {
     let abs = PathBuf::from(&target);
     f.mounter.hang(fake::Op::Inspect, &abs);
     // Volume b was never published there: a hung target is not detached on its behalf.
-    let err = within("unpublish of b", f.engine.unpublish(b.id.as_str(), &target))
-        .await
-        .unwrap_err();
+    let err = within(
+        "unpublish of b",
+        &f.mounter,
+        &abs,
+        f.engine.unpublish(b.id.as_str(), &target),
+    )
+    .await
+    .unwrap_err();
     assert!(
         matches!(err, Error::Mount(MountError::TimedOut { .. })),
         "{err:?}"
@@ -554,9 +575,14 @@ async fn unpublish_detaches_a_recorded_target_whose_inspection_hangs() {
         f.engine.store().publications(a.id.as_str()).unwrap().len(),
         1
     );
-    within("unpublish of a", f.engine.unpublish(a.id.as_str(), &target))
-        .await
-        .unwrap();
+    within(
+        "unpublish of a",
+        &f.mounter,
+        &abs,
+        f.engine.unpublish(a.id.as_str(), &target),
+    )
+    .await
+    .unwrap();
     let calls = f.mounter.calls();
     assert!(calls.contains(&Call::Detach(abs.clone())), "{calls:?}");
     assert!(!calls.contains(&Call::Unmount(abs.clone())), "{calls:?}");
@@ -603,7 +629,10 @@ async fn a_hung_unpublish_does_not_delay_another_volume() {
         );
         f.mounter.release(&abs_a);
     };
-    let (stuck, ()) = within("unpublishing both", async { tokio::join!(stuck, other) }).await;
+    let (stuck, ()) = within("unpublishing both", &f.mounter, &abs_a, async {
+        tokio::join!(stuck, other)
+    })
+    .await;
     stuck.unwrap();
     assert!(
         f.engine
