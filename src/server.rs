@@ -208,6 +208,7 @@ fn build_parts(config: &ServeConfig) -> Result<(Arc<Engine>, Backends), ServeErr
             max_volumes_per_node: config.max_volumes_per_node,
             kubelet_dir,
             serves_node: config.mode != Mode::Controller,
+            mount_timeout: config.share_timeout,
         },
         store,
         backends.clone(),

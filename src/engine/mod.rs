@@ -46,6 +46,9 @@ pub struct EngineConfig {
     pub kubelet_dir: PathBuf,
     /// Whether this process also serves the node side, so it knows publications.
     pub serves_node: bool,
+    /// How long an inspection or unmount of a publish target may block (on a dead network
+    /// filesystem) before the target is detached lazily instead.
+    pub mount_timeout: std::time::Duration,
 }
 
 /// The volume engine. Cheap to share behind an `Arc`.

@@ -2,7 +2,7 @@
 //! reporting their usage and health.
 
 use crate::backend::PublishSource;
-use crate::mount::{ConfinedPath, MountError, PathState};
+use crate::mount::{ConfinedPath, MountError, PathState, with_timeout};
 use crate::store::{Mutation, PublicationRecord};
 
 use super::error::{Error, Result};
@@ -287,25 +287,60 @@ impl Engine {
             None => false,
         };
         let mounter = self.mounter.clone();
-        let state = {
+        let timeout = self.config.mount_timeout;
+        // Both the inspection (a statx of the target) and the unmount block for as long as a
+        // dead server behind the target does not answer: each gets `timeout`, on a thread of
+        // its own so a stuck one does not hold a blocking-pool thread either.
+        let inspected = {
             let (m, t) = (mounter.clone(), target.clone());
-            blocking(move || match m.inspect(&t) {
-                // The kubelet may already have removed the pod directory: nothing to undo.
-                Err(MountError::ParentMissing { .. }) => Ok(None),
-                other => Ok(other?),
-            })
-            .await?
+            blocking(move || Ok(with_timeout(timeout, move || m.inspect(&t)))).await?
+        };
+        let state = match inspected {
+            // The kubelet may already have removed the pod directory: nothing to undo.
+            Some(Err(MountError::ParentMissing { .. })) => None,
+            Some(other) => other?,
+            None => {
+                let Some(id) = id.as_ref().filter(|_| recorded) else {
+                    // Not known to be ours: never detach a stranger's mount on a guess.
+                    return Err(Error::Mount(MountError::TimedOut {
+                        op: "statx",
+                        path: target.absolute(),
+                        timeout,
+                    }));
+                };
+                tracing::warn!(target = %target, volume = %id, ?timeout,
+                    "inspecting the publish target hung; detaching it lazily (MNT_DETACH)");
+                let t = target.clone();
+                blocking(move || {
+                    mounter.detach(&t)?;
+                    Ok(mounter.remove_target(&t)?)
+                })
+                .await?;
+                self.forget_publication(id, &target).await?;
+                return Ok(());
+            }
         };
         if let Some(state) = state {
             if state.is_mount_point {
-                let ours = id.as_ref().is_some_and(|id| self.shows_volume(id, &state));
-                if !ours && !recorded {
+                // A recorded publication is ours without looking at its source (which may sit
+                // on the same dead server).
+                if !recorded && !id.as_ref().is_some_and(|id| self.shows_volume(id, &state)) {
                     return Err(Error::Precondition(format!(
                         "{target} holds a mount that is not volume {raw_id}; leaving it alone"
                     )));
                 }
                 let (m, t) = (mounter.clone(), target.clone());
-                blocking(move || Ok(m.unmount(&t)?)).await?;
+                let unmounted =
+                    blocking(move || Ok(with_timeout(timeout, move || m.unmount(&t)))).await?;
+                match unmounted {
+                    Some(result) => result?,
+                    None => {
+                        tracing::warn!(target = %target, volume = raw_id, ?timeout,
+                            "unmount of the publish target hung; detaching it lazily (MNT_DETACH)");
+                        let (m, t) = (mounter.clone(), target.clone());
+                        blocking(move || Ok(m.detach(&t)?)).await?;
+                    }
+                }
             }
             let t = target.clone();
             blocking(move || Ok(mounter.remove_target(&t)?)).await?;

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use super::*;
 use crate::backend::dir::DirBackend;
-use crate::mount::fake::{Call, FakeMounter};
+use crate::mount::MountError;
+use crate::mount::fake::{self, Call, FakeMounter};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -16,6 +17,10 @@ struct Fixture {
 }
 
 fn fixture() -> Fixture {
+    fixture_with_timeout(std::time::Duration::from_secs(30))
+}
+
+fn fixture_with_timeout(mount_timeout: std::time::Duration) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let kubelet = dir.path().join("kubelet");
     std::fs::create_dir_all(&kubelet).unwrap();
@@ -29,6 +34,7 @@ fn fixture() -> Fixture {
             max_volumes_per_node: 0,
             kubelet_dir: kubelet.clone(),
             serves_node: true,
+            mount_timeout,
         },
         store,
         vec![backend],
@@ -470,4 +476,170 @@ async fn expansion_grows_and_never_shrinks() {
             .await,
         Err(Error::VolumeNotFound(_))
     ));
+}
+
+/// Waits (polling, generously) until the fake has seen `call`.
+async fn wait_for_call(mounter: &FakeMounter, call: &Call) {
+    for _ in 0..6000 {
+        if mounter.calls().contains(call) {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{call:?} never happened: {:?}", mounter.calls());
+}
+
+/// Bounds a future that must not hang, so a regression fails instead of blocking the suite:
+/// on timeout the hung `path` is released first (the runtime waits for its blocking threads
+/// when it shuts down), then the test panics.
+async fn within<T>(
+    what: &str,
+    mounter: &FakeMounter,
+    path: &std::path::Path,
+    fut: impl std::future::Future<Output = T>,
+) -> T {
+    match tokio::time::timeout(std::time::Duration::from_secs(60), fut).await {
+        Ok(v) => v,
+        Err(_) => {
+            mounter.release(path);
+            panic!("{what} hung");
+        }
+    }
+}
+
+#[tokio::test]
+async fn unpublish_detaches_a_target_whose_unmount_hangs() {
+    let f = fixture_with_timeout(std::time::Duration::from_millis(200));
+    let v = f.engine.create_volume(create("pvc-h1", 0)).await.unwrap();
+    let target = f.target("p1");
+    f.engine
+        .publish(f.publish(&v.id, &target, AccessMode::SingleNodeWriter, false))
+        .await
+        .unwrap();
+    let abs = PathBuf::from(&target);
+    f.mounter.hang(fake::Op::Unmount, &abs);
+    within(
+        "unpublish",
+        &f.mounter,
+        &abs,
+        f.engine.unpublish(v.id.as_str(), &target),
+    )
+    .await
+    .unwrap();
+    let calls = f.mounter.calls();
+    assert!(calls.contains(&Call::Unmount(abs.clone())), "{calls:?}");
+    assert!(calls.contains(&Call::Detach(abs.clone())), "{calls:?}");
+    assert!(
+        calls.contains(&Call::RemoveTarget(abs.clone())),
+        "{calls:?}"
+    );
+    assert!(
+        f.engine
+            .store()
+            .publications(v.id.as_str())
+            .unwrap()
+            .is_empty()
+    );
+    // The stuck unmount finally returns; it finds nothing left to do and changes nothing.
+    f.mounter.release(&abs);
+    f.engine.delete_volume(v.id.as_str()).await.unwrap();
+}
+
+#[tokio::test]
+async fn unpublish_detaches_a_recorded_target_whose_inspection_hangs() {
+    let f = fixture_with_timeout(std::time::Duration::from_millis(200));
+    let a = f.engine.create_volume(create("pvc-h2", 0)).await.unwrap();
+    let b = f.engine.create_volume(create("pvc-h3", 0)).await.unwrap();
+    let target = f.target("p1");
+    f.engine
+        .publish(f.publish(&a.id, &target, AccessMode::SingleNodeWriter, false))
+        .await
+        .unwrap();
+    let abs = PathBuf::from(&target);
+    f.mounter.hang(fake::Op::Inspect, &abs);
+    // Volume b was never published there: a hung target is not detached on its behalf.
+    let err = within(
+        "unpublish of b",
+        &f.mounter,
+        &abs,
+        f.engine.unpublish(b.id.as_str(), &target),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Mount(MountError::TimedOut { .. })),
+        "{err:?}"
+    );
+    assert!(!f.mounter.calls().contains(&Call::Detach(abs.clone())));
+    assert_eq!(
+        f.engine.store().publications(a.id.as_str()).unwrap().len(),
+        1
+    );
+    within(
+        "unpublish of a",
+        &f.mounter,
+        &abs,
+        f.engine.unpublish(a.id.as_str(), &target),
+    )
+    .await
+    .unwrap();
+    let calls = f.mounter.calls();
+    assert!(calls.contains(&Call::Detach(abs.clone())), "{calls:?}");
+    assert!(!calls.contains(&Call::Unmount(abs.clone())), "{calls:?}");
+    assert!(
+        f.engine
+            .store()
+            .publications(a.id.as_str())
+            .unwrap()
+            .is_empty()
+    );
+    f.mounter.release(&abs);
+}
+
+#[tokio::test]
+async fn a_hung_unpublish_does_not_delay_another_volume() {
+    // A timeout far longer than the test: volume a stays stuck until the test releases it, so
+    // b finishing first shows it never waited for a (no timing is measured).
+    let f = fixture_with_timeout(std::time::Duration::from_secs(600));
+    let a = f.engine.create_volume(create("pvc-h4", 0)).await.unwrap();
+    let b = f.engine.create_volume(create("pvc-h5", 0)).await.unwrap();
+    let (ta, tb) = (f.target("p1"), f.target("p2"));
+    for (v, t) in [(&a, &ta), (&b, &tb)] {
+        f.engine
+            .publish(f.publish(&v.id, t, AccessMode::SingleNodeWriter, false))
+            .await
+            .unwrap();
+    }
+    let abs_a = PathBuf::from(&ta);
+    f.mounter.hang(fake::Op::Unmount, &abs_a);
+    let stuck = f.engine.unpublish(a.id.as_str(), &ta);
+    let other = async {
+        wait_for_call(&f.mounter, &Call::Unmount(abs_a.clone())).await;
+        f.engine.unpublish(b.id.as_str(), &tb).await.unwrap();
+        assert!(
+            f.engine
+                .store()
+                .publications(b.id.as_str())
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(
+            f.engine.store().publications(a.id.as_str()).unwrap().len(),
+            1
+        );
+        f.mounter.release(&abs_a);
+    };
+    let (stuck, ()) = within("unpublishing both", &f.mounter, &abs_a, async {
+        tokio::join!(stuck, other)
+    })
+    .await;
+    stuck.unwrap();
+    assert!(
+        f.engine
+            .store()
+            .publications(a.id.as_str())
+            .unwrap()
+            .is_empty()
+    );
+    assert!(!f.mounter.calls().contains(&Call::Detach(abs_a)));
 }

@@ -1,9 +1,10 @@
 //! An in-memory [`Mounter`] for unit tests: it keeps a table of "mounted" targets and the calls
 //! made, so engine logic (idempotency, conflicts, cleanup order) is testable without root.
+//! [`FakeMounter::hang`] makes calls on a path block like they do on a dead NFS server.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
 
 use super::{ConfinedPath, MountError, MountOptions, Mounter, PathState};
 
@@ -16,13 +17,24 @@ pub enum Call {
         options: MountOptions,
     },
     Unmount(PathBuf),
+    Detach(PathBuf),
     RemoveTarget(PathBuf),
+}
+
+/// A call that [`FakeMounter::hang`] can make block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Op {
+    Inspect,
+    Unmount,
 }
 
 /// State of the fake: which targets exist, and which of those have a source mounted.
 #[derive(Debug, Default)]
 pub struct FakeMounter {
     inner: Mutex<FakeState>,
+    /// Calls on paths that block until [`FakeMounter::release`]d.
+    hung: Mutex<BTreeSet<(Op, PathBuf)>>,
+    released: Condvar,
 }
 
 #[derive(Debug, Default)]
@@ -36,6 +48,28 @@ impl FakeMounter {
     /// The calls made so far.
     pub fn calls(&self) -> Vec<Call> {
         self.inner.lock().unwrap().calls.clone()
+    }
+
+    /// From now on, `op` on `path` blocks (as on a dead server) until
+    /// [`FakeMounter::release`] is called for the path.
+    pub fn hang(&self, op: Op, path: &Path) {
+        self.hung.lock().unwrap().insert((op, path.to_path_buf()));
+    }
+
+    /// Lets every call blocked on `path` continue.
+    pub fn release(&self, path: &Path) {
+        self.hung.lock().unwrap().retain(|(_, p)| p != path);
+        self.released.notify_all();
+    }
+
+    /// Blocks while `op` on `path` is hung. Called without holding the state lock, so other
+    /// paths keep working meanwhile.
+    fn wait_if_hung(&self, op: Op, path: &Path) {
+        let key = (op, path.to_path_buf());
+        let mut hung = self.hung.lock().unwrap();
+        while hung.contains(&key) {
+            hung = self.released.wait(hung).unwrap();
+        }
     }
 
     /// Simulates a reboot: every mount disappears, directories stay.
@@ -57,6 +91,7 @@ impl FakeMounter {
 
 impl Mounter for FakeMounter {
     fn inspect(&self, path: &ConfinedPath) -> Result<Option<PathState>, MountError> {
+        self.wait_if_hung(Op::Inspect, &path.absolute());
         let state = self.inner.lock().unwrap();
         Ok(state.targets.get(&path.absolute()).map(|mounted| {
             let (dev, ino) = match mounted {
@@ -101,8 +136,13 @@ impl Mounter for FakeMounter {
     }
 
     fn unmount(&self, target: &ConfinedPath) -> Result<(), MountError> {
+        self.inner
+            .lock()
+            .unwrap()
+            .calls
+            .push(Call::Unmount(target.absolute()));
+        self.wait_if_hung(Op::Unmount, &target.absolute());
         let mut state = self.inner.lock().unwrap();
-        state.calls.push(Call::Unmount(target.absolute()));
         match state.targets.get_mut(&target.absolute()) {
             Some(slot @ Some(_)) => {
                 *slot = None;
@@ -110,6 +150,23 @@ impl Mounter for FakeMounter {
             }
             _ => Err(MountError::Io {
                 op: "umount",
+                path: target.absolute(),
+                source: std::io::Error::from_raw_os_error(22),
+            }),
+        }
+    }
+
+    fn detach(&self, target: &ConfinedPath) -> Result<(), MountError> {
+        // Like MNT_DETACH: never waits, even on a hung path.
+        let mut state = self.inner.lock().unwrap();
+        state.calls.push(Call::Detach(target.absolute()));
+        match state.targets.get_mut(&target.absolute()) {
+            Some(slot @ Some(_)) => {
+                *slot = None;
+                Ok(())
+            }
+            _ => Err(MountError::Io {
+                op: "umount -l",
                 path: target.absolute(),
                 source: std::io::Error::from_raw_os_error(22),
             }),

@@ -289,6 +289,15 @@ impl Mounter for LinuxMounter {
             .map_err(|e| io("umount", target.absolute(), e))
     }
 
+    fn detach(&self, target: &ConfinedPath) -> Result<(), MountError> {
+        let parent = open_parent(target)?;
+        unmount(
+            fd_path(&parent, target.leaf()),
+            UnmountFlags::NOFOLLOW | UnmountFlags::DETACH,
+        )
+        .map_err(|e| io("umount -l", target.absolute(), e))
+    }
+
     fn remove_target(&self, target: &ConfinedPath) -> Result<(), MountError> {
         let parent = match open_parent(target) {
             Ok(p) => p,
@@ -313,5 +322,41 @@ impl Mounter for LinuxMounter {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::symlink_metadata(dir)?;
         Ok((meta.dev(), meta.ino()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detach_removes_a_bind_mount_without_following_symlinks() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root for mount(2)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (kubelet, source) = (dir.path().join("kubelet"), dir.path().join("source"));
+        std::fs::create_dir_all(kubelet.join("pod")).unwrap();
+        std::fs::create_dir_all(&source).unwrap();
+        let raw = kubelet.join("pod/mount");
+        let target = ConfinedPath::new(&kubelet, raw.to_str().unwrap()).unwrap();
+        let m = LinuxMounter;
+        m.bind(&source, &target, &MountOptions::default()).unwrap();
+        assert!(m.inspect(&target).unwrap().unwrap().is_mount_point);
+        m.detach(&target).unwrap();
+        assert!(!m.inspect(&target).unwrap().unwrap().is_mount_point);
+        // Nothing mounted any more: reported, not silently accepted.
+        assert!(m.detach(&target).is_err());
+        m.remove_target(&target).unwrap();
+        // A symlink planted at the target is refused, not followed to the mount it points at.
+        let other =
+            ConfinedPath::new(&kubelet, kubelet.join("pod/other").to_str().unwrap()).unwrap();
+        m.bind(&source, &other, &MountOptions::default()).unwrap();
+        std::os::unix::fs::symlink(kubelet.join("pod/other"), &raw).unwrap();
+        assert!(m.detach(&target).is_err());
+        assert!(m.inspect(&other).unwrap().unwrap().is_mount_point);
+        m.unmount(&other).unwrap();
+        m.remove_target(&other).unwrap();
     }
 }

@@ -12,8 +12,28 @@ pub mod mountinfo;
 pub mod paths;
 
 use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
 
 pub use paths::{ConfinedPath, PathError};
+
+/// Runs `work` on its own thread and waits at most `timeout` for its result. `None` means it
+/// did not finish in time; the thread is left to finish (or hang) on its own. A syscall stuck on
+/// a dead network filesystem cannot be cancelled, so this is how callers stay responsive: the
+/// stuck thread is a plain OS thread, not one of the runtime's bounded blocking-pool threads.
+pub fn with_timeout<T: Send + 'static>(
+    timeout: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("k8scsi-mount-io".into())
+        .spawn(move || {
+            let _ = tx.send(work());
+        })
+        .ok()?;
+    rx.recv_timeout(timeout).ok()
+}
 
 /// What is found at a confined path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,6 +122,13 @@ pub enum MountError {
     /// The path is not a mount point but holds files; we do not delete what we did not create.
     #[error("{path} is not a mount point and is not empty; leaving it alone")]
     NotEmpty { path: PathBuf },
+    /// A call on the path did not return in time (a dead server behind it, usually).
+    #[error("{op} {path} did not finish within {timeout:?}")]
+    TimedOut {
+        op: &'static str,
+        path: PathBuf,
+        timeout: Duration,
+    },
     /// Any other system call failure.
     #[error("{op} {path}: {source}")]
     Io {
@@ -138,6 +165,10 @@ pub trait Mounter: Send + Sync + 'static {
 
     /// Unmounts whatever is mounted on `target` (one layer).
     fn unmount(&self, target: &ConfinedPath) -> Result<(), MountError>;
+
+    /// Detaches whatever is mounted on `target` lazily (`MNT_DETACH`): it leaves the namespace
+    /// at once without waiting for the filesystem, and is released once nothing uses it.
+    fn detach(&self, target: &ConfinedPath) -> Result<(), MountError>;
 
     /// Removes the (empty, unmounted) target directory; a missing one is fine.
     fn remove_target(&self, target: &ConfinedPath) -> Result<(), MountError>;

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustix::mount::UnmountFlags;
@@ -26,21 +26,7 @@ use crate::mount::mountinfo;
 /// How long a mount or unmount of a share may take by default.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Runs `work` on its own thread and waits at most `timeout` for its result. `None` means it
-/// did not finish in time; the thread is left to finish (or hang) on its own.
-pub fn with_timeout<T: Send + 'static>(
-    timeout: Duration,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Option<T> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("k8scsi-share-io".into())
-        .spawn(move || {
-            let _ = tx.send(work());
-        })
-        .ok()?;
-    rx.recv_timeout(timeout).ok()
-}
+pub use crate::mount::with_timeout;
 
 /// Why running a command failed.
 #[derive(Debug, thiserror::Error)]
@@ -351,7 +337,7 @@ mod tests {
 
     #[test]
     fn work_that_overruns_is_abandoned() {
-        let (tx, rx) = mpsc::channel::<()>();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
         // Blocks until the test lets it go, like an unmount stuck on a dead server.
         let result = with_timeout(Duration::from_millis(100), move || {
             let _ = rx.recv();
