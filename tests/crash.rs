@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::fault::{Rng, env_u64};
 use common::{Driver, create_request};
 use k8scsi::csi::proto::controller_client::ControllerClient;
 use k8scsi::csi::proto::{DeleteVolumeRequest, ListVolumesRequest};
@@ -32,41 +33,6 @@ const VOLUME_BYTES: i64 = 1 << 20;
 const LIVE_PER_WORKER: usize = 24;
 /// Page size for ListVolumes, small so that paging is exercised.
 const PAGE: i32 = 7;
-
-/// splitmix64: small, seedable, good enough to pick operations and kill points.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> Option<&'a T> {
-        if items.is_empty() {
-            None
-        } else {
-            Some(&items[self.below(items.len() as u64) as usize])
-        }
-    }
-}
-
-fn env_u64(key: &str) -> Option<u64> {
-    let raw = std::env::var(key).ok()?;
-    let raw = raw.trim();
-    let parsed = match raw.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => raw.parse(),
-    };
-    Some(parsed.unwrap_or_else(|e| panic!("{key}={raw:?}: {e}")))
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {

@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use common::Driver;
+use common::fault::{Rng, env_u64};
 use k8scsi::client::mount_capability;
 use k8scsi::csi::proto::controller_client::ControllerClient;
 use k8scsi::csi::proto::node_client::NodeClient;
@@ -48,33 +49,6 @@ const SLOTS: usize = 3;
 const MIB: i64 = 1 << 20;
 /// Generous: the box is loaded and mkfs/losetup are slow there.
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// splitmix64: small and seedable.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-fn env_u64(key: &str) -> Option<u64> {
-    let raw = std::env::var(key).ok()?;
-    let raw = raw.trim();
-    let parsed = match raw.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16),
-        None => raw.parse(),
-    };
-    Some(parsed.unwrap_or_else(|e| panic!("{key}={raw:?}: {e}")))
-}
 
 /// What a volume is. Each kind knows how it is created and what it leaves on the node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

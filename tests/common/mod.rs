@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod fault;
 pub mod share;
 
 use std::path::{Path, PathBuf};
