@@ -8,21 +8,23 @@
 //! is harmless).
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::time::Duration;
 
 use super::BackendError;
+use super::shared::mounts::{CommandError, run_with_timeout};
 use crate::mount::mountinfo;
 
+/// How long `fsfreeze` may take: freezing flushes the filesystem, and a filesystem whose
+/// device or server is dead never finishes; the command is killed then and the snapshot fails
+/// instead of holding the volume (and a blocking thread) for ever.
+pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
+
 fn fsfreeze(flag: &str, mount_point: &Path) -> Result<(), String> {
-    let output = Command::new("fsfreeze")
-        .arg(flag)
-        .arg(mount_point)
-        .output()
-        .map_err(|e| format!("running fsfreeze: {e}"))?;
-    if output.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&output.stderr).trim().to_string())
+    let args = [flag.to_string(), mount_point.to_string_lossy().into_owned()];
+    match run_with_timeout("fsfreeze", &args, FREEZE_TIMEOUT) {
+        Ok(()) => Ok(()),
+        Err(CommandError::Failed { stderr, .. }) => Err(stderr),
+        Err(other) => Err(other.to_string()),
     }
 }
 

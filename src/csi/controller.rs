@@ -162,7 +162,11 @@ impl Controller for ControllerService {
         handle("ListVolumes", &r.starting_token.clone(), async {
             let max = usize::try_from(r.max_entries)
                 .map_err(|_| Error::invalid("max_entries", "must not be negative"))?;
-            let page = self.engine.list_volumes(max, &r.starting_token)?;
+            // Blocking: each volume's storage is checked (bounded by the mount timeout).
+            let (engine, token) = (self.engine.clone(), r.starting_token.clone());
+            let page = tokio::task::spawn_blocking(move || engine.list_volumes(max, &token))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
             let entries = page
                 .entries
                 .into_iter()
@@ -332,7 +336,10 @@ impl Controller for ControllerService {
     ) -> Result<Response<proto::ControllerGetVolumeResponse>, Status> {
         let r = request.into_inner();
         handle("ControllerGetVolume", &r.volume_id.clone(), async {
-            let (volume, status) = self.engine.get_volume(&r.volume_id)?;
+            let (engine, id) = (self.engine.clone(), r.volume_id.clone());
+            let (volume, status) = tokio::task::spawn_blocking(move || engine.get_volume(&id))
+                .await
+                .map_err(|e| Error::Internal(e.to_string()))??;
             Ok(proto::ControllerGetVolumeResponse {
                 volume: Some(convert::volume(volume)),
                 status: Some(proto::controller_get_volume_response::VolumeStatus {

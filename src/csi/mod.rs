@@ -66,7 +66,9 @@ pub fn status(error: Error) -> Status {
         Error::Mount(MountError::ParentMissing { .. }) => Code::NotFound,
         Error::Mount(MountError::NotEmpty { .. }) => Code::FailedPrecondition,
         // The kubelet retries UNAVAILABLE; the filesystem may come back.
-        Error::Mount(MountError::TimedOut { .. }) => Code::Unavailable,
+        Error::Mount(MountError::TimedOut { .. } | MountError::StillHung { .. }) => {
+            Code::Unavailable
+        }
         Error::Mount(MountError::Io { .. }) | Error::Store(_) | Error::Internal(_) => {
             Code::Internal
         }

@@ -24,7 +24,7 @@ pub use error::{Error, Result};
 pub use reconcile::ReconcileReport;
 
 use crate::backend::{Backend, VolumeOptions};
-use crate::mount::Mounter;
+use crate::mount::{Hung, MountError, Mounter, Probes};
 use crate::store::{Mutation, Store, VolumeRecord};
 use ids::{IdError, VolumeId};
 use locks::{InFlight, InFlightGuard};
@@ -59,6 +59,8 @@ pub struct Engine {
     backends: BTreeMap<&'static str, Arc<dyn Backend>>,
     mounter: Arc<dyn Mounter>,
     in_flight: Arc<InFlight>,
+    /// Bounded calls on volume and target paths; remembers which ones hang.
+    probes: Arc<Probes>,
 }
 
 /// Runs blocking filesystem work off the async threads.
@@ -83,6 +85,7 @@ impl Engine {
             backends: backends.into_iter().map(|b| (b.name(), b)).collect(),
             mounter,
             in_flight: Arc::new(InFlight::default()),
+            probes: Arc::new(Probes::default()),
         }
     }
 
@@ -92,6 +95,29 @@ impl Engine {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The bounded-call registry: which volume and target paths hang.
+    pub fn probes(&self) -> &Arc<Probes> {
+        &self.probes
+    }
+
+    /// Runs `work` (which touches `path`) off the async threads, waiting at most the mount
+    /// timeout; a call on a path that is still hung from before is not started again.
+    async fn bounded<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        path: PathBuf,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<std::result::Result<T, MountError>> {
+        let (probes, timeout) = (self.probes.clone(), self.config.mount_timeout);
+        blocking(move || {
+            let key = path.to_string_lossy().into_owned();
+            Ok(probes
+                .run(&key, timeout, work)
+                .map_err(|hung| hung.error(op, path, timeout)))
+        })
+        .await
     }
 
     /// The backend a StorageClass names.
@@ -452,12 +478,52 @@ impl Engine {
         Ok(())
     }
 
-    fn status_of(&self, record: &VolumeRecord) -> Result<VolumeStatus> {
+    /// Whether the storage of each record exists, each check bounded by the mount timeout on
+    /// one worker thread (a hung volume costs one timeout once, then is skipped while its
+    /// check stays blocked), so one dead filesystem cannot stall a whole ListVolumes.
+    fn check_storage(
+        &self,
+        records: &[VolumeRecord],
+    ) -> Result<Vec<std::result::Result<std::result::Result<bool, String>, Hung>>> {
+        let mut items = Vec::with_capacity(records.len());
+        for record in records {
+            let id = VolumeId::parse(&record.id)
+                .map_err(|e| Error::Internal(format!("stored volume ID: {e}")))?;
+            let backend = self.backend_of(&id)?;
+            let key = backend.volume_path(&id).to_string_lossy().into_owned();
+            items.push((key, (backend, id)));
+        }
+        Ok(self.probes.run_each(
+            items,
+            self.config.mount_timeout,
+            Arc::new(|(backend, id): (Arc<dyn Backend>, VolumeId)| {
+                backend.exists(&id).map_err(|e| e.to_string())
+            }),
+        ))
+    }
+
+    fn status_of(
+        &self,
+        record: &VolumeRecord,
+        exists: std::result::Result<std::result::Result<bool, String>, Hung>,
+    ) -> Result<VolumeStatus> {
         let id = VolumeId::parse(&record.id)
             .map_err(|e| Error::Internal(format!("stored volume ID: {e}")))?;
         let published = !self.store.publications(&record.id)?.is_empty();
         let backend = self.backend_of(&id)?;
-        let condition = match backend.exists(&id) {
+        let timeout = self.config.mount_timeout;
+        let exists = match exists {
+            Ok(result) => result,
+            Err(Hung::TimedOut) => Err(format!(
+                "{} did not answer within {timeout:?} (hung filesystem?)",
+                backend.volume_path(&id).display()
+            )),
+            Err(Hung::Still) => Err(format!(
+                "{} has not answered for over {timeout:?} (hung filesystem?)",
+                backend.volume_path(&id).display()
+            )),
+        };
+        let condition = match exists {
             Ok(true) if !backend.can_enforce_capacity() && !backend.node_local() => Condition {
                 abnormal: false,
                 message: "volume is healthy; its capacity is recorded, not enforced (shared \
@@ -489,7 +555,14 @@ impl Engine {
             .store
             .volume(id.as_str())?
             .ok_or_else(|| Error::VolumeNotFound(raw_id.to_string()))?;
-        Ok((self.volume_from_record(&record)?, self.status_of(&record)?))
+        let exists = self
+            .check_storage(std::slice::from_ref(&record))?
+            .pop()
+            .unwrap_or(Err(Hung::TimedOut));
+        Ok((
+            self.volume_from_record(&record)?,
+            self.status_of(&record, exists)?,
+        ))
     }
 
     /// ListVolumes. Tokens are creation sequence numbers, so they survive concurrent creates
@@ -511,8 +584,12 @@ impl Engine {
         };
         let (records, next) = self.store.list_volumes(from, max)?;
         let mut entries = Vec::with_capacity(records.len());
-        for record in &records {
-            entries.push((self.volume_from_record(record)?, self.status_of(record)?));
+        let checked = self.check_storage(&records)?;
+        for (record, exists) in records.iter().zip(checked) {
+            entries.push((
+                self.volume_from_record(record)?,
+                self.status_of(record, exists)?,
+            ));
         }
         Ok(VolumePage {
             entries,

@@ -1,8 +1,10 @@
 //! The node half of the engine: publishing volumes at kubelet paths, unpublishing them, and
 //! reporting their usage and health.
 
+use std::path::PathBuf;
+
 use crate::backend::PublishSource;
-use crate::mount::{ConfinedPath, MountError, PathState, with_timeout};
+use crate::mount::{ConfinedPath, MountError, PathState};
 use crate::store::{Mutation, PublicationRecord};
 
 use super::error::{Error, Result};
@@ -29,19 +31,101 @@ impl Engine {
             .and_then(|p| ConfinedPath::new(&self.config.kubelet_dir, &p.path).ok()))
     }
 
-    /// Whether `state` shows the volume (a bind mount of what it publishes).
-    pub(super) fn shows_volume(&self, id: &VolumeId, state: &PathState) -> bool {
-        let Ok(backend) = self.backend_of(id) else {
-            return false;
-        };
+    /// What the volume is published from (its directory, staging path or device), if known.
+    fn source_of(&self, id: &VolumeId) -> Option<PathBuf> {
+        let backend = self.backend_of(id).ok()?;
         let staging = self.staging_of(id).ok().flatten();
         backend
             .publish_source(id, staging.as_ref())
             .ok()
-            .and_then(|source| self.mounter.identity(source.path()).ok())
-            .is_some_and(|(dev, ino)| state.dev == dev && state.ino == ino)
+            .map(|source| source.path().to_path_buf())
     }
 
+    /// Whether `state` shows the volume (a bind mount of what it publishes). The source is
+    /// stat'ed, which blocks when its filesystem hangs: bounded by the mount timeout.
+    pub(super) fn shows_volume(
+        &self,
+        id: &VolumeId,
+        state: &PathState,
+    ) -> std::result::Result<bool, MountError> {
+        let Some(source) = self.source_of(id) else {
+            return Ok(false);
+        };
+        let (m, p) = (self.mounter.clone(), source.clone());
+        let timeout = self.config.mount_timeout;
+        self.probes
+            .run(&source.to_string_lossy(), timeout, move || {
+                m.identity(&p).ok()
+            })
+            .map(|found| found.is_some_and(|(dev, ino)| state.dev == dev && state.ino == ino))
+            .map_err(|hung| hung.error("stat", source, timeout))
+    }
+
+    /// [`Engine::shows_volume`] off the async threads.
+    async fn shows_volume_async(
+        &self,
+        id: &VolumeId,
+        state: &PathState,
+    ) -> Result<std::result::Result<bool, MountError>> {
+        let Some(source) = self.source_of(id) else {
+            return Ok(Ok(false));
+        };
+        let (m, p, state) = (self.mounter.clone(), source.clone(), *state);
+        Ok(self
+            .bounded("stat", source, move || m.identity(&p).ok())
+            .await?
+            .map(|found| found.is_some_and(|(dev, ino)| state.dev == dev && state.ino == ino)))
+    }
+
+    /// What is at `path`, bounded by the mount timeout (the outer error says it hung).
+    async fn inspect_bounded(
+        &self,
+        path: &ConfinedPath,
+    ) -> Result<std::result::Result<std::result::Result<Option<PathState>, MountError>, MountError>>
+    {
+        let (m, p) = (self.mounter.clone(), path.clone());
+        self.bounded("statx", path.absolute(), move || m.inspect(&p))
+            .await
+    }
+
+    /// Takes down the mounts at a recorded `path` of ours whose filesystem hangs: each hung
+    /// layer is detached lazily (`MNT_DETACH`: gone from the namespace at once, released by
+    /// the kernel once the blocked calls return), layers that answer are unmounted normally.
+    /// Leaves the path unmounted but in place.
+    async fn take_down_hung(&self, path: &ConfinedPath, volume: &str) -> Result<()> {
+        let key = path.absolute().to_string_lossy().into_owned();
+        let mut top_hung = true;
+        // A few layers at most in practice (a bind under a dead mount); the bound only stops a
+        // pathological stack from looping for ever.
+        for _ in 0..8 {
+            if top_hung {
+                tracing::warn!(path = %path, volume, timeout = ?self.config.mount_timeout,
+                    "the filesystem at this path does not answer; detaching it lazily (MNT_DETACH)");
+                let (m, p) = (self.mounter.clone(), path.clone());
+                blocking(move || Ok(m.detach(&p)?)).await?;
+                // The path now leads to what was below the hung mount: probe it afresh.
+                self.probes.forget(&key);
+            }
+            // The mount table, not a stat of the path: it never touches the filesystems.
+            if !listed_as_mount_point(&path.absolute())? {
+                return Ok(());
+            }
+            let (m, p) = (self.mounter.clone(), path.clone());
+            match self
+                .bounded("umount", path.absolute(), move || m.unmount(&p))
+                .await?
+            {
+                Ok(result) => {
+                    result?;
+                    top_hung = false;
+                }
+                Err(_hung) => top_hung = true,
+            }
+        }
+        Err(Error::Precondition(format!(
+            "{path} still holds mounts after taking down 8 layers; leaving it"
+        )))
+    }
     /// NodeStageVolume: prepares the volume at the staging path (for loop volumes: attach the
     /// image and mount its filesystem there). Idempotent.
     pub async fn stage(
@@ -122,8 +206,30 @@ impl Engine {
             )));
         }
         let recorded = publications.contains_key(&staging.as_string());
+        if backend.stages_mounts() {
+            // The backend inspects and unmounts the staging path, which blocks for as long as
+            // a dead filesystem there does not answer: look first, within the timeout.
+            match self.inspect_bounded(&staging).await? {
+                Ok(Err(MountError::ParentMissing { .. })) | Ok(_) => {}
+                Err(hung) if !recorded => return Err(hung.into()),
+                Err(_hung) => self.take_down_hung(&staging, id.as_str()).await?,
+            }
+        }
         let (mounter, s, i) = (self.mounter.clone(), staging.clone(), id.clone());
-        blocking(move || Ok(backend.unstage(&i, &s, mounter.as_ref())?)).await?;
+        // Backends bound their own unmounts (the shared backend detaches after the timeout):
+        // give them room for that, but never wait for ever.
+        let (probes, timeout) = (self.probes.clone(), self.config.mount_timeout * 2);
+        let key = staging.absolute().to_string_lossy().into_owned();
+        let abs = staging.absolute();
+        blocking(move || {
+            match probes.run(&key, timeout, move || {
+                backend.unstage(&i, &s, mounter.as_ref())
+            }) {
+                Ok(result) => Ok(result?),
+                Err(hung) => Err(hung.error("unstage", abs, timeout).into()),
+            }
+        })
+        .await?;
         if recorded {
             self.forget_publication(&id, &staging).await?;
         }
@@ -238,12 +344,13 @@ impl Engine {
 
         let mounter = self.mounter.clone();
         let source = backend.publish_source(&id, staging.as_ref())?;
-        let state = {
-            let (m, t) = (mounter.clone(), target.clone());
-            blocking(move || Ok(m.inspect(&t)?)).await?
+        let state = self.inspect_bounded(&target).await???;
+        let shown = match &state {
+            Some(state) if state.is_mount_point => self.shows_volume_async(&id, state).await??,
+            _ => false,
         };
         match state {
-            Some(state) if state.is_mount_point && self.shows_volume(&id, &state) => {
+            Some(_) if shown => {
                 // Already mounted (a repeated call, or a crash before the record was written).
             }
             Some(state) if state.is_mount_point => {
@@ -259,7 +366,10 @@ impl Engine {
             }
             _ => {
                 let t = target.clone();
-                blocking(move || Ok(mounter.bind(source.path(), &t, &options)?)).await?;
+                self.bounded("bind", target.absolute(), move || {
+                    mounter.bind(source.path(), &t, &options)
+                })
+                .await???;
             }
         }
         if publications.get(&wanted.path) != Some(&wanted) {
@@ -286,36 +396,21 @@ impl Engine {
                 .contains_key(&target.as_string()),
             None => false,
         };
-        let mounter = self.mounter.clone();
-        let timeout = self.config.mount_timeout;
         // Both the inspection (a statx of the target) and the unmount block for as long as a
-        // dead server behind the target does not answer: each gets `timeout`, on a thread of
-        // its own so a stuck one does not hold a blocking-pool thread either.
-        let inspected = {
-            let (m, t) = (mounter.clone(), target.clone());
-            blocking(move || Ok(with_timeout(timeout, move || m.inspect(&t)))).await?
-        };
-        let state = match inspected {
+        // dead server behind the target does not answer: each gets the mount timeout, on a
+        // worker thread of its own, and a target still hung from an earlier call is not
+        // touched again.
+        let state = match self.inspect_bounded(&target).await? {
             // The kubelet may already have removed the pod directory: nothing to undo.
-            Some(Err(MountError::ParentMissing { .. })) => None,
-            Some(other) => other?,
-            None => {
+            Ok(Err(MountError::ParentMissing { .. })) => None,
+            Ok(other) => other?,
+            Err(hung) => {
                 let Some(id) = id.as_ref().filter(|_| recorded) else {
                     // Not known to be ours: never detach a stranger's mount on a guess.
-                    return Err(Error::Mount(MountError::TimedOut {
-                        op: "statx",
-                        path: target.absolute(),
-                        timeout,
-                    }));
+                    return Err(hung.into());
                 };
-                tracing::warn!(target = %target, volume = %id, ?timeout,
-                    "inspecting the publish target hung; detaching it lazily (MNT_DETACH)");
-                let t = target.clone();
-                blocking(move || {
-                    mounter.detach(&t)?;
-                    Ok(mounter.remove_target(&t)?)
-                })
-                .await?;
+                self.take_down_hung(&target, id.as_str()).await?;
+                self.remove_target(&target).await?;
                 self.forget_publication(id, &target).await?;
                 return Ok(());
             }
@@ -324,26 +419,26 @@ impl Engine {
             if state.is_mount_point {
                 // A recorded publication is ours without looking at its source (which may sit
                 // on the same dead server).
-                if !recorded && !id.as_ref().is_some_and(|id| self.shows_volume(id, &state)) {
+                let ours = recorded
+                    || match &id {
+                        Some(id) => self.shows_volume_async(id, &state).await??,
+                        None => false,
+                    };
+                if !ours {
                     return Err(Error::Precondition(format!(
                         "{target} holds a mount that is not volume {raw_id}; leaving it alone"
                     )));
                 }
-                let (m, t) = (mounter.clone(), target.clone());
-                let unmounted =
-                    blocking(move || Ok(with_timeout(timeout, move || m.unmount(&t)))).await?;
-                match unmounted {
-                    Some(result) => result?,
-                    None => {
-                        tracing::warn!(target = %target, volume = raw_id, ?timeout,
-                            "unmount of the publish target hung; detaching it lazily (MNT_DETACH)");
-                        let (m, t) = (mounter.clone(), target.clone());
-                        blocking(move || Ok(m.detach(&t)?)).await?;
-                    }
+                let (m, t) = (self.mounter.clone(), target.clone());
+                match self
+                    .bounded("umount", target.absolute(), move || m.unmount(&t))
+                    .await?
+                {
+                    Ok(result) => result?,
+                    Err(_hung) => self.take_down_hung(&target, raw_id).await?,
                 }
             }
-            let t = target.clone();
-            blocking(move || Ok(mounter.remove_target(&t)?)).await?;
+            self.remove_target(&target).await?;
         }
         if recorded && let Some(id) = id {
             self.forget_publication(&id, &target).await?;
@@ -351,7 +446,17 @@ impl Engine {
         Ok(())
     }
 
-    /// NodeGetVolumeStats.
+    /// Removes an unmounted target (an rmdir or unlink in its parent, which is not on the
+    /// volume's filesystem).
+    async fn remove_target(&self, target: &ConfinedPath) -> Result<()> {
+        let (m, t) = (self.mounter.clone(), target.clone());
+        blocking(move || Ok(m.remove_target(&t)?)).await
+    }
+
+    /// NodeGetVolumeStats. Every look at the volume (its storage, the path, the publish
+    /// source, statvfs and the usage walk) is bounded by the mount timeout; a volume whose
+    /// filesystem does not answer is reported with an abnormal condition saying so (and no
+    /// usage) instead of holding the call.
     pub async fn stats(&self, raw_id: &str, raw_path: &str) -> Result<VolumeStats> {
         let id = Self::existing_id(raw_id)?;
         if raw_path.is_empty() {
@@ -368,39 +473,81 @@ impl Engine {
         };
         let record = self.store.volume(id.as_str())?;
         let backend = self.backend_of(&id)?;
-        let backing = backend.exists(&id)?;
+        let capacity = record.as_ref().map_or(0, |r| r.capacity_bytes);
+        let hung = |what: String, e: MountError| VolumeStats {
+            total_bytes: capacity,
+            used_bytes: 0,
+            available_bytes: 0,
+            total_inodes: 0,
+            used_inodes: 0,
+            available_inodes: 0,
+            condition: Condition::abnormal(format!("{what} is not answering: {e}")),
+        };
+        let (b, i) = (backend.clone(), id.clone());
+        let volume_path = backend.volume_path(&id);
+        let backing = match self
+            .bounded("stat", volume_path.clone(), move || b.exists(&i))
+            .await?
+        {
+            Ok(exists) => exists?,
+            Err(e) => {
+                return Ok(hung(
+                    format!("the backing storage {}", volume_path.display()),
+                    e,
+                ));
+            }
+        };
         if record.is_none() && !backing {
             return Err(Error::VolumeNotFound(id.to_string()));
         }
-        let recorded = self
-            .store
-            .publications(id.as_str())?
-            .contains_key(&path.as_string());
-        let state = {
-            let (m, p) = (self.mounter.clone(), path.clone());
-            blocking(move || Ok(m.inspect(&p)?)).await?
+        let publications = self.store.publications(id.as_str())?;
+        let recorded = publications.contains_key(&path.as_string());
+        let state = match self.inspect_bounded(&path).await? {
+            Ok(state) => state?,
+            Err(e) => return Ok(hung(format!("{path}"), e)),
         };
-        let shows = state.as_ref().is_some_and(|s| self.shows_volume(&id, s));
+        let shows = match &state {
+            Some(state) => match self.shows_volume_async(&id, state).await? {
+                Ok(shows) => shows,
+                Err(e) => return Ok(hung("the volume's source".to_string(), e)),
+            },
+            None => false,
+        };
         if !shows && !recorded {
             return Err(Error::NotFound(format!(
                 "volume {id} is not published at {path}"
             )));
         }
-        let published_readonly = self
-            .store
-            .publications(id.as_str())?
+        let published_readonly = publications
             .get(&path.as_string())
             .is_some_and(|p| p.readonly);
-        // A filesystem that turned read-only by itself (errors=remount-ro after an I/O error)
-        // while it was published writable is the failure operators most need to hear about.
-        let went_readonly = shows
-            && !published_readonly
-            && rustix::fs::statvfs(path.absolute())
-                .is_ok_and(|st| st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY));
+        let (at, i) = (path.absolute(), id.clone());
+        let measured = self
+            .bounded("statvfs", path.absolute(), move || {
+                // A filesystem that turned read-only by itself (errors=remount-ro after an I/O
+                // error) while it was published writable is the failure operators most need
+                // to hear about.
+                let went_readonly = shows
+                    && !published_readonly
+                    && rustix::fs::statvfs(&at)
+                        .is_ok_and(|st| st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY));
+                let fs = backend.capacity()?;
+                let usage = if backing {
+                    Some(backend.usage_at(&i, &at)?)
+                } else {
+                    None
+                };
+                Ok::<_, crate::backend::BackendError>((went_readonly, fs, usage))
+            })
+            .await?;
+        let (went_readonly, fs, usage) = match measured {
+            Ok(result) => result?,
+            Err(e) => return Ok(hung(format!("{path}"), e)),
+        };
         let condition = if !backing {
             Condition::abnormal(format!(
                 "backing storage {} is missing",
-                backend.volume_path(&id).display()
+                volume_path.display()
             ))
         } else if !shows {
             Condition::abnormal(format!(
@@ -414,17 +561,6 @@ impl Engine {
         } else {
             Condition::healthy()
         };
-        let at = path.absolute();
-        let (fs, usage) = blocking(move || {
-            let fs = backend.capacity()?;
-            let usage = if backing {
-                Some(backend.usage_at(&id, &at)?)
-            } else {
-                None
-            };
-            Ok((fs, usage))
-        })
-        .await?;
         let used_bytes = usage.map(|u| u.used_bytes).unwrap_or(0);
         let used_inodes = usage.map(|u| u.used_inodes).unwrap_or(0);
         let total_bytes = match record.map(|r| r.capacity_bytes) {
@@ -443,4 +579,11 @@ impl Engine {
             condition,
         })
     }
+}
+
+/// Whether the mount table lists something mounted at `path`.
+fn listed_as_mount_point(path: &std::path::Path) -> Result<bool> {
+    let table = crate::mount::mountinfo::read()
+        .map_err(|e| Error::Internal(format!("reading the mount table: {e}")))?;
+    Ok(table.iter().any(|e| e.mount_point == path))
 }

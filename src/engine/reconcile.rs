@@ -22,6 +22,9 @@ pub struct ReconcileReport {
     pub lost_publications: Vec<String>,
     /// Bind mounts of our volumes that no publication record explains.
     pub leftover_mounts: Vec<String>,
+    /// Recorded staging and publish paths (or their volumes' sources) whose filesystem did not
+    /// answer within the mount timeout (a dead server): neither lost nor confirmed.
+    pub unresponsive: Vec<String>,
 }
 
 impl ReconcileReport {
@@ -76,26 +79,51 @@ impl Engine {
                 let Ok(backend) = self.backend_of(&id) else {
                     continue;
                 };
+                let Ok(path) = ConfinedPath::new(&self.config.kubelet_dir, &publication.path)
+                else {
+                    continue;
+                };
+                // Staging mounts something only for some backends.
+                if publication.staging && !backend.stages_mounts() {
+                    continue;
+                }
+                // A dead filesystem at the path blocks the look: bounded, and a path still
+                // hung from the previous pass is not probed again.
+                let (m, p) = (self.mounter.clone(), path.clone());
+                let state = match self.probes.run(
+                    &path.absolute().to_string_lossy(),
+                    self.config.mount_timeout,
+                    move || m.inspect(&p),
+                ) {
+                    Ok(state) => state.ok().flatten(),
+                    Err(hung) => {
+                        let e = hung.error("statx", path.absolute(), self.config.mount_timeout);
+                        tracing::warn!(volume_id = %id, path = %publication.path, error = %e,
+                            "reconcile: the recorded path does not answer (hung filesystem?)");
+                        report.unresponsive.push(publication.path.clone());
+                        continue;
+                    }
+                };
                 if publication.staging {
-                    // Staging mounts something only for some backends.
-                    if backend.stages_mounts() {
-                        let mounted =
-                            ConfinedPath::new(&self.config.kubelet_dir, &publication.path)
-                                .ok()
-                                .and_then(|p| self.mounter.inspect(&p).ok().flatten())
-                                .is_some_and(|s| s.is_mount_point);
-                        if !mounted {
-                            tracing::warn!(volume_id = %id, path = %publication.path,
-                                "reconcile: recorded staging is not mounted (reboot?); the next NodeStageVolume restores it");
-                            report.lost_publications.push(publication.path.clone());
-                        }
+                    if !state.is_some_and(|s| s.is_mount_point) {
+                        tracing::warn!(volume_id = %id, path = %publication.path,
+                            "reconcile: recorded staging is not mounted (reboot?); the next NodeStageVolume restores it");
+                        report.lost_publications.push(publication.path.clone());
                     }
                     continue;
                 }
-                let shown = ConfinedPath::new(&self.config.kubelet_dir, &publication.path)
-                    .ok()
-                    .and_then(|p| self.mounter.inspect(&p).ok().flatten())
-                    .is_some_and(|s| s.is_mount_point && self.shows_volume(&id, &s));
+                let shown = match state {
+                    Some(s) if s.is_mount_point => match self.shows_volume(&id, &s) {
+                        Ok(shown) => shown,
+                        Err(e) => {
+                            tracing::warn!(volume_id = %id, path = %publication.path, error = %e,
+                                "reconcile: the volume's source does not answer (hung filesystem?)");
+                            report.unresponsive.push(publication.path.clone());
+                            continue;
+                        }
+                    },
+                    _ => false,
+                };
                 if !shown {
                     tracing::warn!(volume_id = %id, path = %publication.path,
                         "reconcile: recorded publication is not mounted (reboot?); the next NodePublishVolume restores it");
@@ -128,6 +156,7 @@ impl Engine {
             missing = report.missing_storage.len(),
             lost_publications = report.lost_publications.len(),
             leftover_mounts = report.leftover_mounts.len(),
+            unresponsive = report.unresponsive.len(),
             "reconcile finished"
         );
         Ok(report)

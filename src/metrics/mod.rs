@@ -343,6 +343,7 @@ impl Collector for SampledCollector {
                     reconcile.report.lost_publications.len(),
                 ),
                 ("leftover_mounts", reconcile.report.leftover_mounts.len()),
+                ("unresponsive", reconcile.report.unresponsive.len()),
             ] {
                 findings
                     .encode_family(&[("kind", kind)])?

@@ -141,15 +141,47 @@ pub fn sample_usage(
         .all_publications()
         .map_err(|e| format!("reading publications: {e}"))?
         .len() as u64;
+    // Each volume's walk is bounded by the mount timeout on a worker thread: a volume whose
+    // filesystem hangs costs one timeout, then is skipped (counted as an error) for as long as
+    // that walk stays blocked, so it neither stalls the other volumes' samples nor piles up a
+    // blocked thread every interval.
+    let items: Vec<(String, (Arc<dyn Backend>, VolumeId))> = records
+        .iter()
+        .filter_map(|record| {
+            let id = VolumeId::parse(&record.id).ok()?;
+            let backend = backends.iter().find(|b| b.name() == id.backend())?.clone();
+            let key = backend.volume_path(&id).to_string_lossy().into_owned();
+            Some((key, (backend, id)))
+        })
+        .collect();
+    let ids: Vec<String> = items.iter().map(|(_, (_, id))| id.to_string()).collect();
+    let measured = engine.probes().run_each(
+        items,
+        engine.config().mount_timeout,
+        Arc::new(|(backend, id): (Arc<dyn Backend>, VolumeId)| backend.usage(&id).ok()),
+    );
+    let mut used_of: std::collections::HashMap<String, Usage> = Default::default();
+    let mut hung = 0u64;
+    for (id, result) in ids.into_iter().zip(measured) {
+        match result {
+            Ok(Some(usage)) => {
+                used_of.insert(id, usage);
+            }
+            Ok(None) => {}
+            Err(_) => hung += 1,
+        }
+    }
+    if hung > 0 {
+        tracing::warn!(
+            hung,
+            blocked_threads = engine.probes().blocked_threads(),
+            "usage sample: volumes whose filesystem does not answer were skipped"
+        );
+    }
     let mut errors = 0;
     let mut volumes = Vec::with_capacity(records.len());
     for record in records {
-        let used = VolumeId::parse(&record.id).ok().and_then(|id| {
-            backends
-                .iter()
-                .find(|b| b.name() == id.backend())
-                .and_then(|b| b.usage(&id).ok())
-        });
+        let used = used_of.remove(&record.id);
         errors += u64::from(used.is_none());
         let mut metadata = record.metadata;
         volumes.push(VolumeSample {
@@ -258,9 +290,12 @@ impl Sampler {
         let report = self.health.check().await;
         let (backends, data_dir) = (self.backends.clone(), self.data_dir.clone());
         let names: Vec<&'static str> = backends.iter().map(|b| b.name()).collect();
-        let checked = tokio::time::timeout(
-            crate::health::CHECK_TIMEOUT,
-            tokio::task::spawn_blocking(move || {
+        let probes = self.engine.probes().clone();
+        // Bounded through the probes, so a hung data directory keeps one check blocked, not
+        // one more every interval.
+        let checked = tokio::task::spawn_blocking(move || {
+            let key = format!("health:{}", data_dir.display());
+            probes.run(&key, crate::health::CHECK_TIMEOUT, move || {
                 let writable = crate::health::filesystem_problem("data", &data_dir).is_none();
                 backends
                     .iter()
@@ -273,8 +308,8 @@ impl Sampler {
                         }
                     })
                     .collect::<Vec<_>>()
-            }),
-        )
+            })
+        })
         .await;
         let backends = match checked {
             Ok(Ok(result)) => result,

@@ -10,12 +10,14 @@ pub mod fake;
 pub mod linux;
 pub mod mountinfo;
 pub mod paths;
+pub mod probe;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::Duration;
 
 pub use paths::{ConfinedPath, PathError};
+pub use probe::{Hung, Probes};
 
 /// Runs `work` on its own thread and waits at most `timeout` for its result. `None` means it
 /// did not finish in time; the thread is left to finish (or hang) on its own. A syscall stuck on
@@ -33,6 +35,16 @@ pub fn with_timeout<T: Send + 'static>(
         })
         .ok()?;
     rx.recv_timeout(timeout).ok()
+}
+
+impl Hung {
+    /// The mount error saying that `op` on `path` hung.
+    pub fn error(self, op: &'static str, path: PathBuf, timeout: Duration) -> MountError {
+        match self {
+            Hung::TimedOut => MountError::TimedOut { op, path, timeout },
+            Hung::Still => MountError::StillHung { op, path, timeout },
+        }
+    }
 }
 
 /// What is found at a confined path.
@@ -125,6 +137,17 @@ pub enum MountError {
     /// A call on the path did not return in time (a dead server behind it, usually).
     #[error("{op} {path} did not finish within {timeout:?}")]
     TimedOut {
+        op: &'static str,
+        path: PathBuf,
+        timeout: Duration,
+    },
+    /// An earlier call on the path hung and is still blocked, so no new one was started (each
+    /// would block the same way and pin one more thread).
+    #[error(
+        "{op} {path}: an earlier call on it has not returned for over {timeout:?}; the \
+             filesystem behind it is not answering"
+    )]
+    StillHung {
         op: &'static str,
         path: PathBuf,
         timeout: Duration,

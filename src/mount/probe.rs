@@ -1,0 +1,294 @@
+//! Bounded calls on paths that may hang.
+//!
+//! A system call on a filesystem whose server is dead (NFS, FUSE) can block for ever and
+//! cannot be cancelled. [`Probes`] runs such calls on plain worker threads and waits for each
+//! at most a timeout. A call that overruns is abandoned (its thread stays blocked in the
+//! kernel) and its key (the path it touched) is remembered as hung: until that thread returns,
+//! further calls on the key answer [`Hung::Still`] at once instead of starting yet another
+//! thread that would block the same way. So one dead mount costs at most one blocked thread,
+//! however often the kubelet, the metrics sampler or reconciliation ask about it, and calls on
+//! other keys never wait for it. The bookkeeping mutex is never held across I/O.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Why a bounded call has no result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hung {
+    /// The call did not return within the timeout; it was abandoned.
+    TimedOut,
+    /// An earlier call on the same key is still blocked; nothing was started.
+    Still,
+}
+
+/// Threads blocked on hung keys.
+#[derive(Debug, Default)]
+pub struct Probes {
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Abandoned, still blocked calls per key.
+    stuck: HashMap<String, usize>,
+    /// Abandoned calls whose key was [`Probes::forget`]ten (the hung mount was detached).
+    orphaned: usize,
+}
+
+/// What a worker thread and its waiter share about the item in hand.
+#[derive(Debug, Default)]
+struct Worker {
+    /// Index of the item the worker is running.
+    current: Option<usize>,
+    /// The waiter gave up on the current item; the worker must stop after it.
+    abandoned: bool,
+}
+
+impl Probes {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether an abandoned call on `key` is still blocked.
+    pub fn is_hung(&self, key: &str) -> bool {
+        self.lock().stuck.contains_key(key)
+    }
+
+    /// Calls abandoned and still blocked, over all keys (for logs and metrics).
+    pub fn blocked_threads(&self) -> usize {
+        let state = self.lock();
+        state.stuck.values().sum::<usize>() + state.orphaned
+    }
+
+    /// Stops treating `key` as hung although its abandoned calls are still blocked: what hung
+    /// there was detached, so the path now leads somewhere else and may be probed again.
+    pub fn forget(&self, key: &str) {
+        let mut state = self.lock();
+        if let Some(n) = state.stuck.remove(key) {
+            state.orphaned += n;
+        }
+    }
+
+    /// An abandoned call on `key` returned.
+    fn release(&self, key: &str) {
+        let mut state = self.lock();
+        match state.stuck.get_mut(key) {
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                state.stuck.remove(key);
+            }
+            None => state.orphaned = state.orphaned.saturating_sub(1),
+        }
+    }
+
+    /// Runs `work` on a worker thread and waits at most `timeout` for it.
+    pub fn run<T: Send + 'static>(
+        self: &Arc<Self>,
+        key: &str,
+        timeout: Duration,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, Hung> {
+        let work = Mutex::new(Some(work));
+        let mut results = self.run_each(
+            vec![(key.to_string(), ())],
+            timeout,
+            Arc::new(move |()| {
+                let work = work
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .take()
+                    .expect("run_each calls the work once per item");
+                work()
+            }),
+        );
+        results.pop().unwrap_or(Err(Hung::TimedOut))
+    }
+
+    /// Runs `work` on every item in order, on one worker thread, giving each item at most
+    /// `timeout`. An item that overruns is abandoned with its thread and a fresh worker goes
+    /// on with the next; items whose key is already hung are not run. Results are in the
+    /// order of `items`.
+    pub fn run_each<I, T>(
+        self: &Arc<Self>,
+        items: Vec<(String, I)>,
+        timeout: Duration,
+        work: Arc<dyn Fn(I) -> T + Send + Sync>,
+    ) -> Vec<Result<T, Hung>>
+    where
+        I: Send + 'static,
+        T: Send + 'static,
+    {
+        let count = items.len();
+        let keys: Vec<String> = items.iter().map(|(k, _)| k.clone()).collect();
+        let mut results: Vec<Option<Result<T, Hung>>> = (0..count).map(|_| None).collect();
+        let mut pending: Vec<(usize, I)> = Vec::with_capacity(count);
+        {
+            let state = self.lock();
+            for (index, (key, item)) in items.into_iter().enumerate() {
+                if state.stuck.contains_key(&key) {
+                    results[index] = Some(Err(Hung::Still));
+                } else {
+                    pending.push((index, item));
+                }
+            }
+        }
+        // The queue is shared, so what an abandoned worker had not reached is still there for
+        // the next one.
+        let queue = Arc::new(Mutex::new(VecDeque::from(pending)));
+        while !queue.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
+            let (tx, rx) = mpsc::channel::<(usize, T)>();
+            let worker = Arc::new(Mutex::new(Worker::default()));
+            let (probes, w, work, keys_of, q) = (
+                self.clone(),
+                worker.clone(),
+                work.clone(),
+                keys.clone(),
+                queue.clone(),
+            );
+            let spawned = std::thread::Builder::new()
+                .name("k8scsi-probe".into())
+                .spawn(move || {
+                    loop {
+                        // Taken and marked current in one step, so a waiter never abandons an
+                        // item this worker has not started.
+                        let (index, item) = {
+                            let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+                            let Some((index, item)) =
+                                q.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+                            else {
+                                return;
+                            };
+                            w.current = Some(index);
+                            (index, item)
+                        };
+                        let result = work(item);
+                        let w = w.lock().unwrap_or_else(|p| p.into_inner());
+                        if w.abandoned {
+                            // The waiter counted this call as stuck; it no longer is.
+                            probes.release(&keys_of[index]);
+                            return;
+                        }
+                        // Sent while holding the worker lock, so a waiter that takes the lock
+                        // after its timeout sees this result rather than abandoning the item.
+                        if tx.send((index, result)).is_err() {
+                            return;
+                        }
+                    }
+                });
+            if spawned.is_err() {
+                // No thread: report what is left as timed out rather than run it here and risk
+                // blocking the caller.
+                break;
+            }
+            loop {
+                match rx.recv_timeout(timeout) {
+                    Ok((index, result)) => results[index] = Some(Ok(result)),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let mut w = worker.lock().unwrap_or_else(|p| p.into_inner());
+                        // A result may have landed between the timeout and taking the lock.
+                        if let Ok((index, result)) = rx.try_recv() {
+                            results[index] = Some(Ok(result));
+                            continue;
+                        }
+                        // Not started yet (a slow thread start on a loaded machine): wait on.
+                        let Some(index) = w.current else { continue };
+                        w.abandoned = true;
+                        // Counted while the worker lock is held, so the worker's release when
+                        // it returns always finds the count.
+                        *self.lock().stuck.entry(keys[index].clone()).or_insert(0) += 1;
+                        drop(w);
+                        results[index] = Some(Err(Hung::TimedOut));
+                        break;
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(Hung::TimedOut)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::Receiver;
+
+    /// A call that blocks until its gate is opened (dropping the sender opens it too).
+    fn gate() -> (mpsc::Sender<()>, Arc<Mutex<Receiver<()>>>) {
+        let (tx, rx) = mpsc::channel();
+        (tx, Arc::new(Mutex::new(rx)))
+    }
+
+    #[test]
+    fn a_hung_key_costs_one_thread_and_other_keys_still_answer() {
+        let probes = Arc::new(Probes::default());
+        let (open, shut) = gate();
+        let s = shut.clone();
+        let first = probes.run("a", Duration::from_millis(100), move || {
+            let _ = s.lock().unwrap().recv();
+            1
+        });
+        assert_eq!(first, Err(Hung::TimedOut));
+        assert!(probes.is_hung("a"));
+        assert_eq!(probes.blocked_threads(), 1);
+        // Asked again while the first call is blocked: refused at once, nothing started.
+        let started = std::time::Instant::now();
+        assert_eq!(
+            probes.run("a", Duration::from_secs(30), || 2),
+            Err(Hung::Still)
+        );
+        assert!(started.elapsed() < Duration::from_secs(10));
+        assert_eq!(probes.blocked_threads(), 1);
+        assert_eq!(probes.run("b", Duration::from_secs(30), || 3), Ok(3));
+        // The blocked call returns: the key is usable again.
+        open.send(()).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while probes.is_hung("a") {
+            assert!(std::time::Instant::now() < deadline, "release not seen");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(probes.blocked_threads(), 0);
+        assert_eq!(probes.run("a", Duration::from_secs(30), || 4), Ok(4));
+    }
+
+    #[test]
+    fn run_each_skips_past_a_hung_item_and_keeps_order() {
+        let probes = Arc::new(Probes::default());
+        let (open, shut) = gate();
+        let items: Vec<(String, u32)> = (0..5).map(|i| (format!("k{i}"), i)).collect();
+        let s = shut.clone();
+        let results = probes.run_each(
+            items.clone(),
+            Duration::from_millis(200),
+            Arc::new(move |i: u32| {
+                if i == 2 {
+                    let _ = s.lock().unwrap().recv();
+                }
+                i * 10
+            }),
+        );
+        assert_eq!(
+            results,
+            vec![Ok(0), Ok(10), Err(Hung::TimedOut), Ok(30), Ok(40)]
+        );
+        // The next pass does not wait for item 2 again.
+        let again = probes.run_each(items, Duration::from_secs(30), Arc::new(|i: u32| i));
+        assert_eq!(again, vec![Ok(0), Ok(1), Err(Hung::Still), Ok(3), Ok(4)]);
+        // Forgetting the key (its mount was detached) lets it be probed again at once.
+        probes.forget("k2");
+        assert!(!probes.is_hung("k2"));
+        assert_eq!(probes.blocked_threads(), 1);
+        assert_eq!(probes.run("k2", Duration::from_secs(30), || 7), Ok(7));
+        drop(open);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while probes.blocked_threads() > 0 {
+            assert!(std::time::Instant::now() < deadline, "release not seen");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
