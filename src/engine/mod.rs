@@ -481,10 +481,7 @@ impl Engine {
     /// Whether the storage of each record exists, each check bounded by the mount timeout on
     /// one worker thread (a hung volume costs one timeout once, then is skipped while its
     /// check stays blocked), so one dead filesystem cannot stall a whole ListVolumes.
-    fn check_storage(
-        &self,
-        records: &[VolumeRecord],
-    ) -> Result<Vec<std::result::Result<std::result::Result<bool, String>, Hung>>> {
+    fn check_storage(&self, records: &[VolumeRecord]) -> Result<Vec<StorageCheck>> {
         let mut items = Vec::with_capacity(records.len());
         for record in records {
             let id = VolumeId::parse(&record.id)
@@ -502,11 +499,7 @@ impl Engine {
         ))
     }
 
-    fn status_of(
-        &self,
-        record: &VolumeRecord,
-        exists: std::result::Result<std::result::Result<bool, String>, Hung>,
-    ) -> Result<VolumeStatus> {
+    fn status_of(&self, record: &VolumeRecord, exists: StorageCheck) -> Result<VolumeStatus> {
         let id = VolumeId::parse(&record.id)
             .map_err(|e| Error::Internal(format!("stored volume ID: {e}")))?;
         let published = !self.store.publications(&record.id)?.is_empty();
@@ -660,6 +653,9 @@ impl Engine {
         })
     }
 }
+
+/// Whether a volume's storage exists (or why that is unknown), or that the check hung.
+type StorageCheck = std::result::Result<std::result::Result<bool, String>, Hung>;
 
 /// The mount flags of the first mount capability (Kubernetes puts the StorageClass
 /// `mountOptions` there).

@@ -127,6 +127,9 @@ impl Sampled {
     }
 }
 
+/// A volume with the backend holding it.
+type VolumeOf = (Arc<dyn Backend>, VolumeId);
+
 /// Walks every recorded volume once, each with the backend its ID names.
 pub fn sample_usage(
     engine: &Engine,
@@ -145,7 +148,7 @@ pub fn sample_usage(
     // filesystem hangs costs one timeout, then is skipped (counted as an error) for as long as
     // that walk stays blocked, so it neither stalls the other volumes' samples nor piles up a
     // blocked thread every interval.
-    let items: Vec<(String, (Arc<dyn Backend>, VolumeId))> = records
+    let items: Vec<(String, VolumeOf)> = records
         .iter()
         .filter_map(|record| {
             let id = VolumeId::parse(&record.id).ok()?;
@@ -158,7 +161,7 @@ pub fn sample_usage(
     let measured = engine.probes().run_each(
         items,
         engine.config().mount_timeout,
-        Arc::new(|(backend, id): (Arc<dyn Backend>, VolumeId)| backend.usage(&id).ok()),
+        Arc::new(|(backend, id): VolumeOf| backend.usage(&id).ok()),
     );
     let mut used_of: std::collections::HashMap<String, Usage> = Default::default();
     let mut hung = 0u64;
