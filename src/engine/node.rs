@@ -77,6 +77,19 @@ impl Engine {
             .map(|found| found.is_some_and(|(dev, ino)| state.dev == dev && state.ino == ino)))
     }
 
+    /// Whether the volume's storage exists; a stat of it blocks when a dead filesystem is
+    /// mounted there, so it is bounded by the mount timeout.
+    async fn storage_exists(
+        &self,
+        backend: &std::sync::Arc<dyn crate::backend::Backend>,
+        id: &VolumeId,
+    ) -> Result<bool> {
+        let (b, i) = (backend.clone(), id.clone());
+        Ok(self
+            .bounded("stat", backend.volume_path(id), move || b.exists(&i))
+            .await???)
+    }
+
     /// What is at `path`, bounded by the mount timeout (the outer error says it hung).
     async fn inspect_bounded(
         &self,
@@ -144,7 +157,7 @@ impl Engine {
             .check_capability(&capability)
             .map_err(|reason| Error::invalid("volume_capability", reason))?;
         let _guard = self.lock(vec![format!("vol:{id}")])?;
-        if !backend.exists(&id)? {
+        if !self.storage_exists(&backend, &id).await? {
             return Err(Error::VolumeNotFound(id.to_string()));
         }
         let publications = self.store.publications(id.as_str())?;
@@ -304,7 +317,7 @@ impl Engine {
             .map_err(|reason| Error::invalid("volume_capability", reason))?;
 
         let _guard = self.lock(vec![format!("vol:{id}")])?;
-        if !backend.exists(&id)? {
+        if !self.storage_exists(&backend, &id).await? {
             return Err(Error::VolumeNotFound(id.to_string()));
         }
         if backend.stages_mounts() && staging.is_none() {
