@@ -643,3 +643,63 @@ async fn a_hung_unpublish_does_not_delay_another_volume() {
     );
     assert!(!f.mounter.calls().contains(&Call::Detach(abs_a)));
 }
+
+#[tokio::test]
+async fn stats_of_a_hung_target_report_abnormal_and_do_not_probe_it_again() {
+    let f = fixture_with_timeout(std::time::Duration::from_millis(300));
+    let v = f.engine.create_volume(create("pvc-h4", 0)).await.unwrap();
+    let w = f.engine.create_volume(create("pvc-h5", 0)).await.unwrap();
+    let (target, other) = (f.target("p1"), f.target("p2"));
+    for (id, t) in [(&v.id, &target), (&w.id, &other)] {
+        f.engine
+            .publish(f.publish(id, t, AccessMode::SingleNodeWriter, false))
+            .await
+            .unwrap();
+    }
+    let abs = PathBuf::from(&target);
+    f.mounter.hang(fake::Op::Inspect, &abs);
+    let stats = within(
+        "stats",
+        &f.mounter,
+        &abs,
+        f.engine.stats(v.id.as_str(), &target),
+    )
+    .await
+    .unwrap();
+    assert!(stats.condition.abnormal, "{:?}", stats.condition);
+    assert!(
+        stats.condition.message.contains("did not finish within"),
+        "{}",
+        stats.condition.message
+    );
+    assert_eq!(f.engine.probes().blocked_threads(), 1);
+    // Asked again while the first inspection is still blocked: no second thread.
+    let again = within(
+        "stats again",
+        &f.mounter,
+        &abs,
+        f.engine.stats(v.id.as_str(), &target),
+    )
+    .await
+    .unwrap();
+    assert!(
+        again.condition.message.contains("has not returned"),
+        "{}",
+        again.condition.message
+    );
+    assert_eq!(f.engine.probes().blocked_threads(), 1);
+    // The other volume is unaffected.
+    let fine = f.engine.stats(w.id.as_str(), &other).await.unwrap();
+    assert!(!fine.condition.abnormal, "{:?}", fine.condition);
+    f.mounter.release(&abs);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while f.engine.probes().blocked_threads() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the blocked call never returned"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let healed = f.engine.stats(v.id.as_str(), &target).await.unwrap();
+    assert!(!healed.condition.abnormal, "{:?}", healed.condition);
+}

@@ -164,7 +164,7 @@ impl Probes {
                             (index, item)
                         };
                         let result = work(item);
-                        let w = w.lock().unwrap_or_else(|p| p.into_inner());
+                        let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
                         if w.abandoned {
                             // The waiter counted this call as stuck; it no longer is.
                             probes.release(&keys_of[index]);
@@ -175,6 +175,9 @@ impl Probes {
                         if tx.send((index, result)).is_err() {
                             return;
                         }
+                        // Between items nothing is in hand: a waiter timing out now must not
+                        // blame the item just answered.
+                        w.current = None;
                     }
                 });
             if spawned.is_err() {
