@@ -246,6 +246,14 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
         .volume
         .unwrap()
         .volume_id;
+    let at_deleted = c
+        .create_volume(create("hung-deleted"))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
     let mut loop_request = create("hung-staging");
     loop_request.capacity_range = Some(proto::CapacityRange {
         required_bytes: 64 << 20,
@@ -280,6 +288,7 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
     hung.mount(Path::new(&target1));
     hung.mount(&d.data_dir().join("volumes").join(&at_backing));
     hung.mount(Path::new(&staging));
+    hung.mount(&d.data_dir().join("volumes").join(&at_deleted));
 
     // The calls on the hung volumes, all at once, each on its own connection.
     let bound = TIMEOUT + SLACK;
@@ -324,6 +333,24 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
                 })
                 .await
             })
+            .await
+        })
+    };
+    let delete = {
+        let (mut c, id) = (d.controller().await, at_deleted.clone());
+        // The removal gets twice the mount timeout (room for a backend's own mount).
+        tokio::spawn(async move {
+            timed(
+                "DeleteVolume of a hung backing directory",
+                bound + TIMEOUT,
+                async {
+                    c.delete_volume(proto::DeleteVolumeRequest {
+                        volume_id: id,
+                        secrets: Default::default(),
+                    })
+                    .await
+                },
+            )
             .await
         })
     };
@@ -465,6 +492,31 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
         .unwrap();
     assert!(condition.abnormal, "{}", condition.message);
 
+    let (result, took) = delete.await.unwrap();
+    println!("DeleteVolume of a hung backing directory: {}", ms(took));
+    let status = result.expect_err("a removal that hangs is reported");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(took >= TIMEOUT, "answered after {took:?}");
+    // Retried while the removal is still blocked: refused at once, the record kept.
+    let (result, took) = timed(
+        "DeleteVolume again",
+        bound,
+        c.delete_volume(proto::DeleteVolumeRequest {
+            volume_id: at_deleted.clone(),
+            secrets: Default::default(),
+        }),
+    )
+    .await;
+    println!(
+        "DeleteVolume again while the removal is blocked: {}",
+        ms(took)
+    );
+    assert_eq!(result.unwrap_err().code(), tonic::Code::Unavailable);
+    assert!(
+        took < TIMEOUT,
+        "the still-hung removal was started again: {took:?}"
+    );
+
     // Asked again while the first look is still blocked: answered at once, no new thread.
     let (result, took) = timed(
         "NodeGetVolumeStats again",
@@ -522,7 +574,7 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
     })
     .await
     .unwrap();
-    for id in [&at_target, &at_backing, &at_staging] {
+    for id in [&at_target, &at_backing, &at_staging, &at_deleted] {
         c.delete_volume(proto::DeleteVolumeRequest {
             volume_id: id.clone(),
             secrets: Default::default(),

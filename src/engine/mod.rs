@@ -469,7 +469,20 @@ impl Engine {
         let id2 = id.clone();
         // Storage first, record second: a crash in between leaves a record whose storage is
         // gone, and the retried DeleteVolume finishes the job.
-        blocking(move || Ok(backend.delete(&id2)?)).await?;
+        // Removing a tree on a dead filesystem blocks for ever: bounded (with room for a
+        // backend's own mount timeout), keyed like every other look at the volume's storage. An
+        // abandoned removal goes on in the background; retries answer UNAVAILABLE at once
+        // until it returns, then finish the job like the retry after a crash.
+        let path = backend.volume_path(&id);
+        let (probes, timeout) = (self.probes.clone(), self.config.mount_timeout * 2);
+        blocking(move || {
+            let key = path.to_string_lossy().into_owned();
+            match probes.run(&key, timeout, move || backend.delete(&id2)) {
+                Ok(result) => Ok(result?),
+                Err(hung) => Err(hung.error("remove", path, timeout).into()),
+            }
+        })
+        .await?;
         let mutations = match record {
             Some(_) => vec![Mutation::DeleteVolume { id: id.to_string() }],
             None => vec![],
