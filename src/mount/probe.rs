@@ -12,7 +12,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Why a bounded call has no result.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,8 +40,8 @@ struct State {
 /// What a worker thread and its waiter share about the item in hand.
 #[derive(Debug, Default)]
 struct Worker {
-    /// Index of the item the worker is running.
-    current: Option<usize>,
+    /// Index of the item the worker is running, and when it started.
+    current: Option<(usize, Instant)>,
     /// The waiter gave up on the current item; the worker must stop after it.
     abandoned: bool,
 }
@@ -106,10 +106,11 @@ impl Probes {
         results.pop().unwrap_or(Err(Hung::TimedOut))
     }
 
-    /// Runs `work` on every item in order, on one worker thread, giving each item at most
-    /// `timeout`. An item that overruns is abandoned with its thread and a fresh worker goes
-    /// on with the next; items whose key is already hung are not run. Results are in the
-    /// order of `items`.
+    /// Runs `work` on every item, on up to [`WORKERS`] worker threads, giving each item at
+    /// most `timeout`. An item that overruns is abandoned with its thread and a fresh worker
+    /// takes that one's place, so hung items cost about one timeout per [`WORKERS`] of them,
+    /// not one each; items whose key is already hung are not run. Results are in the order of
+    /// `items`.
     pub fn run_each<I, T>(
         self: &Arc<Self>,
         items: Vec<(String, I)>,
@@ -121,31 +122,36 @@ impl Probes {
         T: Send + 'static,
     {
         let count = items.len();
-        let keys: Vec<String> = items.iter().map(|(k, _)| k.clone()).collect();
+        let keys: Arc<Vec<String>> = Arc::new(items.iter().map(|(k, _)| k.clone()).collect());
         let mut results: Vec<Option<Result<T, Hung>>> = (0..count).map(|_| None).collect();
+        let mut filled = 0;
         let mut pending: Vec<(usize, I)> = Vec::with_capacity(count);
         {
             let state = self.lock();
             for (index, (key, item)) in items.into_iter().enumerate() {
                 if state.stuck.contains_key(&key) {
                     results[index] = Some(Err(Hung::Still));
+                    filled += 1;
                 } else {
                     pending.push((index, item));
                 }
             }
         }
-        // The queue is shared, so what an abandoned worker had not reached is still there for
-        // the next one.
+        let wanted = pending.len().min(WORKERS);
+        // The queue is shared, so what an abandoned worker had not reached is there for the
+        // others and for its replacement.
         let queue = Arc::new(Mutex::new(VecDeque::from(pending)));
-        while !queue.lock().unwrap_or_else(|p| p.into_inner()).is_empty() {
-            let (tx, rx) = mpsc::channel::<(usize, T)>();
+        let (tx, rx) = mpsc::channel::<(usize, T)>();
+        let mut workers: Vec<Arc<Mutex<Worker>>> = Vec::new();
+        let spawn = |workers: &mut Vec<Arc<Mutex<Worker>>>| -> bool {
             let worker = Arc::new(Mutex::new(Worker::default()));
-            let (probes, w, work, keys_of, q) = (
+            let (probes, w, work, keys, q, tx) = (
                 self.clone(),
                 worker.clone(),
                 work.clone(),
                 keys.clone(),
                 queue.clone(),
+                tx.clone(),
             );
             let spawned = std::thread::Builder::new()
                 .name("k8scsi-probe".into())
@@ -160,51 +166,84 @@ impl Probes {
                             else {
                                 return;
                             };
-                            w.current = Some(index);
+                            w.current = Some((index, Instant::now()));
                             (index, item)
                         };
                         let result = work(item);
                         let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
                         if w.abandoned {
                             // The waiter counted this call as stuck; it no longer is.
-                            probes.release(&keys_of[index]);
+                            probes.release(&keys[index]);
                             return;
                         }
-                        // Sent while holding the worker lock, so a waiter that takes the lock
-                        // after its timeout sees this result rather than abandoning the item.
+                        // Sent and cleared while holding the worker lock: a waiter that takes
+                        // the lock sees either the item in hand or its result on the way.
                         if tx.send((index, result)).is_err() {
                             return;
                         }
-                        // Between items nothing is in hand: a waiter timing out now must not
-                        // blame the item just answered.
                         w.current = None;
                     }
                 });
-            if spawned.is_err() {
-                // No thread: report what is left as timed out rather than run it here and risk
-                // blocking the caller.
-                break;
+            if spawned.is_ok() {
+                workers.push(worker);
             }
-            loop {
-                match rx.recv_timeout(timeout) {
-                    Ok((index, result)) => results[index] = Some(Ok(result)),
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        let mut w = worker.lock().unwrap_or_else(|p| p.into_inner());
-                        // A result may have landed between the timeout and taking the lock.
-                        if let Ok((index, result)) = rx.try_recv() {
-                            results[index] = Some(Ok(result));
-                            continue;
-                        }
-                        // Not started yet (a slow thread start on a loaded machine): wait on.
-                        let Some(index) = w.current else { continue };
+            spawned.is_ok()
+        };
+        for _ in 0..wanted {
+            spawn(&mut workers);
+        }
+        if workers.is_empty() && wanted > 0 {
+            // No thread at all: report the rest as timed out rather than run it here and risk
+            // blocking the caller.
+            for (index, _) in queue.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+                results[index] = Some(Err(Hung::TimedOut));
+                filled += 1;
+            }
+        }
+        while filled < count {
+            // Wake at the earliest moment an item in hand overruns.
+            let now = Instant::now();
+            let wake = workers
+                .iter()
+                .filter_map(|w| w.lock().unwrap_or_else(|p| p.into_inner()).current)
+                .map(|(_, started)| started + timeout)
+                .min()
+                .unwrap_or(now + timeout);
+            match rx.recv_timeout(wake.saturating_duration_since(now)) {
+                Ok((index, result)) => {
+                    results[index] = Some(Ok(result));
+                    filled += 1;
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                // Not while this function holds a sender.
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+            let mut replacements = 0;
+            workers.retain(|w| {
+                let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+                match w.current {
+                    Some((index, started)) if started.elapsed() >= timeout => {
                         w.abandoned = true;
                         // Counted while the worker lock is held, so the worker's release when
                         // it returns always finds the count.
                         *self.lock().stuck.entry(keys[index].clone()).or_insert(0) += 1;
-                        drop(w);
                         results[index] = Some(Err(Hung::TimedOut));
-                        break;
+                        filled += 1;
+                        replacements += 1;
+                        false
+                    }
+                    _ => true,
+                }
+            });
+            for _ in 0..replacements {
+                if !queue.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+                    && !spawn(&mut workers)
+                    && workers.is_empty()
+                {
+                    for (index, _) in queue.lock().unwrap_or_else(|p| p.into_inner()).drain(..) {
+                        results[index] = Some(Err(Hung::TimedOut));
+                        filled += 1;
                     }
                 }
             }
@@ -215,6 +254,9 @@ impl Probes {
             .collect()
     }
 }
+
+/// Worker threads of one [`Probes::run_each`] (a ListVolumes page, a usage sample).
+pub const WORKERS: usize = 4;
 
 #[cfg(test)]
 mod tests {
@@ -287,6 +329,39 @@ mod tests {
         assert!(!probes.is_hung("k2"));
         assert_eq!(probes.blocked_threads(), 1);
         assert_eq!(probes.run("k2", Duration::from_secs(30), || 7), Ok(7));
+        drop(open);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while probes.blocked_threads() > 0 {
+            assert!(std::time::Instant::now() < deadline, "release not seen");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    #[test]
+    fn more_hung_items_than_workers_are_all_abandoned_and_the_rest_answered() {
+        let probes = Arc::new(Probes::default());
+        let (open, shut) = gate();
+        let hung = |i: u32| i % 2 == 0 && i < 12; // 6 hung items, more than WORKERS
+        let items: Vec<(String, u32)> = (0..16).map(|i| (format!("k{i}"), i)).collect();
+        let s = shut.clone();
+        let results = probes.run_each(
+            items,
+            Duration::from_millis(200),
+            Arc::new(move |i: u32| {
+                if hung(i) {
+                    let _ = s.lock().unwrap().recv();
+                }
+                i
+            }),
+        );
+        for (i, result) in results.iter().enumerate() {
+            let i = i as u32;
+            if hung(i) {
+                assert_eq!(*result, Err(Hung::TimedOut), "item {i}");
+            } else {
+                assert_eq!(*result, Ok(i), "item {i}");
+            }
+        }
+        assert_eq!(probes.blocked_threads(), 6);
         drop(open);
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         while probes.blocked_threads() > 0 {
