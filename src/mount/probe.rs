@@ -340,7 +340,7 @@ mod tests {
     fn more_hung_items_than_workers_are_all_abandoned_and_the_rest_answered() {
         let probes = Arc::new(Probes::default());
         let (open, shut) = gate();
-        let hung = |i: u32| i % 2 == 0 && i < 12; // 6 hung items, more than WORKERS
+        let hung = |i: u32| i.is_multiple_of(2) && i < 12; // 6 hung items, more than WORKERS
         let items: Vec<(String, u32)> = (0..16).map(|i| (format!("k{i}"), i)).collect();
         let s = shut.clone();
         let results = probes.run_each(
