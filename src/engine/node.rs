@@ -114,10 +114,14 @@ impl Engine {
             if top_hung {
                 tracing::warn!(path = %path, volume, timeout = ?self.config.mount_timeout,
                     "the filesystem at this path does not answer; detaching it lazily (MNT_DETACH)");
-                let (m, p) = (self.mounter.clone(), path.clone());
-                blocking(move || Ok(m.detach(&p)?)).await?;
-                // The path now leads to what was below the hung mount: probe it afresh.
+                // The blocked call stays blocked, but what it is stuck in is about to leave the
+                // path: stop refusing calls on the path because of it.
                 self.probes.forget(&key);
+                let (m, p) = (self.mounter.clone(), path.clone());
+                // Bounded too: reaching the path walks its parents, which would block if the
+                // dead filesystem were mounted above it rather than on it.
+                self.bounded("umount -l", path.absolute(), move || m.detach(&p))
+                    .await???;
             }
             // The mount table, not a stat of the path: it never touches the filesystems.
             if !listed_as_mount_point(&path.absolute())? {
@@ -139,6 +143,7 @@ impl Engine {
             "{path} still holds mounts after taking down 8 layers; leaving it"
         )))
     }
+
     /// NodeStageVolume: prepares the volume at the staging path (for loop volumes: attach the
     /// image and mount its filesystem there). Idempotent.
     pub async fn stage(
