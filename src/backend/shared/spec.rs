@@ -418,8 +418,9 @@ fn hex(bytes: &[u8]) -> String {
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
-/// Unpadded base64url (RFC 4648 §5).
-fn b64_encode(data: &[u8]) -> String {
+/// Unpadded base64url (RFC 4648 §5). Public so the fuzz checks (`crate::fuzzing`) can wrap
+/// arbitrary share-reference text into the ID shape the parser expects.
+pub fn b64_encode(data: &[u8]) -> String {
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
         let n = chunk
