@@ -590,10 +590,8 @@ async fn a_corrupted_image_fails_staging_and_leaves_no_mount_or_device() {
     });
 }
 
-/// A store written by a newer k8scsi (a higher schema version): the server refuses to start,
-/// says why, and does not modify the file.
-#[test]
-fn a_store_from_a_newer_version_is_refused_untouched() {
+/// A driver whose store holds one volume ("kept"), stopped; and the store file's path.
+fn stopped_driver_with_a_volume() -> (Driver, PathBuf) {
     let mut d = Driver::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -604,34 +602,134 @@ fn a_store_from_a_newer_version_is_refused_untouched() {
             .unwrap();
     });
     assert!(d.stop().success());
-    let file = std::fs::read_dir(d.state_dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.is_file())
-        .expect("store file");
+    let file = d.state_dir().join(k8scsi::store::STORE_FILE);
+    assert!(file.is_file(), "no store file at {}", file.display());
+    (d, file)
+}
+
+/// Sets (or with `None` removes) the store's schema version behind the driver's back.
+fn set_schema_version(file: &Path, version: Option<u64>) {
+    let db = redb::Database::open(file).unwrap();
+    let txn = db.begin_write().unwrap();
     {
-        let db = redb::Database::open(&file).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
-            let mut table = txn.open_table(meta).unwrap();
-            table
-                .insert("schema_version", k8scsi::store::SCHEMA_VERSION + 1)
-                .unwrap();
+        let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+        let mut table = txn.open_table(meta).unwrap();
+        match version {
+            Some(v) => {
+                table.insert("schema_version", v).unwrap();
+            }
+            None => {
+                table.remove("schema_version").unwrap();
+            }
         }
-        txn.commit().unwrap();
     }
-    let before = std::fs::read(&file).unwrap();
+    txn.commit().unwrap();
+}
+
+/// Starts the driver's command on its directories expecting it to refuse the store: it exits
+/// unsuccessfully and the file is byte-for-byte what it was. Returns its stderr.
+fn refused_untouched(d: &Driver, file: &Path) -> String {
+    let before = std::fs::read(file).unwrap();
     let out = d
         .command()
         .stdout(std::process::Stdio::null())
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("schema version"), "{stderr}");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the server started: {stderr}");
     assert!(
-        std::fs::read(&file).unwrap() == before,
+        std::fs::read(file).unwrap() == before,
         "the refused store file was modified"
     );
+    stderr
+}
+
+/// A store written by a newer k8scsi (a higher schema version): the server refuses to start,
+/// says why, and does not modify the file.
+#[test]
+fn a_store_from_a_newer_version_is_refused_untouched() {
+    let (d, file) = stopped_driver_with_a_volume();
+    set_schema_version(&file, Some(k8scsi::store::SCHEMA_VERSION + 1));
+    let stderr = refused_untouched(&d, &file);
+    assert!(stderr.contains("schema version"), "{stderr}");
+}
+
+/// A store from an older schema version this build has no migration for (schema 1 is the
+/// first, so version 0): refused untouched, and the message names both versions and what to
+/// do. A store holding records but no version at all is refused the same way rather than
+/// stamped with the current version.
+#[test]
+fn a_store_from_an_older_version_without_a_migration_is_refused_untouched() {
+    let current = k8scsi::store::SCHEMA_VERSION;
+    let (d, file) = stopped_driver_with_a_volume();
+    set_schema_version(&file, Some(current - 1));
+    let stderr = refused_untouched(&d, &file);
+    for needle in [
+        format!("schema version {}", current - 1),
+        format!("schema version {current}"),
+        "no migration".to_string(),
+        "left unchanged".to_string(),
+        "release".to_string(),
+    ] {
+        assert!(stderr.contains(&needle), "{needle:?} missing from: {stderr}");
+    }
+
+    set_schema_version(&file, None);
+    let stderr = refused_untouched(&d, &file);
+    assert!(stderr.contains("no schema version"), "{stderr}");
+
+    // Put back, the same file serves again with its volume.
+    set_schema_version(&file, Some(current));
+    let mut d = d;
+    d.restart();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listed = rt.block_on(async {
+        d.controller()
+            .await
+            .list_volumes(proto::ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+    });
+    assert_eq!(listed.len(), 1);
+}
+
+/// A store file that exists but was never initialised (the very first start crashed after
+/// creating it: zero bytes, or a database with no tables): the server initialises it normally,
+/// and what it then records survives a restart.
+#[test]
+fn a_store_file_without_a_schema_is_initialised_normally() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for how in ["empty file", "database without tables"] {
+        // A driver's directories, its store file replaced by what the crash left.
+        let mut d = Driver::start();
+        assert!(d.stop().success());
+        let file = d.state_dir().join(k8scsi::store::STORE_FILE);
+        std::fs::remove_file(&file).unwrap();
+        match how {
+            "empty file" => drop(std::fs::File::create(&file).unwrap()),
+            _ => drop(redb::Database::create(&file).unwrap()),
+        }
+        d.restart();
+        rt.block_on(async {
+            d.controller()
+                .await
+                .create_volume(create_request("first", Kind::Dir, MIB))
+                .await
+                .unwrap_or_else(|e| panic!("{how}: {e:?}"));
+        });
+        d.restart();
+        let listed = rt.block_on(async {
+            d.controller()
+                .await
+                .list_volumes(proto::ListVolumesRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .entries
+        });
+        assert_eq!(listed.len(), 1, "{how}");
+        drop(d);
+    }
 }
