@@ -1,6 +1,7 @@
 //! Faults below the driver: a node reboot (every mount and loop device gone while the store says
-//! the volumes are published), a full data filesystem, a read-only or vanished data directory,
-//! a corrupted loop image and a state store written by a newer version.
+//! the volumes are published), a full data filesystem (creates, expansions, snapshots and
+//! restores), a read-only or vanished data directory, a corrupted loop image, and state store
+//! files from a newer or older schema version or from an initialisation that never committed.
 //!
 //! Each test uses only its own resources: its temporary directory, the mounts under it and the
 //! loop devices backing its own image files. Root and the loop tools are needed; the tests skip
@@ -436,6 +437,211 @@ async fn a_full_data_filesystem_fails_cleanly_with_resource_exhausted() {
         .unwrap();
 }
 
+/// Non-zero, incompressible-enough bytes (so no filesystem stores them as holes).
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8 | 1)
+        .collect()
+}
+
+fn snapshot_request(name: &str, source: &str) -> proto::CreateSnapshotRequest {
+    proto::CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: source.into(),
+        ..Default::default()
+    }
+}
+
+/// A CreateVolume request restoring `snapshot` as a `kind` volume of `bytes`.
+fn restore_request(
+    name: &str,
+    kind: Kind,
+    bytes: i64,
+    snapshot: &str,
+) -> proto::CreateVolumeRequest {
+    let mut r = create_request(name, kind, bytes);
+    r.volume_content_source = Some(proto::VolumeContentSource {
+        r#type: Some(proto::volume_content_source::Type::Snapshot(
+            proto::volume_content_source::SnapshotSource {
+                snapshot_id: snapshot.into(),
+            },
+        )),
+    });
+    r
+}
+
+async fn snapshot_names(c: &mut ControllerClient<Channel>) -> Vec<String> {
+    let mut ids: Vec<String> = c
+        .list_snapshots(proto::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.snapshot.unwrap().snapshot_id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+async fn volume_ids(c: &mut ControllerClient<Channel>) -> Vec<String> {
+    let mut ids: Vec<String> = c
+        .list_volumes(proto::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.volume.unwrap().volume_id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Snapshots and restores on a full data filesystem (48 MiB ext4, so every copy is a full
+/// copy): CreateSnapshot of a directory volume and of a raw block loop volume holding 6 MiB
+/// each, and a restore of an earlier snapshot, fail with RESOURCE_EXHAUSTED and leave no
+/// snapshot storage, temporary copy, image or record. Once there is room the same requests
+/// succeed and the copies hold the sources' data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_data_filesystem_fails_snapshots_and_restores_cleanly() {
+    skip_unless_ready!(skip_reason());
+    let mut tiny = None;
+    let d = tokio::task::block_in_place(|| {
+        Driver::start_on(|data| tiny = Some(TinyFs::mount(data, 48)))
+    });
+    let _tiny = tiny.unwrap();
+    let mut c = d.controller().await;
+    let payload_len = 6 << 20;
+
+    // Sources with 6 MiB of data each, written into their storage while unpublished.
+    let dir_src = c
+        .create_volume(create_request("dir-src", Kind::Dir, 8 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let dir_payload = pattern(payload_len, 1);
+    write_block(
+        &d.data_dir().join("volumes").join(&dir_src).join("payload"),
+        &dir_payload,
+    );
+    let block_src = c
+        .create_volume(create_request("block-src", Kind::Block, 8 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let images: Vec<PathBuf> = std::fs::read_dir(d.data_dir().join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(images.len(), 1, "{images:?}");
+    let block_payload = pattern(payload_len, 2);
+    write_block(&images[0], &block_payload);
+    // One snapshot taken while there is room, to restore from later.
+    let early = c
+        .create_snapshot(snapshot_request("early", &dir_src))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(early.ready_to_use);
+
+    // Fill the filesystem up to about 3 MiB free: less than any of the copies below needs.
+    let filler = std::fs::File::create(d.data_dir().join("filler")).unwrap();
+    let st = rustix::fs::statvfs(d.data_dir()).unwrap();
+    let free = st.f_bavail * st.f_frsize;
+    rustix::fs::fallocate(
+        &filler,
+        rustix::fs::FallocateFlags::empty(),
+        0,
+        free.saturating_sub(3 << 20),
+    )
+    .unwrap();
+    filler.sync_all().unwrap();
+
+    let before = tree(&d.data_dir());
+    let snapshots_before = snapshot_names(&mut c).await;
+    let volumes_before = volume_ids(&mut c).await;
+    assert_eq!(snapshots_before, vec![early.snapshot_id.clone()]);
+    for (name, source) in [("dir-full", &dir_src), ("block-full", &block_src)] {
+        let status = c
+            .create_snapshot(snapshot_request(name, source))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::ResourceExhausted,
+            "snapshot {name}: {status:?}"
+        );
+        assert_eq!(
+            tree(&d.data_dir()),
+            before,
+            "a failed snapshot {name} left something"
+        );
+        assert_eq!(snapshot_names(&mut c).await, snapshots_before);
+    }
+    let status = c
+        .create_volume(restore_request(
+            "restored",
+            Kind::Dir,
+            8 * MIB,
+            &early.snapshot_id,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "restore: {status:?}"
+    );
+    assert_eq!(
+        tree(&d.data_dir()),
+        before,
+        "a failed restore left something"
+    );
+    assert_eq!(volume_ids(&mut c).await, volumes_before);
+
+    // The store and the driver are fine: with room again the same requests succeed.
+    drop(filler);
+    std::fs::remove_file(d.data_dir().join("filler")).unwrap();
+    for (name, source) in [("dir-full", &dir_src), ("block-full", &block_src)] {
+        let snap = c
+            .create_snapshot(snapshot_request(name, source))
+            .await
+            .unwrap_or_else(|e| panic!("snapshot {name} with room: {e:?}"))
+            .into_inner()
+            .snapshot
+            .unwrap();
+        assert!(snap.ready_to_use, "{name}");
+    }
+    assert_eq!(snapshot_names(&mut c).await.len(), 3);
+    let restored = c
+        .create_volume(restore_request(
+            "restored",
+            Kind::Dir,
+            8 * MIB,
+            &early.snapshot_id,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let copy = std::fs::read(d.data_dir().join("volumes").join(&restored).join("payload")).unwrap();
+    assert!(
+        copy == dir_payload,
+        "the restore does not hold the snapshot's data"
+    );
+}
+
 /// A data directory that turned read-only (e.g. the filesystem remounted ro after errors):
 /// creates fail with an error, not a hang or a crash, and nothing is recorded; once writable
 /// again, the same request succeeds.
@@ -671,7 +877,10 @@ fn a_store_from_an_older_version_without_a_migration_is_refused_untouched() {
         "left unchanged".to_string(),
         "release".to_string(),
     ] {
-        assert!(stderr.contains(&needle), "{needle:?} missing from: {stderr}");
+        assert!(
+            stderr.contains(&needle),
+            "{needle:?} missing from: {stderr}"
+        );
     }
 
     set_schema_version(&file, None);
