@@ -191,6 +191,163 @@ async fn symlink_swaps_during_publish_never_mount_outside_the_kubelet_dir() {
     eprintln!("symlink swap race: {rounds} publishes per phase, outcomes {outcomes:?}");
 }
 
+/// Loop devices whose backing file is under `dir`.
+fn loops_under(dir: &Path) -> Vec<String> {
+    let out = std::process::Command::new("losetup")
+        .args(["-n", "-O", "NAME,BACK-FILE", "-l"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&*dir.to_string_lossy()))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
+
+fn loop_tools_missing() -> Option<String> {
+    if !common::is_root() {
+        return Some("needs root (loop devices, mounts)".into());
+    }
+    for tool in ["losetup", "mkfs.ext4"] {
+        if std::process::Command::new(tool).arg("-V").output().is_err() {
+            return Some(format!("{tool} is not installed"));
+        }
+    }
+    None
+}
+
+/// The same race against NodeStageVolume's staging path, with an ext4 loop volume (whose
+/// staging mounts the filesystem): the staging path's parent, and then the staging directory
+/// itself, are swapped for symlinks to an outside directory while the stage runs. Nothing is
+/// ever mounted outside the kubelet dir, the outside directory stays empty, a stage that
+/// succeeds unstages cleanly, and no loop device of the test's image is left attached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symlink_swaps_during_stage_never_mount_outside_the_kubelet_dir() {
+    skip_unless_ready!(loop_tools_missing());
+    let rounds = env_u64("K8SCSI_HOSTILE_STAGE_SWAP_ROUNDS").unwrap_or(40);
+    let d = tokio::task::block_in_place(Driver::start);
+    let mut c = d.controller().await;
+    let mut node = d.node().await;
+    let mut create = create_request("swap-stage", 16 * MIB);
+    create.parameters = HashMap::from([("type".to_string(), "loop".to_string())]);
+    create.volume_capabilities = vec![fs_capability("ext4", &[])];
+    let id = c
+        .create_volume(create)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let outside = tempfile::Builder::new()
+        .prefix("k8scsi-outside-")
+        .tempdir()
+        .unwrap();
+    std::fs::create_dir(outside.path().join("staging")).unwrap();
+    let pods = d.kubelet_dir().join("pods");
+    std::fs::create_dir_all(pods.join("stage-race")).unwrap();
+    std::os::unix::fs::symlink(outside.path(), pods.join("stage-race-alt")).unwrap();
+    std::fs::create_dir_all(pods.join("pod-s/staging")).unwrap();
+    std::os::unix::fs::symlink(
+        outside.path().join("staging"),
+        pods.join("pod-s/staging-alt"),
+    )
+    .unwrap();
+    let phases = [
+        (
+            pods.join("stage-race"),
+            pods.join("stage-race-alt"),
+            pods.join("stage-race/staging"),
+        ),
+        (
+            pods.join("pod-s/staging"),
+            pods.join("pod-s/staging-alt"),
+            pods.join("pod-s/staging"),
+        ),
+    ];
+    std::fs::create_dir_all(&phases[0].2).unwrap();
+    let mut outcomes: BTreeMap<String, u64> = BTreeMap::new();
+    for (a, b, staging) in phases {
+        let staging_str = staging.to_string_lossy().into_owned();
+        for _ in 0..rounds {
+            let stop = Arc::new(AtomicBool::new(false));
+            let swapper = swap_until(a.clone(), b.clone(), stop.clone());
+            let result = node
+                .node_stage_volume(proto::NodeStageVolumeRequest {
+                    volume_id: id.clone(),
+                    staging_target_path: staging_str.clone(),
+                    volume_capability: Some(fs_capability("ext4", &[])),
+                    ..Default::default()
+                })
+                .await;
+            stop.store(true, Ordering::SeqCst);
+            let swapped = tokio::task::block_in_place(|| swapper.join().unwrap());
+            assert!(
+                mounts_under(outside.path()).is_empty(),
+                "mounted outside the kubelet dir: {:?} (stage said {result:?})",
+                mounts_under(outside.path())
+            );
+            // A mount that landed on the real directory while it was swapped out (inside the
+            // kubelet dir) pins it there: take it down by hand and swap back.
+            for point in mounts_under(&pods) {
+                if point != staging {
+                    rustix::mount::unmount(&point, rustix::mount::UnmountFlags::DETACH).unwrap();
+                }
+            }
+            if swapped {
+                exchange(&a, &b).unwrap();
+            }
+            assert!(!std::fs::symlink_metadata(&a).unwrap().is_symlink());
+            let key = match &result {
+                Ok(_) => "OK".to_string(),
+                Err(s) => format!("{:?}", s.code()),
+            };
+            *outcomes.entry(key).or_default() += 1;
+            if let Err(status) = &result {
+                assert!(
+                    matches!(
+                        status.code(),
+                        Code::InvalidArgument | Code::NotFound | Code::FailedPrecondition
+                    ),
+                    "{status:?}"
+                );
+            }
+            // Unstage whatever the answer: it clears a mount still at the staging path, the
+            // loop device and any record; unstaging what is not staged is OK.
+            let status = node
+                .node_unstage_volume(proto::NodeUnstageVolumeRequest {
+                    volume_id: id.clone(),
+                    staging_target_path: staging_str.clone(),
+                })
+                .await;
+            assert!(status.is_ok(), "{status:?}");
+            assert!(!common::is_mounted(&staging));
+            std::fs::create_dir_all(&staging).unwrap();
+            assert!(
+                mounts_under(&pods).is_empty(),
+                "left mounted: {:?}",
+                mounts_under(&pods)
+            );
+            tokio::task::block_in_place(|| {
+                let deadline = std::time::Instant::now() + Duration::from_secs(30);
+                while !loops_under(d.dir.path()).is_empty() {
+                    assert!(
+                        std::time::Instant::now() < deadline,
+                        "loop device left attached: {:?} (stage said {result:?})",
+                        loops_under(d.dir.path())
+                    );
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            });
+        }
+    }
+    let left: Vec<_> = std::fs::read_dir(outside.path().join("staging"))
+        .unwrap()
+        .collect();
+    assert!(left.is_empty(), "the outside directory was written to");
+    eprintln!("symlink swap race on staging: {rounds} stages per phase, outcomes {outcomes:?}");
+}
+
 /// Everything below `dir` except the server's log and store, for "no effect on disk".
 fn tree(dir: &Path) -> BTreeSet<PathBuf> {
     fn walk(dir: &Path, out: &mut BTreeSet<PathBuf>) {
