@@ -25,12 +25,12 @@ pub(super) const MIGRATIONS: &[Migration] = &[];
 /// What opening a store that says schema `found` takes: nothing to do (`None` with no records,
 /// a fresh file or one whose very first initialisation did not commit; or the current
 /// version), the migrations from `found` to `current` in order, or a refusal.
-pub(super) fn migration_path<'a>(
+pub(super) fn migration_path(
     found: Option<u64>,
     has_records: bool,
     current: u64,
-    migrations: &'a [Migration],
-) -> Result<Vec<&'a Migration>, StoreError> {
+    migrations: &[Migration],
+) -> Result<Vec<&Migration>, StoreError> {
     let Some(found) = found else {
         return if has_records {
             Err(StoreError::Unversioned)
