@@ -202,8 +202,16 @@ fn check_share(share: &ShareRef) {
             && !source.chars().any(|c| c.is_whitespace() || c.is_control()),
         "{share:?}: source"
     );
+    // Where `..` would climb depends on how the filesystem reads its source: local paths and
+    // CIFS shares are split at `/` only (`/:..` is a plain directory name), NFS exports at the
+    // `host:` too, CephFS and GlusterFS also at monitor-list commas.
+    let separators: &[char] = match share.fs_type.as_str() {
+        "nfs" | "nfs4" => &['/', ':'],
+        "cephfs" | "glusterfs" => &['/', ',', ':'],
+        _ => &['/'],
+    };
     assert!(
-        !source.split(['/', ',', ':']).any(|p| p == ".."),
+        !source.split(separators).any(|p| p == ".."),
         "{share:?}: source climbs with '..'"
     );
     let target = Path::new("/k8scsi-fuzz-target");

@@ -332,7 +332,7 @@ impl ShareRef {
                 check_absolute("share", &format!("/{rest}"))?;
             }
             "cephfs" | "glusterfs" => {
-                if source.split(['/', ',']).any(|p| p == "..") {
+                if source.split(['/', ',', ':']).any(|p| p == "..") {
                     return err(format!("source {source:?} must not contain '..'"));
                 }
             }
@@ -782,6 +782,8 @@ mod tests {
             params(&[("source", "/a b"), ("fsType", "none")]),
             params(&[("source", "server:/x"), ("fsType", "nfs"), ("share", "/y")]),
             params(&[("source", "//srv/../x"), ("fsType", "cifs")]),
+            params(&[("source", "mon1:6789:.."), ("fsType", "cephfs")]),
+            params(&[("source", "srv:..,x"), ("fsType", "glusterfs")]),
             params(&[]),
         ] {
             assert!(ShareRef::from_parameters(&bad, &[]).is_err(), "{bad:?}");
