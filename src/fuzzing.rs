@@ -203,15 +203,23 @@ fn check_share(share: &ShareRef) {
         "{share:?}: source"
     );
     // Where `..` would climb depends on how the filesystem reads its source: local paths and
-    // CIFS shares are split at `/` only (`/:..` is a plain directory name), NFS exports at the
-    // `host:` too, CephFS and GlusterFS also at monitor-list commas.
-    let separators: &[char] = match share.fs_type.as_str() {
-        "nfs" | "nfs4" => &['/', ':'],
-        "cephfs" | "glusterfs" => &['/', ',', ':'],
-        _ => &['/'],
+    // CIFS shares are split at `/` only (`/:..` is a plain directory name); an NFS export is
+    // the path after the host (`host:` or `[v6]:`), split at `/` (`/..:x` is a plain name);
+    // CephFS and GlusterFS sources also at colons and monitor-list commas.
+    let (path, separators): (&str, &[char]) = match share.fs_type.as_str() {
+        "nfs" | "nfs4" => {
+            let path = match source.strip_prefix('[') {
+                Some(v6) => v6.split_once("]:").map(|(_, p)| p),
+                None => source.split_once(':').map(|(_, p)| p),
+            };
+            let path = path.unwrap_or_else(|| panic!("{share:?}: NFS source without a host"));
+            (path, &['/'])
+        }
+        "cephfs" | "glusterfs" => (source, &['/', ',', ':']),
+        _ => (source, &['/']),
     };
     assert!(
-        !source.split(separators).any(|p| p == ".."),
+        !path.split(separators).any(|p| p == ".."),
         "{share:?}: source climbs with '..'"
     );
     let target = Path::new("/k8scsi-fuzz-target");
