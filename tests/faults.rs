@@ -1,6 +1,7 @@
 //! Faults below the driver: a node reboot (every mount and loop device gone while the store says
-//! the volumes are published), a full data filesystem, a read-only or vanished data directory,
-//! a corrupted loop image and a state store written by a newer version.
+//! the volumes are published), a full data filesystem (creates, expansions, snapshots and
+//! restores), a read-only or vanished data directory, a corrupted loop image, and state store
+//! files from a newer or older schema version or from an initialisation that never committed.
 //!
 //! Each test uses only its own resources: its temporary directory, the mounts under it and the
 //! loop devices backing its own image files. Root and the loop tools are needed; the tests skip
@@ -436,6 +437,211 @@ async fn a_full_data_filesystem_fails_cleanly_with_resource_exhausted() {
         .unwrap();
 }
 
+/// Non-zero, incompressible-enough bytes (so no filesystem stores them as holes).
+fn pattern(len: usize, seed: u32) -> Vec<u8> {
+    (0..len as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761).wrapping_add(seed) >> 13) as u8 | 1)
+        .collect()
+}
+
+fn snapshot_request(name: &str, source: &str) -> proto::CreateSnapshotRequest {
+    proto::CreateSnapshotRequest {
+        name: name.into(),
+        source_volume_id: source.into(),
+        ..Default::default()
+    }
+}
+
+/// A CreateVolume request restoring `snapshot` as a `kind` volume of `bytes`.
+fn restore_request(
+    name: &str,
+    kind: Kind,
+    bytes: i64,
+    snapshot: &str,
+) -> proto::CreateVolumeRequest {
+    let mut r = create_request(name, kind, bytes);
+    r.volume_content_source = Some(proto::VolumeContentSource {
+        r#type: Some(proto::volume_content_source::Type::Snapshot(
+            proto::volume_content_source::SnapshotSource {
+                snapshot_id: snapshot.into(),
+            },
+        )),
+    });
+    r
+}
+
+async fn snapshot_names(c: &mut ControllerClient<Channel>) -> Vec<String> {
+    let mut ids: Vec<String> = c
+        .list_snapshots(proto::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.snapshot.unwrap().snapshot_id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+async fn volume_ids(c: &mut ControllerClient<Channel>) -> Vec<String> {
+    let mut ids: Vec<String> = c
+        .list_volumes(proto::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries
+        .into_iter()
+        .map(|e| e.volume.unwrap().volume_id)
+        .collect();
+    ids.sort();
+    ids
+}
+
+/// Snapshots and restores on a full data filesystem (48 MiB ext4, so every copy is a full
+/// copy): CreateSnapshot of a directory volume and of a raw block loop volume holding 6 MiB
+/// each, and a restore of an earlier snapshot, fail with RESOURCE_EXHAUSTED and leave no
+/// snapshot storage, temporary copy, image or record. Once there is room the same requests
+/// succeed and the copies hold the sources' data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_data_filesystem_fails_snapshots_and_restores_cleanly() {
+    skip_unless_ready!(skip_reason());
+    let mut tiny = None;
+    let d = tokio::task::block_in_place(|| {
+        Driver::start_on(|data| tiny = Some(TinyFs::mount(data, 48)))
+    });
+    let _tiny = tiny.unwrap();
+    let mut c = d.controller().await;
+    let payload_len = 6 << 20;
+
+    // Sources with 6 MiB of data each, written into their storage while unpublished.
+    let dir_src = c
+        .create_volume(create_request("dir-src", Kind::Dir, 8 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let dir_payload = pattern(payload_len, 1);
+    write_block(
+        &d.data_dir().join("volumes").join(&dir_src).join("payload"),
+        &dir_payload,
+    );
+    let block_src = c
+        .create_volume(create_request("block-src", Kind::Block, 8 * MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let images: Vec<PathBuf> = std::fs::read_dir(d.data_dir().join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(images.len(), 1, "{images:?}");
+    let block_payload = pattern(payload_len, 2);
+    write_block(&images[0], &block_payload);
+    // One snapshot taken while there is room, to restore from later.
+    let early = c
+        .create_snapshot(snapshot_request("early", &dir_src))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(early.ready_to_use);
+
+    // Fill the filesystem up to about 3 MiB free: less than any of the copies below needs.
+    let filler = std::fs::File::create(d.data_dir().join("filler")).unwrap();
+    let st = rustix::fs::statvfs(d.data_dir()).unwrap();
+    let free = st.f_bavail * st.f_frsize;
+    rustix::fs::fallocate(
+        &filler,
+        rustix::fs::FallocateFlags::empty(),
+        0,
+        free.saturating_sub(3 << 20),
+    )
+    .unwrap();
+    filler.sync_all().unwrap();
+
+    let before = tree(&d.data_dir());
+    let snapshots_before = snapshot_names(&mut c).await;
+    let volumes_before = volume_ids(&mut c).await;
+    assert_eq!(snapshots_before, vec![early.snapshot_id.clone()]);
+    for (name, source) in [("dir-full", &dir_src), ("block-full", &block_src)] {
+        let status = c
+            .create_snapshot(snapshot_request(name, source))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::ResourceExhausted,
+            "snapshot {name}: {status:?}"
+        );
+        assert_eq!(
+            tree(&d.data_dir()),
+            before,
+            "a failed snapshot {name} left something"
+        );
+        assert_eq!(snapshot_names(&mut c).await, snapshots_before);
+    }
+    let status = c
+        .create_volume(restore_request(
+            "restored",
+            Kind::Dir,
+            8 * MIB,
+            &early.snapshot_id,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::ResourceExhausted,
+        "restore: {status:?}"
+    );
+    assert_eq!(
+        tree(&d.data_dir()),
+        before,
+        "a failed restore left something"
+    );
+    assert_eq!(volume_ids(&mut c).await, volumes_before);
+
+    // The store and the driver are fine: with room again the same requests succeed.
+    drop(filler);
+    std::fs::remove_file(d.data_dir().join("filler")).unwrap();
+    for (name, source) in [("dir-full", &dir_src), ("block-full", &block_src)] {
+        let snap = c
+            .create_snapshot(snapshot_request(name, source))
+            .await
+            .unwrap_or_else(|e| panic!("snapshot {name} with room: {e:?}"))
+            .into_inner()
+            .snapshot
+            .unwrap();
+        assert!(snap.ready_to_use, "{name}");
+    }
+    assert_eq!(snapshot_names(&mut c).await.len(), 3);
+    let restored = c
+        .create_volume(restore_request(
+            "restored",
+            Kind::Dir,
+            8 * MIB,
+            &early.snapshot_id,
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let copy = std::fs::read(d.data_dir().join("volumes").join(&restored).join("payload")).unwrap();
+    assert!(
+        copy == dir_payload,
+        "the restore does not hold the snapshot's data"
+    );
+}
+
 /// A data directory that turned read-only (e.g. the filesystem remounted ro after errors):
 /// creates fail with an error, not a hang or a crash, and nothing is recorded; once writable
 /// again, the same request succeeds.
@@ -590,10 +796,8 @@ async fn a_corrupted_image_fails_staging_and_leaves_no_mount_or_device() {
     });
 }
 
-/// A store written by a newer k8scsi (a higher schema version): the server refuses to start,
-/// says why, and does not modify the file.
-#[test]
-fn a_store_from_a_newer_version_is_refused_untouched() {
+/// A driver whose store holds one volume ("kept"), stopped; and the store file's path.
+fn stopped_driver_with_a_volume() -> (Driver, PathBuf) {
     let mut d = Driver::start();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
@@ -604,34 +808,137 @@ fn a_store_from_a_newer_version_is_refused_untouched() {
             .unwrap();
     });
     assert!(d.stop().success());
-    let file = std::fs::read_dir(d.state_dir())
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.is_file())
-        .expect("store file");
+    let file = d.state_dir().join(k8scsi::store::STORE_FILE);
+    assert!(file.is_file(), "no store file at {}", file.display());
+    (d, file)
+}
+
+/// Sets (or with `None` removes) the store's schema version behind the driver's back.
+fn set_schema_version(file: &Path, version: Option<u64>) {
+    let db = redb::Database::open(file).unwrap();
+    let txn = db.begin_write().unwrap();
     {
-        let db = redb::Database::open(&file).unwrap();
-        let txn = db.begin_write().unwrap();
-        {
-            let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
-            let mut table = txn.open_table(meta).unwrap();
-            table
-                .insert("schema_version", k8scsi::store::SCHEMA_VERSION + 1)
-                .unwrap();
+        let meta: redb::TableDefinition<&str, u64> = redb::TableDefinition::new("meta");
+        let mut table = txn.open_table(meta).unwrap();
+        match version {
+            Some(v) => {
+                table.insert("schema_version", v).unwrap();
+            }
+            None => {
+                table.remove("schema_version").unwrap();
+            }
         }
-        txn.commit().unwrap();
     }
-    let before = std::fs::read(&file).unwrap();
+    txn.commit().unwrap();
+}
+
+/// Starts the driver's command on its directories expecting it to refuse the store: it exits
+/// unsuccessfully and the file is byte-for-byte what it was. Returns its stderr.
+fn refused_untouched(d: &Driver, file: &Path) -> String {
+    let before = std::fs::read(file).unwrap();
     let out = d
         .command()
         .stdout(std::process::Stdio::null())
         .output()
         .unwrap();
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("schema version"), "{stderr}");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "the server started: {stderr}");
     assert!(
-        std::fs::read(&file).unwrap() == before,
+        std::fs::read(file).unwrap() == before,
         "the refused store file was modified"
     );
+    stderr
+}
+
+/// A store written by a newer k8scsi (a higher schema version): the server refuses to start,
+/// says why, and does not modify the file.
+#[test]
+fn a_store_from_a_newer_version_is_refused_untouched() {
+    let (d, file) = stopped_driver_with_a_volume();
+    set_schema_version(&file, Some(k8scsi::store::SCHEMA_VERSION + 1));
+    let stderr = refused_untouched(&d, &file);
+    assert!(stderr.contains("schema version"), "{stderr}");
+}
+
+/// A store from an older schema version this build has no migration for (schema 1 is the
+/// first, so version 0): refused untouched, and the message names both versions and what to
+/// do. A store holding records but no version at all is refused the same way rather than
+/// stamped with the current version.
+#[test]
+fn a_store_from_an_older_version_without_a_migration_is_refused_untouched() {
+    let current = k8scsi::store::SCHEMA_VERSION;
+    let (d, file) = stopped_driver_with_a_volume();
+    set_schema_version(&file, Some(current - 1));
+    let stderr = refused_untouched(&d, &file);
+    for needle in [
+        format!("schema version {}", current - 1),
+        format!("schema version {current}"),
+        "no migration".to_string(),
+        "left unchanged".to_string(),
+        "release".to_string(),
+    ] {
+        assert!(
+            stderr.contains(&needle),
+            "{needle:?} missing from: {stderr}"
+        );
+    }
+
+    set_schema_version(&file, None);
+    let stderr = refused_untouched(&d, &file);
+    assert!(stderr.contains("no schema version"), "{stderr}");
+
+    // Put back, the same file serves again with its volume.
+    set_schema_version(&file, Some(current));
+    let mut d = d;
+    d.restart();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listed = rt.block_on(async {
+        d.controller()
+            .await
+            .list_volumes(proto::ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+    });
+    assert_eq!(listed.len(), 1);
+}
+
+/// A store file that exists but was never initialised (the very first start crashed after
+/// creating it: zero bytes, or a database with no tables): the server initialises it normally,
+/// and what it then records survives a restart.
+#[test]
+fn a_store_file_without_a_schema_is_initialised_normally() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for how in ["empty file", "database without tables"] {
+        // A driver's directories, its store file replaced by what the crash left.
+        let mut d = Driver::start();
+        assert!(d.stop().success());
+        let file = d.state_dir().join(k8scsi::store::STORE_FILE);
+        std::fs::remove_file(&file).unwrap();
+        match how {
+            "empty file" => drop(std::fs::File::create(&file).unwrap()),
+            _ => drop(redb::Database::create(&file).unwrap()),
+        }
+        d.restart();
+        rt.block_on(async {
+            d.controller()
+                .await
+                .create_volume(create_request("first", Kind::Dir, MIB))
+                .await
+                .unwrap_or_else(|e| panic!("{how}: {e:?}"));
+        });
+        d.restart();
+        let listed = rt.block_on(async {
+            d.controller()
+                .await
+                .list_volumes(proto::ListVolumesRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .entries
+        });
+        assert_eq!(listed.len(), 1, "{how}");
+        drop(d);
+    }
 }

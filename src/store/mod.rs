@@ -11,6 +11,7 @@
 
 mod reader;
 mod records;
+mod schema;
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -26,6 +27,8 @@ use tokio::sync::oneshot;
 
 pub use reader::{ReadSource, StateDump, read_file};
 pub use records::{PublicationRecord, SnapshotRecord, VolumeRecord};
+pub use schema::Migration;
+use schema::{MIGRATIONS, has_records, migration_path};
 
 /// Volume ID → JSON [`VolumeRecord`].
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
@@ -101,6 +104,22 @@ pub enum StoreError {
         "state store schema version {found} is not supported (this build reads {SCHEMA_VERSION})"
     )]
     Schema { found: u64 },
+    /// The store was written by an older k8scsi whose layout this build cannot migrate.
+    #[error(
+        "state store schema version {found} is older than this build's schema version \
+         {SCHEMA_VERSION}, and this build has no migration from schema version {stuck_at}; the \
+         file was left unchanged. Start the k8scsi release that wrote it, or upgrade through a \
+         release that migrates schema version {stuck_at}, or move the file away to start with \
+         an empty store (its volumes are then unknown to the driver)"
+    )]
+    Outdated { found: u64, stuck_at: u64 },
+    /// The file holds records but no schema version: not a store this driver initialised.
+    #[error(
+        "state store holds records but no schema version (this build writes schema version \
+         {SCHEMA_VERSION}); refusing to guess its layout. The file was left unchanged: move it \
+         away if it does not belong to k8scsi"
+    )]
+    Unversioned,
     /// The writer thread has stopped (it only does so when the store is dropped or failed).
     #[error("state store writer has stopped")]
     WriterGone,
@@ -203,24 +222,26 @@ impl Drop for CommitIntent {
     }
 }
 
-/// Refuses a store file from another schema version before anything opens it for writing:
-/// redb updates the file's header on a writable open, and a newer build's store must stay
-/// exactly as that build left it. A file that cannot be opened read-only (missing, or left
-/// unclean by a crash and needing redb's repair) is left to the writable open and its check.
+/// Refuses a store file that this build will not open (a newer or unmigratable older schema
+/// version, records without a version) before anything opens it for writing: redb updates the
+/// file's header on a writable open, and a refused file must stay exactly as it was. A file that
+/// cannot be opened read-only (missing, empty, or left unclean by a crash and needing redb's
+/// repair) is left to the writable open and its check.
 fn refuse_other_schema(path: &Path) -> Result<(), StoreError> {
     let Ok(db) = redb::ReadOnlyDatabase::open(path) else {
         return Ok(());
     };
-    let found = (|| -> Option<u64> {
-        let txn = db.begin_read().ok()?;
-        let meta = txn.open_table(META).ok()?;
-        meta.get(SCHEMA_VERSION_KEY).ok()?.map(|v| v.value())
-    })();
+    let Ok(txn) = db.begin_read() else {
+        return Ok(());
+    };
+    let found = txn
+        .open_table(META)
+        .ok()
+        .and_then(|meta| meta.get(SCHEMA_VERSION_KEY).ok()?.map(|v| v.value()));
+    let records = found.is_none() && has_records(&txn);
+    drop(txn);
     drop(db);
-    match found {
-        Some(found) if found != SCHEMA_VERSION => Err(StoreError::Schema { found }),
-        _ => Ok(()),
-    }
+    migration_path(found, records, SCHEMA_VERSION, MIGRATIONS).map(|_| ())
 }
 
 impl Store {
@@ -250,16 +271,26 @@ impl Store {
                 }
             }
         };
+        let records = {
+            let txn = db_err!(db.begin_read())?;
+            has_records(&txn)
+        };
         let txn = db_err!(db.begin_write())?;
         {
             let mut meta = db_err!(txn.open_table(META))?;
             let found = db_err!(meta.get(SCHEMA_VERSION_KEY))?.map(|v| v.value());
-            match found {
-                None => {
-                    db_err!(meta.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION))?;
-                }
-                Some(SCHEMA_VERSION) => {}
-                Some(found) => return Err(StoreError::Schema { found }),
+            let records = records && found.is_none();
+            for step in migration_path(found, records, SCHEMA_VERSION, MIGRATIONS)? {
+                tracing::info!(
+                    from = step.from,
+                    to = step.from + 1,
+                    what = step.what,
+                    "migrating the state store"
+                );
+                (step.run)(&txn)?;
+            }
+            if found != Some(SCHEMA_VERSION) {
+                db_err!(meta.insert(SCHEMA_VERSION_KEY, SCHEMA_VERSION))?;
             }
             // Create every table so read transactions never meet a missing one.
             db_err!(txn.open_table(VOLUMES))?;

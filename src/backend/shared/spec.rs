@@ -332,14 +332,21 @@ impl ShareRef {
                 check_absolute("share", &format!("/{rest}"))?;
             }
             "cephfs" | "glusterfs" => {
-                if source.split(['/', ',']).any(|p| p == "..") {
+                if source.split(['/', ',', ':']).any(|p| p == "..") {
                     return err(format!("source {source:?} must not contain '..'"));
                 }
             }
             _ => check_absolute("source", source)?,
         }
         for option in &self.options {
-            check_option(option)?;
+            // Parameters are trimmed on the way in (`check_options`); a decoded ID must hold
+            // the trimmed spelling too, or whitespace would reach the `-o` argument and one
+            // share would have several IDs (found by the `snapshot_id` fuzz target).
+            if check_option(option)? != option {
+                return err(format!(
+                    "mount option {option:?} has surrounding whitespace"
+                ));
+            }
         }
         Ok(())
     }
@@ -418,8 +425,9 @@ fn hex(bytes: &[u8]) -> String {
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
-/// Unpadded base64url (RFC 4648 §5).
-fn b64_encode(data: &[u8]) -> String {
+/// Unpadded base64url (RFC 4648 §5). Public so the fuzz checks (`crate::fuzzing`) can wrap
+/// arbitrary share-reference text into the ID shape the parser expects.
+pub fn b64_encode(data: &[u8]) -> String {
     let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
     for chunk in data.chunks(3) {
         let n = chunk
@@ -774,6 +782,8 @@ mod tests {
             params(&[("source", "/a b"), ("fsType", "none")]),
             params(&[("source", "server:/x"), ("fsType", "nfs"), ("share", "/y")]),
             params(&[("source", "//srv/../x"), ("fsType", "cifs")]),
+            params(&[("source", "mon1:6789:.."), ("fsType", "cephfs")]),
+            params(&[("source", "srv:..,x"), ("fsType", "glusterfs")]),
             params(&[]),
         ] {
             assert!(ShareRef::from_parameters(&bad, &[]).is_err(), "{bad:?}");
@@ -879,6 +889,8 @@ mod tests {
             format!("{hash}-{}", b64_encode(b"none\n/etc/../root\n")),
             format!("{hash}-{}", b64_encode(b"none\n/srv")),
             format!("{hash}-{}", b64_encode(b"proc\n/proc\n")),
+            format!("{hash}-{}", b64_encode(b"ext4\n/dev/loop7\nnoatime\t ")),
+            format!("{hash}-{}", b64_encode(b"nfs\ns:/x\n hard")),
         ] {
             assert!(parse_id_tail(&bad).is_err(), "{bad}");
         }
