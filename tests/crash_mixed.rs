@@ -249,6 +249,9 @@ struct Vol {
     /// The content source of the current incarnation of the name, with the token and size it
     /// brings.
     origin: Option<(Origin, Option<u64>)>,
+    /// Whether this incarnation of a block volume has had its filler written (see
+    /// [`write_filler`]).
+    filled: bool,
     in_flight: Option<Op>,
 }
 
@@ -262,6 +265,7 @@ impl Vol {
             bytes: kind.initial_bytes(),
             data: None,
             origin: None,
+            filled: false,
             in_flight: None,
         }
     }
@@ -281,6 +285,7 @@ impl Vol {
         if op == Op::Create {
             // A (re-)created name holds its source's data, or nothing.
             self.data = self.origin.as_ref().and_then(|(_, token)| *token);
+            self.filled = false;
         }
         self.in_flight = None;
     }
@@ -526,6 +531,28 @@ fn parse_token(block: &[u8]) -> Option<u64> {
         .then(|| u64::from_le_bytes(block[..8].try_into().unwrap()))
 }
 
+/// Size of the filler written once into each block volume.
+const FILLER_BYTES: usize = 15 << 20;
+
+/// Fills a published block device after its first block with 15 MiB of data (fsynced), so that
+/// a snapshot of the unstaged volume is a background copy that really copies (a preallocated
+/// image is all unwritten extents, which a hole-keeping copy skips in microseconds) and a kill
+/// can land while it runs.
+fn write_filler(path: &Path) {
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {} for writing: {e}", path.display()));
+    let chunk = vec![0xa5u8; 1 << 20];
+    std::io::Seek::seek(&mut f, std::io::SeekFrom::Start(512)).unwrap();
+    for _ in 0..FILLER_BYTES / chunk.len() {
+        f.write_all(&chunk)
+            .unwrap_or_else(|e| panic!("fill {}: {e}", path.display()));
+    }
+    f.sync_all()
+        .unwrap_or_else(|e| panic!("fsync {}: {e}", path.display()));
+}
+
 /// The token last written at `path`, if any.
 fn read_token(path: &Path) -> Option<u64> {
     let mut f = std::fs::File::open(path).ok()?;
@@ -748,6 +775,7 @@ async fn worker(
     mut rng: Rng,
     index: usize,
     killed: Arc<AtomicBool>,
+    copying: Arc<tokio::sync::Notify>,
 ) -> WorkerResult {
     let mut result = WorkerResult {
         owned: Owned::default(),
@@ -779,6 +807,8 @@ async fn worker(
                 let expected = vol.data;
                 let known = vol.data_known();
                 let name = vol.name.clone();
+                let fill = vol.kind == Kind::Block && !vol.filled;
+                vol.filled = true;
                 tokio::task::spawn_blocking(move || {
                     if known {
                         assert_eq!(
@@ -788,6 +818,9 @@ async fn worker(
                         );
                     }
                     write_token(&path, token);
+                    if fill {
+                        write_filler(&path);
+                    }
                 })
                 .await
                 .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
@@ -824,6 +857,7 @@ async fn worker(
                         snap.in_flight = None;
                         if !ready {
                             result.not_ready += 1;
+                            copying.notify_one();
                         }
                         None
                     }
@@ -1347,6 +1381,7 @@ struct Totals {
     aborted: u64,
     not_ready: u64,
     resumed: u64,
+    targeted: u64,
     longest_wait: Duration,
 }
 
@@ -1385,6 +1420,7 @@ async fn sigkill_during_mixed_node_and_controller_work_loses_nothing() {
 
     for round in 0..rounds {
         let killed = Arc::new(AtomicBool::new(false));
+        let copying = Arc::new(tokio::sync::Notify::new());
         let mut tasks = Vec::new();
         for (index, mine) in owned.iter_mut().enumerate() {
             tasks.push(tokio::spawn(worker(
@@ -1394,10 +1430,27 @@ async fn sigkill_during_mixed_node_and_controller_work_loses_nothing() {
                 Rng(rng.next()),
                 index,
                 killed.clone(),
+                copying.clone(),
             )));
         }
         let delay = Duration::from_millis(20 + rng.below(600));
-        tokio::time::sleep(delay).await;
+        // One round in three is cut short right after a CreateSnapshot answered "not ready",
+        // while (or just after) its background copy runs.
+        let targeted = rng.below(3) == 0;
+        let after_copy = Duration::from_millis(rng.below(4));
+        let when = if targeted {
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => format!("{delay:?}"),
+                _ = copying.notified() => {
+                    tokio::time::sleep(after_copy).await;
+                    totals.targeted += 1;
+                    format!("{after_copy:?} after a not-ready snapshot answer")
+                }
+            }
+        } else {
+            tokio::time::sleep(delay).await;
+            format!("{delay:?}")
+        };
         killed.store(true, Ordering::SeqCst);
         tokio::task::block_in_place(|| driver.kill());
         let mut round_acked = 0;
@@ -1418,13 +1471,12 @@ async fn sigkill_during_mixed_node_and_controller_work_loses_nothing() {
         totals.acked += round_acked;
 
         tokio::task::block_in_place(|| driver.restart());
-        let context = format!("seed {seed:#x} round {round} (kill after {delay:?})");
+        let context = format!("seed {seed:#x} round {round} (kill after {when})");
         let mut c = Clients::new(&driver).await;
         let got = Listed {
             volumes: listed(&mut c, &context).await,
             snapshots: listed_snapshots(&mut c, &context).await,
         };
-        totals.resumed += got.snapshots.values().filter(|&&ready| !ready).count() as u64;
         {
             let (vols, snaps) = (all_vols(&owned), all_snaps(&owned));
             tokio::task::block_in_place(|| {
@@ -1460,7 +1512,7 @@ async fn sigkill_during_mixed_node_and_controller_work_loses_nothing() {
             check_converged(&context, &driver, &paths, &vols, &snaps, &got)
         });
         eprintln!(
-            "round {round}: kill after {delay:?}, {round_acked} calls acked, retried \
+            "round {round}: kill after {when}, {round_acked} calls acked, retried \
              {in_flight:?}, {} volumes and {} snapshots live",
             got.volumes.len(),
             got.snapshots.len()
@@ -1542,6 +1594,9 @@ async fn sigkill_during_mixed_node_and_controller_work_loses_nothing() {
             std::thread::sleep(Duration::from_millis(50));
         }
     });
+    // The server logs each interrupted background copy it starts again (often done before
+    // the first ListSnapshots after the restart).
+    totals.resumed = driver.log().matches("copying a snapshot again").count() as u64;
     let names: usize = owned.iter().map(|o| o.vols.len()).sum();
     let snapshot_names: usize = owned.iter().map(|o| o.snaps.len()).sum();
     let Totals {
@@ -1551,14 +1606,15 @@ async fn sigkill_during_mixed_node_and_controller_work_loses_nothing() {
         aborted,
         not_ready,
         resumed,
+        targeted,
         longest_wait,
     } = totals;
     eprintln!(
         "mixed crash summary: seed {seed:#x}, {rounds} rounds in {:.1?}: {acked} calls acked, \
          {writes} fsynced writes, {retried} interrupted calls retried, {names} volume names and \
          {snapshot_names} snapshot names used, {not_ready} snapshots answered not ready \
-         (background copy), {resumed} background copies resumed after a restart (longest wait \
-         for ready {longest_wait:.1?}), {aborted} calls ABORTED by a running copy, {restored} \
+         (background copy), {targeted} kills right after such an answer, {resumed} background \
+         copies resumed after a restart (longest wait for ready {longest_wait:.1?}), {aborted} calls ABORTED by a running copy, {restored} \
          snapshots restored and {checked} volumes' data re-read after the last restart; \
          unanswered calls failed with {codes:?}",
         started.elapsed()
