@@ -78,10 +78,23 @@ enum Kind {
     Ext4,
     Block,
     Shared,
+    /// A shared volume whose StorageClass says `onDelete: archive`: DeleteVolume renames its
+    /// directory to `archived-<name>-<time>` on the share.
+    Archived,
 }
 
 impl Kind {
-    const ALL: [Kind; 4] = [Kind::Dir, Kind::Ext4, Kind::Block, Kind::Shared];
+    const ALL: [Kind; 5] = [
+        Kind::Dir,
+        Kind::Ext4,
+        Kind::Block,
+        Kind::Shared,
+        Kind::Archived,
+    ];
+
+    fn shared(self) -> bool {
+        matches!(self, Kind::Shared | Kind::Archived)
+    }
 
     fn tag(self) -> &'static str {
         match self {
@@ -89,12 +102,13 @@ impl Kind {
             Kind::Ext4 => "ext4",
             Kind::Block => "block",
             Kind::Shared => "shared",
+            Kind::Archived => "archived",
         }
     }
 
     fn initial_bytes(self) -> i64 {
         match self {
-            Kind::Dir | Kind::Shared => MIB,
+            Kind::Dir | Kind::Shared | Kind::Archived => MIB,
             Kind::Ext4 => 8 * MIB,
             // Preallocated, so the image occupies 16 MiB and a snapshot of it while unstaged is
             // a background copy (the engine's threshold), yet copies in milliseconds.
@@ -104,7 +118,7 @@ impl Kind {
 
     fn expand_step(self) -> i64 {
         match self {
-            Kind::Dir | Kind::Shared => MIB,
+            Kind::Dir | Kind::Shared | Kind::Archived => MIB,
             Kind::Ext4 | Kind::Block => 4 * MIB,
         }
     }
@@ -122,6 +136,12 @@ impl Kind {
                 ("source", share.to_string_lossy().into_owned()),
                 ("fsType", "none".into()),
             ],
+            Kind::Archived => vec![
+                ("type", "shared".into()),
+                ("source", share.to_string_lossy().into_owned()),
+                ("fsType", "none".into()),
+                ("onDelete", "archive".into()),
+            ],
         };
         pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
     }
@@ -132,7 +152,7 @@ impl Kind {
         match self {
             Kind::Dir => VolumeId::for_name("dir", name).to_string(),
             Kind::Ext4 | Kind::Block => VolumeId::for_name("loop", name).to_string(),
-            Kind::Shared => {
+            Kind::Shared | Kind::Archived => {
                 let params: BTreeMap<String, String> = self.parameters(share).into_iter().collect();
                 let share = ShareRef::from_parameters(&params, &[]).expect("share parameters");
                 shared_volume_id(name, &share).expect("shared volume ID")
@@ -143,7 +163,7 @@ impl Kind {
     fn capability(self) -> VolumeCapability {
         match self {
             Kind::Dir => mount_capability(Mode::SingleNodeWriter, vec![]),
-            Kind::Shared => mount_capability(Mode::MultiNodeMultiWriter, vec![]),
+            Kind::Shared | Kind::Archived => mount_capability(Mode::MultiNodeMultiWriter, vec![]),
             Kind::Ext4 => {
                 let mut cap = mount_capability(Mode::SingleNodeWriter, vec![]);
                 if let Some(AccessType::Mount(m)) = cap.access_type.as_mut() {
@@ -162,7 +182,7 @@ impl Kind {
 
     /// Whether staging mounts something at the staging path.
     fn stage_mounts(self) -> bool {
-        matches!(self, Kind::Ext4 | Kind::Shared)
+        matches!(self, Kind::Ext4 | Kind::Shared | Kind::Archived)
     }
 
     /// Whether a staged volume holds a loop device.
@@ -252,6 +272,9 @@ struct Vol {
     /// Whether this incarnation of a block volume has had its filler written (see
     /// [`write_filler`]).
     filled: bool,
+    /// Acknowledged deletions of this name with `onDelete: archive` (each leaves one archived
+    /// directory on the share).
+    archived: usize,
     in_flight: Option<Op>,
 }
 
@@ -266,6 +289,7 @@ impl Vol {
             data: None,
             origin: None,
             filled: false,
+            archived: 0,
             in_flight: None,
         }
     }
@@ -281,6 +305,9 @@ impl Vol {
         self.at = op.lands_at(self.at);
         if let Op::Expand(bytes) = op {
             self.bytes = bytes;
+        }
+        if op == Op::Delete && self.kind == Kind::Archived {
+            self.archived += 1;
         }
         if op == Op::Create {
             // A (re-)created name holds its source's data, or nothing.
@@ -505,7 +532,7 @@ fn data_path(paths: &Paths, vol: &Vol) -> PathBuf {
     let target = paths.target(&vol.name);
     match vol.kind {
         Kind::Block => target,
-        Kind::Dir | Kind::Ext4 | Kind::Shared => target.join("data"),
+        Kind::Dir | Kind::Ext4 | Kind::Shared | Kind::Archived => target.join("data"),
     }
 }
 
@@ -585,7 +612,7 @@ fn snapshot_token(paths: &Paths, snap: &Snap) -> Option<u64> {
     match snap.kind {
         Kind::Dir => read_token(&local.join(&snap.id).join("data")),
         Kind::Block => read_token(&local.join(format!("{}.block", snap.id))),
-        Kind::Shared => read_token(
+        Kind::Shared | Kind::Archived => read_token(
             &paths
                 .share
                 .join(".k8scsi/snapshots")
@@ -1013,12 +1040,27 @@ fn storage(paths: &Paths, context: &str) -> BTreeSet<String> {
     out
 }
 
-/// Volume directories at the share root (by name).
-fn share_dirs(paths: &Paths) -> BTreeSet<String> {
-    entries_of(&paths.share)
-        .into_iter()
-        .filter(|n| n != ".k8scsi")
-        .collect()
+/// Volume directories at the share root (by name), and how many archived directories each
+/// name has there.
+fn share_dirs(paths: &Paths) -> (BTreeSet<String>, BTreeMap<String, usize>) {
+    let mut live = BTreeSet::new();
+    let mut archived = BTreeMap::new();
+    for name in entries_of(&paths.share) {
+        if name == ".k8scsi" {
+            continue;
+        }
+        // `archived-<name>-<time>`: the volume name is everything up to the last dash.
+        match name
+            .strip_prefix("archived-")
+            .and_then(|rest| rest.rsplit_once('-'))
+        {
+            Some((volume, _)) => *archived.entry(volume.to_string()).or_default() += 1,
+            None => {
+                live.insert(name);
+            }
+        }
+    }
+    (live, archived)
 }
 
 /// Temporary markers left on the share.
@@ -1193,13 +1235,19 @@ fn check_converged(
     );
     let live_shared: BTreeSet<String> = vols
         .iter()
-        .filter(|v| v.at != At::Absent && v.kind == Kind::Shared)
+        .filter(|v| v.at != At::Absent && v.kind.shared())
         .map(|v| v.name.clone())
+        .collect();
+    let archived: BTreeMap<String, usize> = vols
+        .iter()
+        .filter(|v| v.archived > 0)
+        .map(|v| (v.name.clone(), v.archived))
         .collect();
     assert_eq!(
         share_dirs(paths),
-        live_shared,
-        "{context}: volume directories on the share differ from the acknowledged volumes"
+        (live_shared, archived),
+        "{context}: volume directories (live, archived per name) on the share differ from the \
+         acknowledged volumes and deletions"
     );
     assert_eq!(
         share_leftovers(paths),
@@ -1574,10 +1622,20 @@ async fn sigkill_during_mixed_node_and_controller_work_loses_nothing() {
             (BTreeSet::new(), vec![]),
             "{context}: snapshot storage left behind"
         );
+        let (live, archived) = share_dirs(&paths);
         assert!(
-            share_dirs(&paths).is_empty() && share_leftovers(&paths).is_empty(),
+            live.is_empty() && share_leftovers(&paths).is_empty(),
             "{context}: left on the share: {:?}",
             entries_of(&paths.share)
+        );
+        let deletions: BTreeMap<String, usize> = all_vols(&owned)
+            .into_iter()
+            .filter(|v| v.archived > 0)
+            .map(|v| (v.name.clone(), v.archived))
+            .collect();
+        assert_eq!(
+            archived, deletions,
+            "{context}: one archived directory per acknowledged deletion with onDelete: archive"
         );
         assert!(
             our_mounts(&driver).is_empty(),
