@@ -2,16 +2,17 @@
 //! SIGKILL.
 //!
 //! N workers drive volumes of several kinds (plain directories, ext4 loop images, preallocated
-//! raw block loop images, and shared-filesystem volumes on a bind-mounted "share" directory)
-//! through their whole life: create, expand, stage, publish, write data through the real mount
-//! (fsynced), unpublish, unstage, delete. Next to that they take snapshots of their volumes in
-//! any state (unstaged, staged, published: each snapshot remembers the data token the volume held
-//! then), delete them, restore them into new volumes (CreateVolume with a snapshot content
-//! source) and clone live volumes (a volume content source). Block volumes are preallocated to
-//! 16 MiB, so a snapshot of an unstaged one is a background copy (`ready_to_use = false` until
-//! done); calls that meet such a copy get ABORTED, which changes nothing and is simply tried
-//! again later. The test SIGKILLs the server at random points, restarts it, and after each round
-//! checks that
+//! raw block loop images, and shared-filesystem volumes on a bind-mounted "share" directory, with
+//! `onDelete` delete or archive) through their whole life: create, expand, stage, publish, write
+//! data through the real mount (fsynced), unpublish, unstage, delete. Next to that they take
+//! snapshots of their volumes in any state (unstaged, staged, published: each snapshot remembers
+//! the data token the volume held then), delete them, restore them into new volumes
+//! (CreateVolume with a snapshot content source) and clone live volumes (a volume content
+//! source). Block volumes are 16 MiB, preallocated and filled once, so a snapshot of an unstaged
+//! one is a background copy (`ready_to_use = false` until done); calls that meet such a copy get
+//! ABORTED, which changes nothing and is simply tried again later. The test SIGKILLs the server
+//! at random points (one round in three right after a CreateSnapshot answered "not ready", while
+//! its copy runs), restarts it, and after each round checks that
 //! - every acknowledged operation holds: created volumes are listed and have storage, deleted
 //!   ones have neither, published volumes are still mounted and show the last data written;
 //!   acknowledged snapshots are listed and, once ready, their storage holds the data token they
@@ -19,8 +20,8 @@
 //! - no volume or snapshot is listed twice and each belongs to a name we used;
 //! - retrying each interrupted call succeeds (a retried CreateSnapshot lands on the same ID),
 //!   and once every snapshot is ready the listed volumes and snapshots, the storage on disk and
-//!   on the share (markers, directories, snapshot copies, no partial copies or temporary
-//!   markers), the mounts under this test's directory (no controller share mount left) and the
+//!   on the share (markers, directories, one archived directory per acknowledged archiving
+//!   deletion, snapshot copies, no partial copies or temporary markers), the mounts under this test's directory (no controller share mount left) and the
 //!   loop devices backing this test's images are exactly what the acknowledged states say.
 //!
 //! At the end every snapshot is restored once more and every volume (restores included) is

@@ -189,9 +189,10 @@ fn archiving_a_recreated_volume_again_keeps_every_copy() {
     if !root_or_skip() {
         return;
     }
-    // Found by tests/crash_mixed.rs: a volume re-created and deleted again within the same
-    // second was archived under the name of its earlier copy, so the rename failed
-    // (ENOTEMPTY) or, for an empty directory, silently replaced that copy.
+    // Seen while adding `onDelete: archive` to tests/crash_mixed.rs (which re-creates and
+    // deletes names quickly): a volume re-created and deleted again within the same second was
+    // archived under the name of its earlier copy, so the rename failed (ENOTEMPTY) or, for an
+    // empty directory, silently replaced that copy.
     let s = setup();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -230,11 +231,11 @@ fn discarding_an_unrecorded_restore_ignores_the_retention_policy() {
     if !root_or_skip() {
         return;
     }
-    // Found by reviewing what tests/crash_mixed.rs retries: a restore complete on the share
-    // whose record was never committed (a crash in between) is removed by the engine's retry
-    // before it copies again. With `retain` that left the directory without its marker, so the
-    // retry failed for good ("belongs to no volume of ours"); with `archive` it left an
-    // archived copy of a volume nobody was ever given.
+    // Found by tests/crash_mixed.rs (an `archived-` directory for a name never deleted): a
+    // restore complete on the share whose record was never committed (a crash in between) is
+    // removed by the engine's retry before it copies again. With `archive` that left an
+    // archived copy of a volume nobody was ever given; with `retain` the directory without its
+    // marker, so the retry failed for good ("belongs to no volume of ours").
     let s = setup();
     let v = create(&s, "pv-src", &[], "x").unwrap();
     std::fs::write(s.share.join("pv-src/f"), b"snapshotted").unwrap();
