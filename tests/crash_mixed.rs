@@ -376,9 +376,50 @@ struct Clients {
     node: NodeClient<Channel>,
 }
 
+/// Connections to a freshly restarted server that failed and were made again (see
+/// [`Clients::new`]).
+static RECONNECTS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The state letter of process `pid` from `/proc/<pid>/stat` (`Z`: exited, not reaped), or
+/// `None` when it is gone.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+}
+
 impl Clients {
+    /// Connects to the server. Once in 200 restarts (2 cores under heavy load) the first
+    /// connection after a restart failed with ECONNRESET, the server's log ending normally
+    /// ("replacing stale socket"); the cause is not known yet. So a failed connection is tried
+    /// again a few times, but only while the server process is alive (the state is printed): a
+    /// server that died fails the test, with its log.
     async fn new(driver: &Driver) -> Clients {
-        let channel = driver.channel().await;
+        let endpoint = k8scsi::server::Endpoint::Unix(driver.socket());
+        let mut attempt = 0;
+        let channel = loop {
+            match k8scsi::client::connect(&endpoint).await {
+                Ok(channel) => break channel,
+                Err(e) => {
+                    let state = process_state(driver.pid());
+                    attempt += 1;
+                    assert!(
+                        attempt < 5 && !matches!(state, None | Some('Z')),
+                        "connecting to the server (pid {}, state {state:?}) failed {attempt} \
+                         times: {e:?}\n{}",
+                        driver.pid(),
+                        driver.log()
+                    );
+                    eprintln!(
+                        "connection to the server (pid {}, state {state:?}) failed, trying \
+                         again: {e:?}",
+                        driver.pid()
+                    );
+                    RECONNECTS.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
         Clients {
             controller: ControllerClient::new(channel.clone()),
             node: NodeClient::new(channel),
@@ -1675,8 +1716,9 @@ async fn sigkill_during_mixed_node_and_controller_work_loses_nothing() {
          (background copy), {targeted} kills right after such an answer, {resumed} background \
          copies resumed after a restart (longest wait for ready {longest_wait:.1?}), {aborted} calls ABORTED by a running copy, {restored} \
          snapshots restored and {checked} volumes' data re-read after the last restart; \
-         unanswered calls failed with {codes:?}",
-        started.elapsed()
+         unanswered calls failed with {codes:?}; {} connections made again after a reset",
+        started.elapsed(),
+        RECONNECTS.load(Ordering::SeqCst)
     );
     assert!(acked > 0, "no call was ever acknowledged");
 }
