@@ -680,6 +680,8 @@ struct WorkerResult {
     writes: u64,
     aborted: u64,
     not_ready: u64,
+    /// Acknowledged CreateSnapshot, DeleteSnapshot, restores and clones.
+    snapshot_calls: [u64; 4],
     error_code: Option<String>,
 }
 
@@ -852,6 +854,7 @@ async fn worker(
         writes: 0,
         aborted: 0,
         not_ready: 0,
+        snapshot_calls: [0; 4],
         error_code: None,
     };
     while owned.slots.len() < SLOTS {
@@ -902,6 +905,15 @@ async fn worker(
                 let vol = owned.vols[v].clone();
                 match call(&mut clients, &paths, &vol, op).await {
                     Ok(()) => {
+                        match (&vol.origin, op) {
+                            (Some((Origin::Snapshot(_), _)), Op::Create) => {
+                                result.snapshot_calls[2] += 1
+                            }
+                            (Some((Origin::Volume(_), _)), Op::Create) => {
+                                result.snapshot_calls[3] += 1
+                            }
+                            _ => {}
+                        }
                         owned.vols[v].acked(op);
                         None
                     }
@@ -921,6 +933,7 @@ async fn worker(
                 let snap = owned.snaps[s].clone();
                 match call_snap(&mut clients, &snap, op).await {
                     Ok(ready) => {
+                        result.snapshot_calls[usize::from(op == SnapOp::Delete)] += 1;
                         let snap = &mut owned.snaps[s];
                         snap.present = op == SnapOp::Create;
                         snap.in_flight = None;
@@ -1472,6 +1485,7 @@ struct Totals {
     not_ready: u64,
     resumed: u64,
     targeted: u64,
+    snapshot_calls: [u64; 4],
     longest_wait: Duration,
 }
 
@@ -1553,6 +1567,9 @@ async fn sigkill_during_mixed_node_and_controller_work_loses_nothing() {
             totals.writes += result.writes;
             totals.aborted += result.aborted;
             totals.not_ready += result.not_ready;
+            for (total, n) in totals.snapshot_calls.iter_mut().zip(result.snapshot_calls) {
+                *total += n;
+            }
             if let Some(code) = result.error_code {
                 *codes.entry(code).or_default() += 1;
             }
@@ -1707,15 +1724,18 @@ async fn sigkill_during_mixed_node_and_controller_work_loses_nothing() {
         not_ready,
         resumed,
         targeted,
+        snapshot_calls: [snapshots_taken, snapshots_deleted, restores, clones],
         longest_wait,
     } = totals;
     eprintln!(
         "mixed crash summary: seed {seed:#x}, {rounds} rounds in {:.1?}: {acked} calls acked, \
          {writes} fsynced writes, {retried} interrupted calls retried, {names} volume names and \
-         {snapshot_names} snapshot names used, {not_ready} snapshots answered not ready \
+         {snapshot_names} snapshot names used (of the acked calls: {snapshots_taken} \
+         CreateSnapshot, {snapshots_deleted} DeleteSnapshot, {restores} restores, {clones} \
+         clones), {not_ready} snapshots answered not ready \
          (background copy), {targeted} kills right after such an answer, {resumed} background \
          copies resumed after a restart (longest wait for ready {longest_wait:.1?}), {aborted} calls ABORTED by a running copy, {restored} \
-         snapshots restored and {checked} volumes' data re-read after the last restart; \
+         snapshots restored again at the end and {checked} volumes' data re-read after the last restart; \
          unanswered calls failed with {codes:?}; {} connections made again after a reset",
         started.elapsed(),
         RECONNECTS.load(Ordering::SeqCst)
