@@ -21,8 +21,9 @@
 //! - retrying each interrupted call succeeds (a retried CreateSnapshot lands on the same ID),
 //!   and once every snapshot is ready the listed volumes and snapshots, the storage on disk and
 //!   on the share (markers, directories, one archived directory per acknowledged archiving
-//!   deletion, snapshot copies, no partial copies or temporary markers), the mounts under this test's directory (no controller share mount left) and the
-//!   loop devices backing this test's images are exactly what the acknowledged states say.
+//!   deletion, snapshot copies, no partial copies or temporary markers), the mounts under this
+//!   test's directory (no controller share mount left) and the loop devices backing this
+//!   test's images are exactly what the acknowledged states say.
 //!
 //! At the end every snapshot is restored once more and every volume (restores included) is
 //! staged and published, its data checked, and then everything is torn down; nothing may remain
@@ -1732,11 +1733,12 @@ async fn sigkill_during_mixed_node_and_controller_work_loses_nothing() {
          {writes} fsynced writes, {retried} interrupted calls retried, {names} volume names and \
          {snapshot_names} snapshot names used (of the acked calls: {snapshots_taken} \
          CreateSnapshot, {snapshots_deleted} DeleteSnapshot, {restores} restores, {clones} \
-         clones), {not_ready} snapshots answered not ready \
-         (background copy), {targeted} kills right after such an answer, {resumed} background \
-         copies resumed after a restart (longest wait for ready {longest_wait:.1?}), {aborted} calls ABORTED by a running copy, {restored} \
-         snapshots restored again at the end and {checked} volumes' data re-read after the last restart; \
-         unanswered calls failed with {codes:?}; {} connections made again after a reset",
+         clones), {not_ready} snapshots answered not ready (background copy), {targeted} kills \
+         right after such an answer, {resumed} background copies resumed after a restart \
+         (longest wait for ready {longest_wait:.1?}), {aborted} calls ABORTED by a running \
+         copy, {restored} snapshots restored again at the end and {checked} volumes' data \
+         re-read after the last restart; unanswered calls failed with {codes:?}; {} \
+         connections made again after a reset",
         started.elapsed(),
         RECONNECTS.load(Ordering::SeqCst)
     );
