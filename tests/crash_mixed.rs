@@ -1783,6 +1783,9 @@ async fn sigkill_during_mixed_node_and_controller_work_loses_nothing() {
     // The server logs each interrupted background copy it starts again (often done before
     // the first ListSnapshots after the restart).
     totals.resumed = driver.log().matches("copying a snapshot again").count() as u64;
+    // A restarted server waits for a `fsfreeze -f` its killed predecessor left running before
+    // it thaws that filesystem (otherwise it could end up frozen for good).
+    let waited_for_freezes = driver.log().matches("waiting for a fsfreeze left").count();
     let names: usize = owned.iter().map(|o| o.vols.len()).sum();
     let snapshot_names: usize = owned.iter().map(|o| o.snaps.len()).sum();
     let Totals {
@@ -1807,7 +1810,7 @@ async fn sigkill_during_mixed_node_and_controller_work_loses_nothing() {
          copy, {restored} snapshots restored again at the end and {checked} volumes' data \
          re-read after the last restart; unanswered calls failed with {codes:?}; {} \
          connections or Probes made again after a reset, {} restarted servers found killed \
-         from outside",
+         from outside, {waited_for_freezes} leftover fsfreeze waited for at start-up",
         started.elapsed(),
         RECONNECTS.load(Ordering::SeqCst),
         OUTSIDE_KILLS.load(Ordering::SeqCst)
