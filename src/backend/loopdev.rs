@@ -116,7 +116,7 @@ const SETPRIV: &str = "/usr/bin/setpriv";
 /// two loop devices, and an `mkfs` racing a retried create's `mkfs` writes one image twice.
 /// `setpriv --pdeathsig KILL` makes the kernel kill the tool when the driver goes (found by
 /// tests/crash_mixed.rs). Without `setpriv` the tool runs directly, as before.
-fn tool(program: &str) -> Command {
+pub(crate) fn tool(program: &str) -> Command {
     if Path::new(SETPRIV).exists() {
         let mut cmd = Command::new(SETPRIV);
         cmd.args(["--pdeathsig", "KILL", "--", program]);

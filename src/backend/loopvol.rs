@@ -503,8 +503,7 @@ impl Backend for LoopBackend {
                 continue;
             };
             if let Some(device) = loopdev::find_attached(&image)?
-                && let Some(mount_point) = freeze::mount_point_of(&device)?
-                && let Err(e) = freeze::thaw(&mount_point)
+                && let Err(e) = freeze::thaw_after_crash(&device)
             {
                 tracing::error!(volume_id = %id, error = %e, "could not thaw a volume's filesystem");
             }

@@ -281,6 +281,14 @@ pub trait Backend: Send + Sync + 'static {
     /// Removes the storage of `id`; absent storage is success.
     fn delete(&self, id: &VolumeId) -> Result<(), BackendError>;
 
+    /// Removes storage of `id` that has no record: left by a CreateVolume that never answered
+    /// (e.g. a restore cut short by a crash), so nobody has used it and the retry makes it
+    /// again. Unlike [`Backend::delete`] it does not keep data a retention policy would keep.
+    /// By default the same as `delete`.
+    fn discard(&self, id: &VolumeId) -> Result<(), BackendError> {
+        self.delete(id)
+    }
+
     /// Whether storage for `id` exists.
     fn exists(&self, id: &VolumeId) -> Result<bool, BackendError>;
 

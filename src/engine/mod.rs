@@ -337,9 +337,10 @@ impl Engine {
                 let (enforcement, mechanism) = blocking(move || {
                     check_room(capacity, &b.capacity_for(&p, &f)?)?;
                     // Storage without a record is from an attempt that never answered and may
-                    // be partly copied: start over.
+                    // be partly copied: start over (whatever the volume's retention policy:
+                    // nobody has used it).
                     if b.exists(&id)? {
-                        b.delete(&id)?;
+                        b.discard(&id)?;
                     }
                     let content = match (&snapshot, &volume) {
                         (Some(s), _) => crate::backend::ContentSource::Snapshot(s),

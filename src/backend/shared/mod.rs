@@ -475,11 +475,14 @@ impl SharedBackend {
         Ok(())
     }
 
+    /// Removes volume `id` from its share as its marker says (`unrecorded`: as `delete`
+    /// whatever the marker says, see [`Backend::discard`]).
     fn delete_on_share(
         root: BorrowedFd<'_>,
         markers: BorrowedFd<'_>,
         at: &Path,
         id: &VolumeId,
+        unrecorded: bool,
     ) -> Result<(), BackendError> {
         let Some(marker) = Self::read_marker(markers, id, at)? else {
             return Ok(());
@@ -487,8 +490,13 @@ impl SharedBackend {
         let (parent_components, leaf) = marker.dir.split_at(marker.dir.len() - 1);
         let leaf = &leaf[0];
         let shown = at.join(marker.dir.join("/"));
+        let on_delete = if unrecorded {
+            OnDelete::Delete
+        } else {
+            marker.on_delete
+        };
         match tree::open_dir(root, parent_components) {
-            Ok(parent) => match marker.on_delete {
+            Ok(parent) => match on_delete {
                 OnDelete::Delete => {
                     tree::remove_tree(parent.as_fd(), leaf).map_err(io_at("remove", &shown))?;
                 }
@@ -496,11 +504,7 @@ impl SharedBackend {
                     tracing::info!(volume_id = %id, dir = %shown.display(), "onDelete=retain: leaving the directory");
                 }
                 OnDelete::Archive => {
-                    let now = SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or_default();
-                    let archived = format!("archived-{leaf}-{now}");
+                    let archived = Self::archive_name(parent.as_fd(), leaf, &shown)?;
                     match rustix::fs::renameat(
                         parent.as_fd(),
                         leaf.as_str(),
@@ -521,6 +525,40 @@ impl SharedBackend {
             Err(e) => return Err(BackendError::io("open parent", &shown, e)),
         }
         Self::remove_marker(markers, id, at)
+    }
+
+    /// A name for archiving the directory `leaf` in `parent` that nothing there has yet:
+    /// `archived-<leaf>-<unix seconds>`, with `.1`, `.2`, ... appended when a directory of the
+    /// same name was archived within the same second (a re-created volume deleted again), which
+    /// a plain rename would fail on (`ENOTEMPTY`) or, for an empty directory, silently replace.
+    /// Checked with a lookup rather than `RENAME_NOREPLACE`, which NFS does not support; only
+    /// the caller, holding the volume's key, archives this volume's directories.
+    fn archive_name(
+        parent: BorrowedFd<'_>,
+        leaf: &str,
+        shown: &Path,
+    ) -> Result<String, BackendError> {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        let base = format!("archived-{leaf}-{now}");
+        for n in 0..10_000u32 {
+            let candidate = if n == 0 {
+                base.clone()
+            } else {
+                format!("{base}.{n}")
+            };
+            match rustix::fs::statat(parent, candidate.as_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                Err(rustix::io::Errno::NOENT) => return Ok(candidate),
+                Ok(_) => continue,
+                Err(e) => return Err(BackendError::io("archive", shown, e.into())),
+            }
+        }
+        Err(BackendError::Conflict(format!(
+            "too many archived copies of {} in one second",
+            shown.display()
+        )))
     }
 }
 
@@ -596,7 +634,15 @@ impl Backend for SharedBackend {
 
     fn delete(&self, id: &VolumeId) -> Result<(), BackendError> {
         self.with_share(id, (), |root, markers, at| {
-            Self::delete_on_share(root, markers, at, id)
+            Self::delete_on_share(root, markers, at, id, false)
+        })
+    }
+
+    fn discard(&self, id: &VolumeId) -> Result<(), BackendError> {
+        // Never acknowledged, so never used: `retain` would leave a directory that blocks the
+        // retry (it belongs to no marker any more), `archive` an archived copy nobody asked for.
+        self.with_share(id, (), |root, markers, at| {
+            Self::delete_on_share(root, markers, at, id, true)
         })
     }
 

@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,13 +46,14 @@ pub enum CommandError {
     },
 }
 
-/// Runs `program args` and waits at most `timeout`; the child is killed when it overruns.
+/// Runs `program args` and waits at most `timeout`; the child is killed when it overruns, and
+/// (through `setpriv --pdeathsig`, see `loopdev::tool`) when this driver dies.
 pub fn run_with_timeout(
     program: &str,
     args: &[String],
     timeout: Duration,
 ) -> Result<(), CommandError> {
-    let mut child = Command::new(program)
+    let mut child = crate::backend::loopdev::tool(program)
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -317,7 +317,7 @@ impl SharedBackend {
                 Ok(mechanism_of(&stats))
             })();
             if result.is_err() {
-                let _ = Self::delete_on_share(root, markers, at, id);
+                let _ = Self::delete_on_share(root, markers, at, id, true);
             }
             result.map(|mechanism| (Enforcement::None, mechanism))
         })

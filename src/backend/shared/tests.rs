@@ -172,6 +172,103 @@ fn on_delete_modes() {
     );
 }
 
+/// Entries at the share root starting with `prefix`.
+fn root_entries(s: &Setup, prefix: &str) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(&s.share)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(prefix))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn archiving_a_recreated_volume_again_keeps_every_copy() {
+    if !root_or_skip() {
+        return;
+    }
+    // Seen while adding `onDelete: archive` to tests/crash_mixed.rs (which re-creates and
+    // deletes names quickly): a volume re-created and deleted again within the same second was
+    // archived under the name of its earlier copy, so the rename failed (ENOTEMPTY) or, for an
+    // empty directory, silently replaced that copy.
+    let s = setup();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    // Copies archived earlier, whichever second the deletions below land in.
+    for t in now - 1..=now + 5 {
+        let dir = s.share.join(format!("archived-pv-twice-{t}"));
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("old"), t.to_string()).unwrap();
+    }
+    for round in 0..3 {
+        let id = create(&s, "pv-twice", &[("onDelete", "archive")], "x").unwrap();
+        if round != 1 {
+            std::fs::write(s.share.join("pv-twice/f"), format!("round {round}")).unwrap();
+        }
+        s.backend.delete(&id).unwrap();
+        assert!(!s.share.join("pv-twice").exists());
+    }
+    let archived = root_entries(&s, "archived-pv-twice-");
+    assert_eq!(archived.len(), 7 + 3, "{archived:?}");
+    for t in now - 1..=now + 5 {
+        let old = s.share.join(format!("archived-pv-twice-{t}/old"));
+        assert_eq!(std::fs::read_to_string(old).unwrap(), t.to_string());
+    }
+    let mut rounds: Vec<String> = archived
+        .iter()
+        .filter_map(|n| std::fs::read_to_string(s.share.join(n).join("f")).ok())
+        .collect();
+    rounds.sort();
+    assert_eq!(rounds, ["round 0", "round 2"]);
+}
+
+#[test]
+fn discarding_an_unrecorded_restore_ignores_the_retention_policy() {
+    if !root_or_skip() {
+        return;
+    }
+    // Found by tests/crash_mixed.rs (an `archived-` directory for a name never deleted): a
+    // restore complete on the share whose record was never committed (a crash in between) is
+    // removed by the engine's retry before it copies again. With `archive` that left an
+    // archived copy of a volume nobody was ever given; with `retain` the directory without its
+    // marker, so the retry failed for good ("belongs to no volume of ours").
+    let s = setup();
+    let v = create(&s, "pv-src", &[], "x").unwrap();
+    std::fs::write(s.share.join("pv-src/f"), b"snapshotted").unwrap();
+    let snap = SnapshotId::for_source(&v, "snap-1");
+    s.backend.snapshot(&v, &snap).unwrap();
+    for (name, policy) in [("pv-retain", "retain"), ("pv-archive", "archive")] {
+        let p = params(&s.share, &[("onDelete", policy)]);
+        let id = s.backend.volume_id(name, &p, &[]).unwrap();
+        let restore = || {
+            s.backend.create_from(
+                &id,
+                ContentSource::Snapshot(&snap),
+                &options(name, p.clone(), "y"),
+            )
+        };
+        restore().unwrap();
+        // What the engine does when CreateVolume is retried without a record.
+        assert!(s.backend.exists(&id).unwrap());
+        s.backend.discard(&id).unwrap();
+        assert!(!s.share.join(name).exists(), "{policy}");
+        restore().unwrap();
+        assert_eq!(
+            std::fs::read(s.share.join(name).join("f")).unwrap(),
+            b"snapshotted"
+        );
+        assert_eq!(root_entries(&s, "archived-"), Vec::<String>::new());
+        // A recorded volume's deletion still follows the policy.
+        s.backend.delete(&id).unwrap();
+        assert_eq!(s.share.join(name).exists(), policy == "retain");
+    }
+    assert_eq!(root_entries(&s, "archived-pv-archive-").len(), 1);
+}
+
 #[test]
 fn a_fresh_backend_deletes_by_volume_id_alone() {
     if !root_or_skip() {
