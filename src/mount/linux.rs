@@ -20,6 +20,11 @@ use super::{AtimeMode, ConfinedPath, MountError, MountOptions, Mounter, PathStat
 /// Mode of target directories we create (the kubelet creates their parents).
 const TARGET_DIR_MODE: u32 = 0o750;
 
+/// How long an unmount refused with EBUSY is retried (see `LinuxMounter::unmount`), and the
+/// first pause between tries (doubled each time).
+const UNMOUNT_BUSY_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+const UNMOUNT_BUSY_FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+
 /// The production [`Mounter`].
 #[derive(Debug, Default, Clone, Copy)]
 pub struct LinuxMounter;
@@ -285,8 +290,20 @@ impl Mounter for LinuxMounter {
 
     fn unmount(&self, target: &ConfinedPath) -> Result<(), MountError> {
         let parent = open_parent(target)?;
-        unmount(fd_path(&parent, target.leaf()), UnmountFlags::NOFOLLOW)
-            .map_err(|e| io("umount", target.absolute(), e))
+        // EBUSY is usually short-lived: a process of the pod still exiting, a scanner or a
+        // `du` with a directory open in the volume, or a killed driver whose last thread is
+        // still leaving the kernel. Try again for a moment before the kubelet has to retry.
+        let mut pause = UNMOUNT_BUSY_FIRST_PAUSE;
+        let deadline = std::time::Instant::now() + UNMOUNT_BUSY_PATIENCE;
+        loop {
+            match unmount(fd_path(&parent, target.leaf()), UnmountFlags::NOFOLLOW) {
+                Err(Errno::BUSY) if std::time::Instant::now() + pause < deadline => {
+                    std::thread::sleep(pause);
+                    pause *= 2;
+                }
+                other => return other.map_err(|e| io("umount", target.absolute(), e)),
+            }
+        }
     }
 
     fn detach(&self, target: &ConfinedPath) -> Result<(), MountError> {
@@ -358,5 +375,39 @@ mod tests {
         assert!(m.inspect(&other).unwrap().unwrap().is_mount_point);
         m.unmount(&other).unwrap();
         m.remove_target(&other).unwrap();
+    }
+
+    #[test]
+    fn unmount_waits_out_a_short_lived_busy_mount() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root for mount(2)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (kubelet, source) = (dir.path().join("kubelet"), dir.path().join("source"));
+        std::fs::create_dir_all(kubelet.join("pod")).unwrap();
+        std::fs::create_dir_all(&source).unwrap();
+        let raw = kubelet.join("pod/mount");
+        let target = ConfinedPath::new(&kubelet, raw.to_str().unwrap()).unwrap();
+        let m = LinuxMounter;
+        m.bind(&source, &target, &MountOptions::default()).unwrap();
+        // A directory opened through the mount keeps it busy until it is closed.
+        let held = std::fs::File::open(&raw).unwrap();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            drop(held);
+        });
+        m.unmount(&target).unwrap();
+        closer.join().unwrap();
+        assert!(!m.inspect(&target).unwrap().unwrap().is_mount_point);
+        // Busy for longer than the patience: the error is reported and the mount stays.
+        m.bind(&source, &target, &MountOptions::default()).unwrap();
+        let held = std::fs::File::open(&raw).unwrap();
+        let error = m.unmount(&target).unwrap_err();
+        assert!(error.to_string().contains("busy"), "{error}");
+        assert!(m.inspect(&target).unwrap().unwrap().is_mount_point);
+        drop(held);
+        m.unmount(&target).unwrap();
+        m.remove_target(&target).unwrap();
     }
 }
