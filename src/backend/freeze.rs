@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::BackendError;
-use super::shared::mounts::{CommandError, run_with_timeout};
+use super::shared::mounts::{CommandError, run_command_with_timeout};
 use crate::mount::mountinfo;
 
 /// How long start-up recovery waits for a `fsfreeze` left by a killed driver.
@@ -30,8 +30,10 @@ const LEFTOVER_DEADLINE: Duration = Duration::from_secs(60);
 pub const FREEZE_TIMEOUT: Duration = Duration::from_secs(60);
 
 fn fsfreeze(flag: &str, mount_point: &Path) -> Result<(), String> {
-    let args = [flag.to_string(), mount_point.to_string_lossy().into_owned()];
-    match run_with_timeout("fsfreeze", &args, FREEZE_TIMEOUT) {
+    // Under `setpriv --pdeathsig`: a freeze of a killed driver must not outlive it.
+    let mut command = super::loopdev::tool("fsfreeze");
+    command.arg(flag).arg(mount_point);
+    match run_command_with_timeout(command, "fsfreeze", FREEZE_TIMEOUT) {
         Ok(()) => Ok(()),
         Err(CommandError::Failed { stderr, .. }) => Err(stderr),
         Err(other) => Err(other.to_string()),

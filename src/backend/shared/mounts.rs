@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,15 +46,25 @@ pub enum CommandError {
     },
 }
 
-/// Runs `program args` and waits at most `timeout`; the child is killed when it overruns, and
-/// (through `setpriv --pdeathsig`, see `loopdev::tool`) when this driver dies.
+/// Runs `program args` and waits at most `timeout`; the child is killed when it overruns.
 pub fn run_with_timeout(
     program: &str,
     args: &[String],
     timeout: Duration,
 ) -> Result<(), CommandError> {
-    let mut child = crate::backend::loopdev::tool(program)
-        .args(args)
+    let mut command = Command::new(program);
+    command.args(args);
+    run_command_with_timeout(command, program, timeout)
+}
+
+/// [`run_with_timeout`] for a command already built (for example under `setpriv`, see
+/// `loopdev::tool`); `program` names it in errors.
+pub fn run_command_with_timeout(
+    mut command: Command,
+    program: &str,
+    timeout: Duration,
+) -> Result<(), CommandError> {
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
