@@ -44,11 +44,13 @@ enum Kind {
     Dir,
     Ext4,
     Block,
+    /// `type: shared` on a share that outlives the node's reboot (like an NFS server).
+    Shared,
 }
 
 fn capability(kind: Kind) -> VolumeCapability {
     match kind {
-        Kind::Dir => mount_capability(Mode::SingleNodeWriter, vec![]),
+        Kind::Dir | Kind::Shared => mount_capability(Mode::SingleNodeWriter, vec![]),
         Kind::Ext4 => {
             let mut cap = mount_capability(Mode::SingleNodeWriter, vec![]);
             if let Some(AccessType::Mount(m)) = cap.access_type.as_mut() {
@@ -69,6 +71,7 @@ fn parameters(kind: Kind) -> HashMap<String, String> {
     match kind {
         Kind::Dir => common::unenforced(),
         Kind::Ext4 | Kind::Block => [("type".to_string(), "loop".to_string())].into(),
+        Kind::Shared => panic!("shared volumes take their share's parameters"),
     }
 }
 
@@ -206,10 +209,26 @@ async fn reboot_loses_mounts_and_devices_and_restage_brings_data_back() {
     let mut c = d.controller().await;
     let mut node = d.node().await;
     let mut vols = Vec::new();
-    for (i, kind) in [Kind::Dir, Kind::Ext4, Kind::Block].into_iter().enumerate() {
-        let bytes = if kind == Kind::Dir { MIB } else { 16 * MIB };
+    // The share's loop device and the test's own mount of it live outside the driver's
+    // directory: the "server" survives the node's reboot, the node's mounts of it do not.
+    let share = tokio::task::block_in_place(common::share::Share::new);
+    let kinds = [Kind::Dir, Kind::Ext4, Kind::Block, Kind::Shared];
+    for (i, kind) in kinds.into_iter().enumerate() {
+        let bytes = if matches!(kind, Kind::Dir | Kind::Shared) {
+            MIB
+        } else {
+            16 * MIB
+        };
+        let mut request = match kind {
+            Kind::Shared => proto::CreateVolumeRequest {
+                parameters: share.params(&[]),
+                ..create_request(&format!("reboot-{i}"), Kind::Dir, bytes)
+            },
+            _ => create_request(&format!("reboot-{i}"), kind, bytes),
+        };
+        request.volume_capabilities = vec![capability(kind)];
         let id = c
-            .create_volume(create_request(&format!("reboot-{i}"), kind, bytes))
+            .create_volume(request)
             .await
             .unwrap()
             .into_inner()
