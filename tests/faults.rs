@@ -164,31 +164,6 @@ fn read_prefix(path: &Path, len: usize) -> Vec<u8> {
     buf
 }
 
-/// Mount points under `dir`, deepest first.
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    let mut points: Vec<PathBuf> = k8scsi::mount::mountinfo::read()
-        .unwrap()
-        .into_iter()
-        .map(|e| e.mount_point)
-        .filter(|p| p.starts_with(dir))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
-    points
-}
-
-/// Loop devices whose backing file is under `dir`.
-fn loops_under(dir: &Path) -> Vec<String> {
-    let out = Command::new("losetup")
-        .args(["-n", "-O", "NAME,BACK-FILE", "-l"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(&*dir.to_string_lossy()))
-        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
-        .collect()
-}
-
 /// Waits (polling, generously) until `cond` holds.
 fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -249,11 +224,11 @@ async fn reboot_loses_mounts_and_devices_and_restage_brings_data_back() {
 
     tokio::task::block_in_place(|| {
         d.kill();
-        for point in mounts_under(d.dir.path()) {
+        for point in common::mounts_under(d.dir.path()) {
             rustix::mount::unmount(&point, rustix::mount::UnmountFlags::empty())
                 .unwrap_or_else(|e| panic!("unmount {}: {e}", point.display()));
         }
-        for device in loops_under(d.dir.path()) {
+        for device in common::loop_devices_under(d.dir.path()) {
             let out = Command::new("losetup")
                 .args(["-d", &device])
                 .output()
@@ -261,9 +236,9 @@ async fn reboot_loses_mounts_and_devices_and_restage_brings_data_back() {
             assert!(out.status.success(), "losetup -d {device}: {out:?}");
         }
         eventually("our loop devices to go", || {
-            loops_under(d.dir.path()).is_empty()
+            common::loop_devices_under(d.dir.path()).is_empty()
         });
-        assert!(mounts_under(d.dir.path()).is_empty());
+        assert!(common::mounts_under(d.dir.path()).is_empty());
         d.restart();
     });
 
@@ -280,9 +255,9 @@ async fn reboot_loses_mounts_and_devices_and_restage_brings_data_back() {
     }
     tokio::task::block_in_place(|| {
         eventually("loop devices to be released", || {
-            loops_under(d.dir.path()).is_empty()
+            common::loop_devices_under(d.dir.path()).is_empty()
         });
-        assert!(mounts_under(d.dir.path()).is_empty());
+        assert!(common::mounts_under(d.dir.path()).is_empty());
     });
     assert!(
         std::fs::read_dir(d.data_dir().join("images"))
@@ -810,7 +785,7 @@ async fn a_corrupted_image_fails_staging_and_leaves_no_mount_or_device() {
     assert!(!image.exists());
     tokio::task::block_in_place(|| {
         eventually("the corrupted image's loop device to go", || {
-            loops_under(d.dir.path()).is_empty()
+            common::loop_devices_under(d.dir.path()).is_empty()
         })
     });
 }

@@ -146,29 +146,6 @@ fn connection_of(dir: &Path) -> Option<u64> {
     })
 }
 
-/// Mount points under `dir` according to the mount table (never stat'ed).
-fn mounts_under(dir: &Path) -> Vec<PathBuf> {
-    k8scsi::mount::mountinfo::read()
-        .unwrap()
-        .into_iter()
-        .map(|e| e.mount_point)
-        .filter(|p| p.starts_with(dir))
-        .collect()
-}
-
-/// Loop devices backed by files under `dir`.
-fn loops_under(dir: &Path) -> Vec<String> {
-    let out = std::process::Command::new("losetup")
-        .args(["-n", "-O", "NAME,BACK-FILE", "-l"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(&*dir.to_string_lossy()))
-        .map(str::to_string)
-        .collect()
-}
-
 /// Runs `call`, failing the test if it does not return within `bound`; returns the result and
 /// how long it took.
 async fn timed<T>(
@@ -449,7 +426,7 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
     println!("NodeUnpublishVolume over a hung target: {}", ms(took));
     // The hung FUSE layer was detached lazily and the volume's bind unmounted under it.
     result.expect("a recorded target whose filesystem hangs is detached");
-    assert!(!mounts_under(&d.kubelet_dir()).contains(&PathBuf::from(&target1)));
+    assert!(!common::mounts_under(&d.kubelet_dir()).contains(&PathBuf::from(&target1)));
 
     let (result, took) = stats.await.unwrap();
     println!(
@@ -469,11 +446,11 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
     let (result, took) = unstage.await.unwrap();
     println!("NodeUnstageVolume over a hung staging path: {}", ms(took));
     result.expect("a recorded staging whose filesystem hangs is detached and unstaged");
-    assert!(!mounts_under(&d.kubelet_dir()).contains(&PathBuf::from(&staging)));
+    assert!(!common::mounts_under(&d.kubelet_dir()).contains(&PathBuf::from(&staging)));
     assert!(
-        loops_under(d.dir.path()).is_empty(),
+        common::loop_devices_under(d.dir.path()).is_empty(),
         "{:?}",
-        loops_under(d.dir.path())
+        common::loop_devices_under(d.dir.path())
     );
 
     let (result, took) = list.await.unwrap();
@@ -589,6 +566,9 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
         .into_inner()
         .entries;
     assert!(listed.is_empty(), "{listed:?}");
-    assert_eq!(mounts_under(d.dir.path()), Vec::<PathBuf>::new());
-    assert_eq!(loops_under(d.dir.path()), Vec::<String>::new());
+    assert_eq!(common::mounts_under(d.dir.path()), Vec::<PathBuf>::new());
+    assert_eq!(
+        common::loop_devices_under(d.dir.path()),
+        Vec::<String>::new()
+    );
 }

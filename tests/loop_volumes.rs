@@ -53,19 +53,6 @@ fn skip_reason() -> Option<String> {
     None
 }
 
-/// Loop devices whose backing file lives under `dir`.
-fn attached_under(dir: &Path) -> Vec<String> {
-    let out = std::process::Command::new("losetup")
-        .args(["-n", "-O", "NAME,BACK-FILE", "-l"])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| l.contains(&*dir.to_string_lossy()))
-        .map(str::to_string)
-        .collect()
-}
-
 async fn create(
     c: &mut proto::controller_client::ControllerClient<tonic::transport::Channel>,
     name: &str,
@@ -122,9 +109,9 @@ async fn filesystem_volumes_are_staged_published_bounded_and_grown() {
     .await
     .unwrap();
     assert!(common::is_mounted(Path::new(&staging)));
-    let devices = attached_under(d.dir.path());
+    let devices = common::loop_devices_under(d.dir.path());
     assert_eq!(devices.len(), 1, "{devices:?}");
-    let device = devices[0].split_whitespace().next().unwrap().to_string();
+    let device = devices[0].clone();
     assert!(
         k8scsi::backend::loopdev::is_autoclear(Path::new(&device)),
         "{device} should detach itself when unmounted"
@@ -256,7 +243,7 @@ async fn filesystem_volumes_are_staged_published_bounded_and_grown() {
     .unwrap();
     assert!(!common::is_mounted(Path::new(&staging)));
     assert!(
-        attached_under(d.dir.path()).is_empty(),
+        common::loop_devices_under(d.dir.path()).is_empty(),
         "loop device leaked"
     );
     c.delete_volume(proto::DeleteVolumeRequest {
@@ -337,7 +324,7 @@ async fn block_volumes_are_real_block_devices_of_the_right_size() {
     .await
     .unwrap();
     assert!(
-        attached_under(d.dir.path()).is_empty(),
+        common::loop_devices_under(d.dir.path()).is_empty(),
         "loop device leaked"
     );
     let image = std::fs::read_dir(d.data_dir().join("images"))
@@ -371,7 +358,7 @@ async fn an_out_of_band_unmount_frees_the_loop_device() {
         ..Default::default()
     };
     n.node_stage_volume(stage.clone()).await.unwrap();
-    assert_eq!(attached_under(d.dir.path()).len(), 1);
+    assert_eq!(common::loop_devices_under(d.dir.path()).len(), 1);
     // Someone unmounts the staging path behind the driver's back: autoclear frees the device.
     let umount = std::process::Command::new("umount")
         .arg(&staging)
@@ -379,11 +366,11 @@ async fn an_out_of_band_unmount_frees_the_loop_device() {
         .unwrap();
     assert!(umount.status.success(), "{umount:?}");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !attached_under(d.dir.path()).is_empty() {
+    while !common::loop_devices_under(d.dir.path()).is_empty() {
         assert!(
             std::time::Instant::now() < deadline,
             "loop device leaked: {:?}",
-            attached_under(d.dir.path())
+            common::loop_devices_under(d.dir.path())
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
@@ -396,7 +383,7 @@ async fn an_out_of_band_unmount_frees_the_loop_device() {
     })
     .await
     .unwrap();
-    assert!(attached_under(d.dir.path()).is_empty());
+    assert!(common::loop_devices_under(d.dir.path()).is_empty());
     c.delete_volume(proto::DeleteVolumeRequest {
         volume_id: volume.volume_id.clone(),
         secrets: Default::default(),

@@ -346,18 +346,26 @@ impl Mounter for LinuxMounter {
 mod tests {
     use super::*;
 
-    #[test]
-    fn detach_removes_a_bind_mount_without_following_symlinks() {
-        if !rustix::process::geteuid().is_root() {
-            eprintln!("SKIPPED: needs root for mount(2)");
-            return;
-        }
+    /// A temporary directory with a kubelet dir, a bind source and the confined target
+    /// `<kubelet>/pod/mount` (returned raw and confined); the directory lives as long as the
+    /// returned guard.
+    fn bind_fixture() -> (tempfile::TempDir, PathBuf, PathBuf, PathBuf, ConfinedPath) {
         let dir = tempfile::tempdir().unwrap();
         let (kubelet, source) = (dir.path().join("kubelet"), dir.path().join("source"));
         std::fs::create_dir_all(kubelet.join("pod")).unwrap();
         std::fs::create_dir_all(&source).unwrap();
         let raw = kubelet.join("pod/mount");
         let target = ConfinedPath::new(&kubelet, raw.to_str().unwrap()).unwrap();
+        (dir, kubelet, source, raw, target)
+    }
+
+    #[test]
+    fn detach_removes_a_bind_mount_without_following_symlinks() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root for mount(2)");
+            return;
+        }
+        let (_dir, kubelet, source, raw, target) = bind_fixture();
         let m = LinuxMounter;
         m.bind(&source, &target, &MountOptions::default()).unwrap();
         assert!(m.inspect(&target).unwrap().unwrap().is_mount_point);
@@ -383,12 +391,7 @@ mod tests {
             eprintln!("SKIPPED: needs root for mount(2)");
             return;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let (kubelet, source) = (dir.path().join("kubelet"), dir.path().join("source"));
-        std::fs::create_dir_all(kubelet.join("pod")).unwrap();
-        std::fs::create_dir_all(&source).unwrap();
-        let raw = kubelet.join("pod/mount");
-        let target = ConfinedPath::new(&kubelet, raw.to_str().unwrap()).unwrap();
+        let (_dir, _, source, raw, target) = bind_fixture();
         let m = LinuxMounter;
         m.bind(&source, &target, &MountOptions::default()).unwrap();
         // A directory opened through the mount keeps it busy until it is closed.

@@ -313,3 +313,30 @@ pub fn is_mounted(path: &Path) -> bool {
         .iter()
         .any(|e| e.mount_point == path)
 }
+
+/// Mount points under `dir` according to the kernel's mount table (never stat'ed, so a hung
+/// mount cannot block the test), deepest first so they can be unmounted in order.
+pub fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let mut points: Vec<PathBuf> = k8scsi::mount::mountinfo::read()
+        .unwrap()
+        .into_iter()
+        .map(|e| e.mount_point)
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points
+}
+
+/// Loop devices (their `/dev/loopN` names) whose backing file lives under `dir`: a test looks
+/// only at its own devices, never at the machine's.
+pub fn loop_devices_under(dir: &Path) -> Vec<String> {
+    let out = Command::new("losetup")
+        .args(["-n", "-O", "NAME,BACK-FILE", "-l"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&*dir.to_string_lossy()))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect()
+}
