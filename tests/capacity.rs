@@ -78,13 +78,7 @@ async fn btrfs_volumes_enforce_their_size_and_grow_online() {
     // No enforceCapacity parameter: enforcement is required, and btrfs provides it.
     let mut request = create_request("pvc-quota", 16 * MIB);
     request.parameters.clear();
-    let volume = c
-        .create_volume(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let volume = common::create_ok(&mut c, request).await;
     assert_eq!(
         volume
             .volume_context
@@ -194,13 +188,7 @@ async fn unenforceable_sizes_fail_with_a_clear_error() {
     );
 
     // Opting out works, and the volume says it is unenforced.
-    let volume = c
-        .create_volume(create_request("pvc-relaxed", 16 * MIB))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let volume = common::create_ok(&mut c, create_request("pvc-relaxed", 16 * MIB)).await;
     assert_eq!(
         volume
             .volume_context
@@ -294,13 +282,7 @@ async fn xfs_project_quotas_enforce_the_size() {
     let mut n = d.node().await;
     let mut request = create_request("pvc-prj", 16 * MIB);
     request.parameters.clear();
-    let volume = c
-        .create_volume(request)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let volume = common::create_ok(&mut c, request).await;
     assert_eq!(
         volume.volume_context["k8scsi.io/capacity-enforcement"],
         "project-quota"

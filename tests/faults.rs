@@ -202,14 +202,7 @@ async fn reboot_loses_mounts_and_devices_and_restage_brings_data_back() {
             _ => create_request(&format!("reboot-{i}"), kind, bytes),
         };
         request.volume_capabilities = vec![capability(kind)];
-        let id = c
-            .create_volume(request)
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap()
-            .volume_id;
+        let id = common::create_ok(&mut c, request).await.volume_id;
         let v = Vol {
             id,
             kind,
@@ -351,13 +344,7 @@ async fn a_full_data_filesystem_fails_cleanly_with_resource_exhausted() {
     };
 
     // What fits is created.
-    let small = c
-        .create_volume(preallocated("fits", 8 * MIB))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let small = common::create_ok(&mut c, preallocated("fits", 8 * MIB)).await;
     let image_sizes = || {
         std::fs::read_dir(d.data_dir().join("images"))
             .unwrap()
@@ -509,26 +496,16 @@ async fn a_full_data_filesystem_fails_snapshots_and_restores_cleanly() {
     let payload_len = 6 << 20;
 
     // Sources with 6 MiB of data each, written into their storage while unpublished.
-    let dir_src = c
-        .create_volume(create_request("dir-src", Kind::Dir, 8 * MIB))
+    let dir_src = common::create_ok(&mut c, create_request("dir-src", Kind::Dir, 8 * MIB))
         .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
         .volume_id;
     let dir_payload = pattern(payload_len, 1);
     write_block(
         &d.data_dir().join("volumes").join(&dir_src).join("payload"),
         &dir_payload,
     );
-    let block_src = c
-        .create_volume(create_request("block-src", Kind::Block, 8 * MIB))
+    let block_src = common::create_ok(&mut c, create_request("block-src", Kind::Block, 8 * MIB))
         .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
         .volume_id;
     let images: Vec<PathBuf> = std::fs::read_dir(d.data_dir().join("images"))
         .unwrap()
@@ -616,19 +593,12 @@ async fn a_full_data_filesystem_fails_snapshots_and_restores_cleanly() {
         assert!(snap.ready_to_use, "{name}");
     }
     assert_eq!(snapshot_names(&mut c).await.len(), 3);
-    let restored = c
-        .create_volume(restore_request(
-            "restored",
-            Kind::Dir,
-            8 * MIB,
-            &early.snapshot_id,
-        ))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let restored = common::create_ok(
+        &mut c,
+        restore_request("restored", Kind::Dir, 8 * MIB, &early.snapshot_id),
+    )
+    .await
+    .volume_id;
     let copy = std::fs::read(d.data_dir().join("volumes").join(&restored).join("payload")).unwrap();
     assert!(
         copy == dir_payload,
@@ -685,13 +655,7 @@ async fn a_vanished_data_directory_fails_calls_and_recovers() {
     skip_unless_ready!(skip_reason());
     let d = tokio::task::block_in_place(Driver::start);
     let mut c = d.controller().await;
-    let kept = c
-        .create_volume(create_request("kept", Kind::Dir, MIB))
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap();
+    let kept = common::create_ok(&mut c, create_request("kept", Kind::Dir, MIB)).await;
     let aside = d.dir.path().join("data-aside");
     std::fs::rename(d.data_dir(), &aside).unwrap();
     for kind in [Kind::Dir, Kind::Ext4] {
@@ -733,13 +697,8 @@ async fn a_corrupted_image_fails_staging_and_leaves_no_mount_or_device() {
     let d = tokio::task::block_in_place(Driver::start);
     let mut c = d.controller().await;
     let mut node = d.node().await;
-    let id = c
-        .create_volume(create_request("corrupt", Kind::Ext4, 16 * MIB))
+    let id = common::create_ok(&mut c, create_request("corrupt", Kind::Ext4, 16 * MIB))
         .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
         .volume_id;
     let image = std::fs::read_dir(d.data_dir().join("images"))
         .unwrap()

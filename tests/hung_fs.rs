@@ -207,29 +207,14 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
 
     // Three volumes, each with a dead server in a different place.
     let create = |name: &str| create_request(name, 1 << 20);
-    let at_target = c
-        .create_volume(create("hung-target"))
+    let at_target = common::create_ok(&mut c, create("hung-target"))
         .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
         .volume_id;
-    let at_backing = c
-        .create_volume(create("hung-backing"))
+    let at_backing = common::create_ok(&mut c, create("hung-backing"))
         .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
         .volume_id;
-    let at_deleted = c
-        .create_volume(create("hung-deleted"))
+    let at_deleted = common::create_ok(&mut c, create("hung-deleted"))
         .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
         .volume_id;
     let mut loop_request = create("hung-staging");
     loop_request.capacity_range = Some(proto::CapacityRange {
@@ -238,14 +223,7 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
     });
     loop_request.volume_capabilities = vec![loop_capability()];
     loop_request.parameters = HashMap::from([("type".to_string(), "loop".to_string())]);
-    let at_staging = c
-        .create_volume(loop_request)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let at_staging = common::create_ok(&mut c, loop_request).await.volume_id;
     let (target1, target2) = (d.target("hung-target"), d.target("hung-backing"));
     for (id, target) in [(&at_target, &target1), (&at_backing, &target2)] {
         n.node_publish_volume(publish_request(id, target, false))

@@ -85,13 +85,7 @@ async fn create(
     name: &str,
     bytes: i64,
 ) -> proto::Volume {
-    controller
-        .create_volume(create_request(name, bytes))
-        .await
-        .unwrap_or_else(|s| panic!("CreateVolume {name:?}: {s:?}"))
-        .into_inner()
-        .volume
-        .expect("volume in response")
+    common::create_ok(controller, create_request(name, bytes)).await
 }
 
 async fn delete(controller: &mut ControllerClient<Channel>, id: &str) -> Result<(), Status> {

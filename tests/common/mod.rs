@@ -340,3 +340,19 @@ pub fn loop_devices_under(dir: &Path) -> Vec<String> {
         .filter_map(|l| l.split_whitespace().next().map(str::to_string))
         .collect()
 }
+
+/// CreateVolume that must succeed: the new volume; the test fails naming the request's volume
+/// otherwise.
+pub async fn create_ok(
+    controller: &mut ControllerClient<Channel>,
+    request: CreateVolumeRequest,
+) -> proto::Volume {
+    let name = request.name.clone();
+    controller
+        .create_volume(request)
+        .await
+        .unwrap_or_else(|s| panic!("CreateVolume {name:?}: {s:?}"))
+        .into_inner()
+        .volume
+        .expect("volume in response")
+}
