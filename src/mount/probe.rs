@@ -27,7 +27,17 @@ pub enum Hung {
 #[derive(Debug, Default)]
 pub struct Probes {
     state: Mutex<State>,
+    /// Worker threads waiting for their next job, one sender each. Bounded calls sit on the
+    /// node's hot paths (every publish looks at its target and storage), so a worker that is
+    /// done waits here to be reused instead of a thread being spawned for each call.
+    idle: Arc<Mutex<Vec<mpsc::Sender<Job>>>>,
 }
+
+/// What a worker thread runs: one [`Probes::run_each`] worker loop.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// At most this many finished workers wait for reuse; more exit.
+const MAX_IDLE: usize = 2 * WORKERS;
 
 #[derive(Debug, Default)]
 struct State {
@@ -81,6 +91,48 @@ impl Probes {
             }
             None => state.orphaned = state.orphaned.saturating_sub(1),
         }
+    }
+
+    /// Runs `job` on an idle worker thread, or on a new one; `false` if no thread could be
+    /// started. A worker blocked in a hung call is never idle, so it is never handed a job.
+    fn execute(&self, job: Job) -> bool {
+        let mut job = job;
+        loop {
+            let Some(worker) = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop() else {
+                break;
+            };
+            match worker.send(job) {
+                Ok(()) => return true,
+                // That worker is gone; try the next one.
+                Err(mpsc::SendError(returned)) => job = returned,
+            }
+        }
+        let idle = Arc::downgrade(&self.idle);
+        std::thread::Builder::new()
+            .name("k8scsi-probe".into())
+            .spawn(move || {
+                let mut job = job;
+                loop {
+                    job();
+                    // Offer this thread for the next job; exit when the probes are gone or
+                    // enough threads already wait. Only the sender is kept in the list, so
+                    // dropping the probes ends every waiting worker.
+                    let (sender, next) = mpsc::channel();
+                    {
+                        let Some(idle) = idle.upgrade() else { return };
+                        let mut idle = idle.lock().unwrap_or_else(|p| p.into_inner());
+                        if idle.len() >= MAX_IDLE {
+                            return;
+                        }
+                        idle.push(sender);
+                    }
+                    match next.recv() {
+                        Ok(next) => job = next,
+                        Err(_) => return,
+                    }
+                }
+            })
+            .is_ok()
     }
 
     /// Runs `work` on a worker thread and waits at most `timeout` for it.
@@ -153,41 +205,39 @@ impl Probes {
                 queue.clone(),
                 tx.clone(),
             );
-            let spawned = std::thread::Builder::new()
-                .name("k8scsi-probe".into())
-                .spawn(move || {
-                    loop {
-                        // Taken and marked current in one step, so a waiter never abandons an
-                        // item this worker has not started.
-                        let (index, item) = {
-                            let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
-                            let Some((index, item)) =
-                                q.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
-                            else {
-                                return;
-                            };
-                            w.current = Some((index, Instant::now()));
-                            (index, item)
-                        };
-                        let result = work(item);
+            let spawned = self.execute(Box::new(move || {
+                loop {
+                    // Taken and marked current in one step, so a waiter never abandons an
+                    // item this worker has not started.
+                    let (index, item) = {
                         let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
-                        if w.abandoned {
-                            // The waiter counted this call as stuck; it no longer is.
-                            probes.release(&keys[index]);
+                        let Some((index, item)) =
+                            q.lock().unwrap_or_else(|p| p.into_inner()).pop_front()
+                        else {
                             return;
-                        }
-                        // Sent and cleared while holding the worker lock: a waiter that takes
-                        // the lock sees either the item in hand or its result on the way.
-                        if tx.send((index, result)).is_err() {
-                            return;
-                        }
-                        w.current = None;
+                        };
+                        w.current = Some((index, Instant::now()));
+                        (index, item)
+                    };
+                    let result = work(item);
+                    let mut w = w.lock().unwrap_or_else(|p| p.into_inner());
+                    if w.abandoned {
+                        // The waiter counted this call as stuck; it no longer is.
+                        probes.release(&keys[index]);
+                        return;
                     }
-                });
-            if spawned.is_ok() {
+                    // Sent and cleared while holding the worker lock: a waiter that takes
+                    // the lock sees either the item in hand or its result on the way.
+                    if tx.send((index, result)).is_err() {
+                        return;
+                    }
+                    w.current = None;
+                }
+            }));
+            if spawned {
                 workers.push(worker);
             }
-            spawned.is_ok()
+            spawned
         };
         for _ in 0..wanted {
             spawn(&mut workers);
@@ -336,6 +386,34 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
+    #[test]
+    fn a_finished_worker_thread_is_reused_and_dropping_the_probes_ends_it() {
+        let probes = Arc::new(Probes::default());
+        let first = probes
+            .run("a", Duration::from_secs(30), || std::thread::current().id())
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while probes.idle.lock().unwrap().is_empty() {
+            assert!(Instant::now() < deadline, "the worker never became idle");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let second = probes
+            .run("b", Duration::from_secs(30), || std::thread::current().id())
+            .unwrap();
+        assert_eq!(first, second, "the idle worker ran the second call");
+        // The waiting worker holds no reference to the probes: they can go, and it ends.
+        let idle = Arc::downgrade(&probes.idle);
+        drop(probes);
+        // (A worker may hold the list for a moment while it offers itself.)
+        while idle.upgrade().is_some() {
+            assert!(
+                Instant::now() < deadline,
+                "the idle list outlived the probes"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     #[test]
     fn more_hung_items_than_workers_are_all_abandoned_and_the_rest_answered() {
         let probes = Arc::new(Probes::default());
