@@ -33,7 +33,9 @@ pub struct BenchArgs {
     /// Seconds each workload runs at each concurrency.
     #[arg(long, default_value_t = 5)]
     pub seconds: u64,
-    /// Workloads to run, comma separated: create-delete, publish-unpublish.
+    /// Workloads to run, comma separated: create-delete, publish-unpublish, rpc-pair (two
+    /// ControllerGetCapabilities calls per cycle: the gRPC transport alone, a floor for the
+    /// others).
     #[arg(
         long,
         value_delimiter = ',',
@@ -148,11 +150,24 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index]
 }
 
+#[derive(Default)]
 struct Outcome {
     cycles: usize,
     errors: usize,
     elapsed: Duration,
     latencies: Vec<Duration>,
+}
+
+impl Outcome {
+    /// Counts one cycle that began at `started`.
+    fn record(&mut self, started: Instant, ok: bool) {
+        if ok {
+            self.cycles += 1;
+            self.latencies.push(started.elapsed());
+        } else {
+            self.errors += 1;
+        }
+    }
 }
 
 fn report(label: &str, concurrency: usize, outcome: &mut Outcome) {
@@ -169,12 +184,7 @@ fn report(label: &str, concurrency: usize, outcome: &mut Outcome) {
 
 async fn create_delete(channel: Channel, worker: usize, until: Instant) -> Outcome {
     let mut client = ControllerClient::new(channel);
-    let mut outcome = Outcome {
-        cycles: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latencies: Vec::new(),
-    };
+    let mut outcome = Outcome::default();
     let mut i = 0u64;
     while Instant::now() < until {
         let started = Instant::now();
@@ -209,12 +219,35 @@ async fn create_delete(channel: Channel, worker: usize, until: Instant) -> Outco
             }
             Err(_) => false,
         };
-        if ok {
-            outcome.cycles += 1;
-            outcome.latencies.push(started.elapsed());
-        } else {
-            outcome.errors += 1;
-        }
+        outcome.record(started, ok);
+    }
+    outcome
+}
+
+/// One HTTP/2 connection per worker, as independent sidecars would use.
+async fn connect_each(endpoint: &Endpoint, workers: usize) -> Result<Vec<Channel>, String> {
+    let mut channels = Vec::with_capacity(workers);
+    for _ in 0..workers {
+        channels.push(connect(endpoint).await.map_err(|e| e.to_string())?);
+    }
+    Ok(channels)
+}
+
+/// Two cheap calls per cycle: what the transport costs without any storage work.
+async fn rpc_pair(channel: Channel, until: Instant) -> Outcome {
+    let mut client = ControllerClient::new(channel);
+    let mut outcome = Outcome::default();
+    while Instant::now() < until {
+        let started = Instant::now();
+        let ok = client
+            .controller_get_capabilities(proto::ControllerGetCapabilitiesRequest {})
+            .await
+            .is_ok()
+            && client
+                .controller_get_capabilities(proto::ControllerGetCapabilitiesRequest {})
+                .await
+                .is_ok();
+        outcome.record(started, ok);
     }
     outcome
 }
@@ -226,12 +259,7 @@ async fn publish_unpublish(
     until: Instant,
 ) -> Outcome {
     let mut client = NodeClient::new(channel);
-    let mut outcome = Outcome {
-        cycles: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latencies: Vec::new(),
-    };
+    let mut outcome = Outcome::default();
     while Instant::now() < until {
         let started = Instant::now();
         let published = client
@@ -250,12 +278,7 @@ async fn publish_unpublish(
                 })
                 .await
                 .is_ok();
-        if ok {
-            outcome.cycles += 1;
-            outcome.latencies.push(started.elapsed());
-        } else {
-            outcome.errors += 1;
-        }
+        outcome.record(started, ok);
     }
     outcome
 }
@@ -365,11 +388,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
 
     let wants = |w: &str| args.workloads.iter().any(|x| x == w);
     for &c in args.concurrency.iter().filter(|_| wants("create-delete")) {
-        // One HTTP/2 connection per worker, as independent sidecars would use.
-        let mut channels = Vec::new();
-        for _ in 0..c {
-            channels.push(connect(&endpoint).await.map_err(|e| e.to_string())?);
-        }
+        let channels = connect_each(&endpoint, c).await?;
         let mut outcome = run_workload(c, args.seconds, |w, until| {
             create_delete(channels[w].clone(), w, until)
         })
@@ -377,6 +396,14 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
         report("create+delete", c, &mut outcome);
     }
     show_rss("after create+delete");
+    for &c in args.concurrency.iter().filter(|_| wants("rpc-pair")) {
+        let channels = connect_each(&endpoint, c).await?;
+        let mut outcome = run_workload(c, args.seconds, |w, until| {
+            rpc_pair(channels[w].clone(), until)
+        })
+        .await;
+        report("rpc pair", c, &mut outcome);
+    }
 
     let is_root = rustix::process::geteuid().is_root();
     match (&kubelet_dir, is_root) {
@@ -404,10 +431,7 @@ pub async fn run(args: BenchArgs) -> Result<(), String> {
                 volumes.push((v, parent.join("mount").to_string_lossy().into_owned()));
             }
             for &c in &args.concurrency {
-                let mut channels = Vec::new();
-                for _ in 0..c {
-                    channels.push(connect(&endpoint).await.map_err(|e| e.to_string())?);
-                }
+                let channels = connect_each(&endpoint, c).await?;
                 let mut outcome = run_workload(c, args.seconds, |w, until| {
                     publish_unpublish(
                         channels[w].clone(),

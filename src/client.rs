@@ -133,7 +133,7 @@ fn print_snapshot(s: &proto::Snapshot) {
         .as_ref()
         .map(|t| crate::ops::format_unix(t.seconds.max(0) as u64))
         .unwrap_or_default();
-    println!(
+    out!(
         "{}\t{}\t{}\t{}\tready={}",
         s.snapshot_id,
         s.source_volume_id,
@@ -155,7 +155,7 @@ fn print_volume(v: &proto::Volume) {
         .iter()
         .flat_map(|t| t.segments.iter().map(|(k, v)| format!("{k}={v}")))
         .collect();
-    println!(
+    out!(
         "{}\t{}\t{}",
         v.volume_id,
         format_size(v.capacity_bytes.max(0) as u64),
@@ -179,14 +179,14 @@ pub async fn run(endpoint: &Endpoint, command: ClientCommand) -> Result<(), Stri
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!("driver:   {} {}", info.name, info.vendor_version);
+            out!("driver:   {} {}", info.name, info.vendor_version);
             let ready = identity
                 .probe(proto::ProbeRequest {})
                 .await
                 .map_err(status)?
                 .into_inner()
                 .ready;
-            println!("ready:    {}", ready.unwrap_or(true));
+            out!("ready:    {}", ready.unwrap_or(true));
             if let Ok(caps) = controller
                 .controller_get_capabilities(proto::ControllerGetCapabilitiesRequest {})
                 .await
@@ -205,7 +205,7 @@ pub async fn run(endpoint: &Endpoint, command: ClientCommand) -> Result<(), Stri
                         )
                     })
                     .collect();
-                println!("controller: {}", names.join(" "));
+                out!("controller: {}", names.join(" "));
             }
             if let Ok(info) = node.node_get_info(proto::NodeGetInfoRequest {}).await {
                 let info = info.into_inner();
@@ -214,7 +214,7 @@ pub async fn run(endpoint: &Endpoint, command: ClientCommand) -> Result<(), Stri
                     .iter()
                     .flat_map(|t| t.segments.iter().map(|(k, v)| format!("{k}={v}")))
                     .collect();
-                println!("node:     {} ({})", info.node_id, topology.join(","));
+                out!("node:     {} ({})", info.node_id, topology.join(","));
             }
         }
         ClientCommand::CreateVolume {
@@ -314,7 +314,7 @@ pub async fn run(endpoint: &Endpoint, command: ClientCommand) -> Result<(), Stri
                     })
                     .await
                     .map_err(status)?;
-                println!("deleted {snapshot_id}");
+                out!("deleted {snapshot_id}");
             }
         },
         ClientCommand::Delete { volume_id } => {
@@ -325,7 +325,7 @@ pub async fn run(endpoint: &Endpoint, command: ClientCommand) -> Result<(), Stri
                 })
                 .await
                 .map_err(status)?;
-            println!("deleted {volume_id}");
+            out!("deleted {volume_id}");
         }
         ClientCommand::List => {
             let mut token = String::new();
@@ -359,9 +359,9 @@ pub async fn run(endpoint: &Endpoint, command: ClientCommand) -> Result<(), Stri
                 print_volume(v);
             }
             if let Some(s) = r.status {
-                println!("published on: {:?}", s.published_node_ids);
+                out!("published on: {:?}", s.published_node_ids);
                 if let Some(c) = s.volume_condition {
-                    println!(
+                    out!(
                         "condition: {} ({})",
                         if c.abnormal { "ABNORMAL" } else { "normal" },
                         c.message
@@ -375,7 +375,7 @@ pub async fn run(endpoint: &Endpoint, command: ClientCommand) -> Result<(), Stri
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!(
+            out!(
                 "available: {} ({} bytes)",
                 format_size(r.available_capacity.max(0) as u64),
                 r.available_capacity
@@ -396,7 +396,7 @@ pub async fn run(endpoint: &Endpoint, command: ClientCommand) -> Result<(), Stri
             })
             .await
             .map_err(status)?;
-            println!("published {volume_id} at {target_path}");
+            out!("published {volume_id} at {target_path}");
         }
         ClientCommand::Unpublish {
             volume_id,
@@ -408,7 +408,7 @@ pub async fn run(endpoint: &Endpoint, command: ClientCommand) -> Result<(), Stri
             })
             .await
             .map_err(status)?;
-            println!("unpublished {volume_id} from {target_path}");
+            out!("unpublished {volume_id} from {target_path}");
         }
         ClientCommand::Stats {
             volume_id,
@@ -434,7 +434,7 @@ pub async fn run(endpoint: &Endpoint, command: ClientCommand) -> Result<(), Stri
                         v.to_string()
                     }
                 };
-                println!(
+                out!(
                     "{unit:<7} used {:>10}  available {:>10}  total {:>10}",
                     show(u.used),
                     show(u.available),
@@ -442,7 +442,7 @@ pub async fn run(endpoint: &Endpoint, command: ClientCommand) -> Result<(), Stri
                 );
             }
             if let Some(c) = r.volume_condition {
-                println!(
+                out!(
                     "condition: {} ({})",
                     if c.abnormal { "ABNORMAL" } else { "normal" },
                     c.message

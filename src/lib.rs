@@ -14,6 +14,15 @@
 //!
 //! Only [`csi`], [`server`], [`client`] and [`bench`] know about gRPC.
 
+/// `println!` that ends the process quietly when stdout is closed (`k8scsi usage | head`,
+/// `k8scsi client list | head`) instead of panicking: Rust ignores SIGPIPE, so a plain
+/// `println!` to a closed pipe panics with "Broken pipe".
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::ops::emit(format_args!($($arg)*))
+    };
+}
+
 pub mod admin;
 pub mod backend;
 pub mod bench;

@@ -426,3 +426,24 @@ async fn doctor_finds_orphans_leftover_mounts_and_bad_directories() {
         "{stdout}"
     );
 }
+
+/// `k8scsi client ... | head` ends quietly: no "Broken pipe" panic when the reader goes away.
+#[test]
+fn client_output_into_a_closed_pipe_ends_quietly() {
+    let driver = Driver::start();
+    let mut child = Command::new(BINARY)
+        .args(["client", "--endpoint"])
+        .arg(format!("unix://{}", driver.socket().display()))
+        .arg("info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run k8scsi client");
+    // Close the read end before the client has printed anything.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
+}

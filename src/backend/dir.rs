@@ -10,10 +10,11 @@
 use std::collections::HashSet;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::{
     Backend, BackendError, ContentSource, Enforcement, FsCapacity, Mechanism, Usage, VolumeOptions,
-    btrfs, projquota, snapcopy,
+    btrfs, projquota, snapcopy, trash::Trash,
 };
 use crate::engine::ids::{SnapshotId, VolumeId};
 use crate::engine::types::{AccessType, Capability};
@@ -34,6 +35,9 @@ pub struct DirBackend {
     enforcement: Enforcement,
     /// Why enforcement is unavailable, for error messages.
     unenforceable_reason: String,
+    /// Where deleted plain directories go to be removed in the background (`None` where
+    /// volumes are subvolumes or carry quotas, and in the read-only view).
+    trash: Option<Arc<Trash>>,
 }
 
 impl DirBackend {
@@ -60,11 +64,18 @@ impl DirBackend {
                 "capacity enforcement unavailable; only StorageClasses with enforceCapacity: \"false\" can provision"
             ),
         }
+        let trash = match enforcement {
+            Enforcement::None => Some(Trash::start(data_dir).map_err(|e| {
+                BackendError::io("prepare", &data_dir.join(super::trash::TRASH_DIR), e)
+            })?),
+            _ => None,
+        };
         Ok(DirBackend {
             volumes,
             snapshots,
             enforcement,
             unenforceable_reason,
+            trash,
         })
     }
 
@@ -87,6 +98,7 @@ impl DirBackend {
             snapshots: data_dir.join(SNAPSHOTS_DIR),
             enforcement,
             unenforceable_reason,
+            trash: None,
         }
     }
 }
@@ -249,6 +261,24 @@ impl Backend for DirBackend {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(BackendError::io("remove", &path, e)),
+        }
+    }
+
+    fn creates_inline(&self) -> bool {
+        // A plain directory: statfs, mkdir and chmod on the data directory.
+        self.enforcement == Enforcement::None
+    }
+
+    fn delete_inline(&self, id: &VolumeId) -> Option<Result<(), BackendError>> {
+        let trash = self.trash.as_ref()?;
+        let path = self.volume_path(id);
+        match trash.put(&path) {
+            Ok(_) => Some(Ok(())),
+            // A mount point (EBUSY) or anything unexpected: the bounded slow path decides.
+            Err(e) => {
+                tracing::debug!(volume_id = %id, error = %e, "cannot move the volume to the trash");
+                None
+            }
         }
     }
 

@@ -9,6 +9,7 @@ pub mod loopvol;
 pub mod projquota;
 pub mod shared;
 pub mod snapcopy;
+pub mod trash;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -280,6 +281,23 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Removes the storage of `id`; absent storage is success.
     fn delete(&self, id: &VolumeId) -> Result<(), BackendError>;
+
+    /// Whether [`Backend::capacity_for`] and [`Backend::create`] of a volume without a content
+    /// source are a few metadata calls on this node's own data directory (no mount, no tool,
+    /// nothing inside an existing volume), so the engine may run them on the request's own
+    /// thread instead of handing them to a worker thread and back.
+    fn creates_inline(&self) -> bool {
+        false
+    }
+
+    /// Deletes `id`'s storage with one rename of its directory out of the volumes directory,
+    /// when this backend can; `None` when it cannot (the storage is a mount point, a subvolume,
+    /// has a quota to clear, ...) and [`Backend::delete`] must run on a worker thread. Like
+    /// `creates_inline`, it never looks inside the volume, so a hung filesystem mounted there
+    /// cannot block the caller.
+    fn delete_inline(&self, _id: &VolumeId) -> Option<Result<(), BackendError>> {
+        None
+    }
 
     /// Removes storage of `id` that has no record: left by a CreateVolume that never answered
     /// (e.g. a restore cut short by a crash), so nobody has used it and the retry makes it

@@ -318,14 +318,21 @@ impl Engine {
         let enforcement = match &source {
             None => {
                 let intent = self.store.intent();
+                let inline = backend.creates_inline();
                 let (p, f) = (params.defining.clone(), mount_flags.clone());
                 // One trip to the blocking pool for the space check and the creation: a
                 // share's space is only known after mounting it.
-                let enforcement = blocking(move || {
+                let create = move || {
                     check_room(capacity, &backend.capacity_for(&p, &f)?)?;
                     Ok(backend.create(&id, &options)?)
-                })
-                .await?;
+                };
+                // A plain directory is made right here: a trip to a worker thread and back
+                // costs more than the mkdir.
+                let enforcement = if inline {
+                    create()?
+                } else {
+                    blocking(create).await?
+                };
                 (Some(intent), enforcement)
             }
             Some(source) => {
@@ -474,16 +481,23 @@ impl Engine {
         // backend's own mount timeout), keyed like every other look at the volume's storage. An
         // abandoned removal goes on in the background; retries answer UNAVAILABLE at once
         // until it returns, then finish the job like the retry after a crash.
+        // Where the backend can, one rename moves the storage out of the way on this thread
+        // (it never looks inside the volume, so it cannot hang on it).
         let path = backend.volume_path(&id);
-        let (probes, timeout) = (self.probes.clone(), self.config.mount_timeout * 2);
-        blocking(move || {
-            let key = path.to_string_lossy().into_owned();
-            match probes.run(&key, timeout, move || backend.delete(&id2)) {
-                Ok(result) => Ok(result?),
-                Err(hung) => Err(hung.error("remove", path, timeout).into()),
+        match backend.delete_inline(&id) {
+            Some(result) => result?,
+            None => {
+                let (probes, timeout) = (self.probes.clone(), self.config.mount_timeout * 2);
+                blocking(move || {
+                    let key = path.to_string_lossy().into_owned();
+                    match probes.run(&key, timeout, move || backend.delete(&id2)) {
+                        Ok(result) => Ok(result?),
+                        Err(hung) => Err(hung.error("remove", path, timeout).into()),
+                    }
+                })
+                .await?;
             }
-        })
-        .await?;
+        }
         let mutations = match record {
             Some(_) => vec![Mutation::DeleteVolume { id: id.to_string() }],
             None => vec![],

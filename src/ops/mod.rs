@@ -6,14 +6,6 @@
 //! (see [`crate::admin`]). They never write the store; only `doctor` writes anything, and only
 //! scratch files in the temporary directory for its filesystem probes.
 
-/// `println!` that ends the process quietly when stdout is closed (`k8scsi usage | head`)
-/// instead of panicking.
-macro_rules! out {
-    ($($arg:tt)*) => {
-        $crate::ops::emit(format_args!($($arg)*))
-    };
-}
-
 mod doctor;
 mod volumes;
 

@@ -1,0 +1,262 @@
+//! Deleted volume directories, removed in the background.
+//!
+//! Removing a directory frees its inode and blocks, and on a filesystem mounted with `discard`
+//! the `rmdir` waits for the device to discard them: it was the slowest step of a DeleteVolume of
+//! the `dir` backend, and a volume holding a large tree can take minutes to remove. With a
+//! [`Trash`], DeleteVolume renames `volumes/<id>` into `<data-dir>/trash` and returns; a
+//! background thread removes what is in the trash.
+//!
+//! Durability does not change: the engine still fsyncs `volumes/` in the group commit that
+//! records the delete, so the volume is durably gone from `volumes/` before DeleteVolume
+//! answers. The trash needs no fsync: whatever is in it at start (after a crash or a restart) is
+//! removed again. The trash is root-only (0700) and on the volumes' filesystem (a rename cannot
+//! cross filesystems); reconciliation only looks at `volumes/`, so nothing in the trash is
+//! mistaken for a volume. Until the thread has removed a directory its space still counts as
+//! used.
+
+use std::collections::VecDeque;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::Duration;
+
+use rustix::fs::{self as rfs, CWD, RenameFlags};
+use rustix::io::Errno;
+
+/// Name of the trash directory inside the data directory.
+pub const TRASH_DIR: &str = "trash";
+
+/// How long removing one deleted tree may take before the thread moves on to the next entry
+/// (a hung mount left inside a deleted volume must not stop the removal of everything else).
+const REMOVAL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The trash of one data directory and its removal thread.
+#[derive(Debug)]
+pub struct Trash {
+    dir: PathBuf,
+    state: Mutex<State>,
+    wake: Condvar,
+    /// Makes names in the trash unique.
+    sequence: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Names in the trash not yet removed, oldest first.
+    pending: VecDeque<String>,
+    /// Entries at the front of `pending` whose removal failed or hung; left until restart.
+    given_up: usize,
+}
+
+impl Trash {
+    /// Prepares `<data_dir>/trash` (mode 0700), queues what an earlier run left in it, and
+    /// starts the removal thread (which ends when the last handle is dropped).
+    pub fn start(data_dir: &Path) -> std::io::Result<Arc<Trash>> {
+        let dir = data_dir.join(TRASH_DIR);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        let mut pending = VecDeque::new();
+        for entry in std::fs::read_dir(&dir)? {
+            // Names that are not UTF-8 were never made here; they are left alone.
+            if let Ok(name) = entry?.file_name().into_string() {
+                pending.push_back(name);
+            }
+        }
+        if !pending.is_empty() {
+            tracing::info!(entries = pending.len(), trash = %dir.display(),
+                "removing deleted volume directories left by an earlier run");
+        }
+        let trash = Arc::new(Trash {
+            dir,
+            state: Mutex::new(State {
+                pending,
+                given_up: 0,
+            }),
+            wake: Condvar::new(),
+            sequence: AtomicU64::new(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0),
+            ),
+        });
+        let weak = Arc::downgrade(&trash);
+        std::thread::Builder::new()
+            .name("trash-remover".into())
+            .spawn(move || run(weak))?;
+        Ok(trash)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Moves `path` into the trash with one rename. `Ok(false)` when `path` does not exist.
+    /// On error (`EBUSY` for a mount point, `EXDEV` for another filesystem) nothing moved.
+    pub fn put(&self, path: &Path) -> rustix::io::Result<bool> {
+        let name = format!("{:x}", self.sequence.fetch_add(1, Ordering::Relaxed));
+        match rfs::renameat_with(CWD, path, CWD, self.dir.join(&name), RenameFlags::NOREPLACE) {
+            Ok(()) => {
+                self.lock().pending.push_back(name);
+                self.wake.notify_one();
+                Ok(true)
+            }
+            Err(Errno::NOENT) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Entries not yet removed, and of those the ones given up on until restart.
+    pub fn backlog(&self) -> (usize, usize) {
+        let state = self.lock();
+        (state.pending.len(), state.given_up)
+    }
+
+    /// Removes one entry; `false` if it is still there.
+    fn remove(&self, name: &str) -> bool {
+        let path = self.dir.join(name);
+        // Most deleted volumes are empty or nearly so.
+        match std::fs::remove_dir(&path) {
+            Ok(()) => return true,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return true,
+            Err(_) => {}
+        }
+        // A tree, on a thread of its own, waited for at most REMOVAL_TIMEOUT. std's
+        // remove_dir_all never follows symlinks inside the tree.
+        let (done, result) = std::sync::mpsc::channel();
+        let tree = path.clone();
+        let outcome = match std::thread::Builder::new()
+            .name("trash-tree".into())
+            .spawn(move || {
+                let _ = done.send(std::fs::remove_dir_all(&tree));
+            }) {
+            Ok(_) => result.recv_timeout(REMOVAL_TIMEOUT),
+            Err(e) => Ok(Err(e)),
+        };
+        match outcome {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => true,
+            Ok(Err(e)) => {
+                tracing::warn!(path = %path.display(), error = %e,
+                    "cannot remove a deleted volume's directory; it stays in the trash until restart");
+                false
+            }
+            Err(_) => {
+                tracing::warn!(path = %path.display(), timeout_s = REMOVAL_TIMEOUT.as_secs(),
+                    "removing a deleted volume's directory hangs; it stays in the trash until restart");
+                false
+            }
+        }
+    }
+}
+
+/// The removal thread: takes the oldest entry not given up on, removes it, and sleeps when
+/// there is none. Ends when the trash is dropped.
+fn run(trash: Weak<Trash>) {
+    loop {
+        let Some(this) = trash.upgrade() else {
+            return;
+        };
+        let next = {
+            let state = this.lock();
+            state.pending.get(state.given_up).cloned()
+        };
+        match next {
+            Some(name) => {
+                let removed = this.remove(&name);
+                let mut state = this.lock();
+                let at = state.given_up;
+                if removed {
+                    state.pending.remove(at);
+                } else {
+                    state.given_up += 1;
+                }
+            }
+            None => {
+                let state = this.lock();
+                if state.pending.len() == state.given_up {
+                    // The timeout lets the thread notice that the trash was dropped.
+                    let _ = this
+                        .wake
+                        .wait_timeout(state, Duration::from_secs(1))
+                        .unwrap_or_else(|p| p.into_inner());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+        for _ in 0..1000 {
+            if check() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    fn entries(dir: &Path) -> usize {
+        std::fs::read_dir(dir).unwrap().count()
+    }
+
+    #[test]
+    fn deleted_directories_and_trees_are_removed() {
+        let data = tempfile::tempdir().unwrap();
+        let trash = Trash::start(data.path()).unwrap();
+        let empty = data.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        let tree = data.path().join("tree");
+        std::fs::create_dir_all(tree.join("a/b")).unwrap();
+        std::fs::write(tree.join("a/b/file"), b"tenant data").unwrap();
+        std::os::unix::fs::symlink("/etc", tree.join("a/escape")).unwrap();
+        assert!(trash.put(&empty).unwrap());
+        assert!(trash.put(&tree).unwrap());
+        assert!(!trash.put(&tree).unwrap(), "already gone");
+        assert!(!empty.exists() && !tree.exists());
+        wait_until("an empty trash", || trash.backlog() == (0, 0));
+        assert_eq!(entries(&data.path().join(TRASH_DIR)), 0);
+        assert!(Path::new("/etc/hostname").exists() || Path::new("/etc").exists());
+    }
+
+    #[test]
+    fn a_mount_point_is_not_moved() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("skipping: needs root to mount");
+            return;
+        }
+        let data = tempfile::tempdir().unwrap();
+        let trash = Trash::start(data.path()).unwrap();
+        let mounted = data.path().join("mounted");
+        std::fs::create_dir(&mounted).unwrap();
+        rustix::mount::mount(
+            "tmpfs",
+            &mounted,
+            "tmpfs",
+            rustix::mount::MountFlags::empty(),
+            None,
+        )
+        .unwrap();
+        let result = trash.put(&mounted);
+        rustix::mount::unmount(&mounted, rustix::mount::UnmountFlags::empty()).unwrap();
+        assert_eq!(result.unwrap_err(), Errno::BUSY);
+        assert!(mounted.is_dir());
+    }
+
+    #[test]
+    fn what_an_earlier_run_left_is_removed() {
+        let data = tempfile::tempdir().unwrap();
+        let dir = data.path().join(TRASH_DIR);
+        std::fs::create_dir_all(dir.join("left/deep")).unwrap();
+        std::fs::write(dir.join("left/deep/data"), b"x").unwrap();
+        std::fs::create_dir(dir.join("empty")).unwrap();
+        let trash = Trash::start(data.path()).unwrap();
+        wait_until("an empty trash", || trash.backlog() == (0, 0));
+        assert_eq!(entries(&dir), 0);
+    }
+}
