@@ -309,6 +309,17 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
             .await
         })
     };
+    let recreate = {
+        let (mut c, request) = (d.controller().await, create("hung-backing"));
+        tokio::spawn(async move {
+            timed(
+                "CreateVolume retried for a volume whose backing directory hangs",
+                bound,
+                c.create_volume(request),
+            )
+            .await
+        })
+    };
     let list = {
         let mut c = d.controller().await;
         tokio::spawn(async move {
@@ -430,6 +441,15 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
         "{:?}",
         common::loop_devices_under(d.dir.path())
     );
+
+    // A retried CreateVolume checks that the storage is still there: bounded like every look.
+    let (result, took) = recreate.await.unwrap();
+    println!(
+        "CreateVolume retried for a volume whose backing directory hangs: {}",
+        ms(took)
+    );
+    let status = result.expect_err("a storage check that hangs is reported");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
 
     let (result, took) = list.await.unwrap();
     println!("ListVolumes with a hung volume: {}", ms(took));
