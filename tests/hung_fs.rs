@@ -223,26 +223,33 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
     });
     loop_request.volume_capabilities = vec![loop_capability()];
     loop_request.parameters = HashMap::from([("type".to_string(), "loop".to_string())]);
-    let at_staging = common::create_ok(&mut c, loop_request).await.volume_id;
+    let at_staging = common::create_ok(&mut c, loop_request.clone())
+        .await
+        .volume_id;
+    loop_request.name = "hung-expand".into();
+    let at_expand = common::create_ok(&mut c, loop_request).await.volume_id;
     let (target1, target2) = (d.target("hung-target"), d.target("hung-backing"));
     for (id, target) in [(&at_target, &target1), (&at_backing, &target2)] {
         n.node_publish_volume(publish_request(id, target, false))
             .await
             .unwrap();
     }
-    let staging = d.target("hung-staging");
-    n.node_stage_volume(proto::NodeStageVolumeRequest {
-        volume_id: at_staging.clone(),
-        staging_target_path: staging.clone(),
-        volume_capability: Some(loop_capability()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let (staging, expand_staging) = (d.target("hung-staging"), d.target("hung-expand"));
+    for (id, path) in [(&at_staging, &staging), (&at_expand, &expand_staging)] {
+        n.node_stage_volume(proto::NodeStageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: path.clone(),
+            volume_capability: Some(loop_capability()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
 
     hung.mount(Path::new(&target1));
     hung.mount(&d.data_dir().join("volumes").join(&at_backing));
     hung.mount(Path::new(&staging));
+    hung.mount(Path::new(&expand_staging));
     hung.mount(&d.data_dir().join("volumes").join(&at_deleted));
 
     // The calls on the hung volumes, all at once, each on its own connection.
@@ -305,6 +312,24 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
                     })
                     .await
                 },
+            )
+            .await
+        })
+    };
+    let expand_request = proto::NodeExpandVolumeRequest {
+        volume_id: at_expand.clone(),
+        volume_path: expand_staging.clone(),
+        staging_target_path: expand_staging.clone(),
+        volume_capability: Some(loop_capability()),
+        ..Default::default()
+    };
+    let expand = {
+        let (mut n, request) = (d.node().await, expand_request.clone());
+        tokio::spawn(async move {
+            timed(
+                "NodeExpandVolume over a hung staging path",
+                bound,
+                n.node_expand_volume(request),
             )
             .await
         })
@@ -436,10 +461,34 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
     println!("NodeUnstageVolume over a hung staging path: {}", ms(took));
     result.expect("a recorded staging whose filesystem hangs is detached and unstaged");
     assert!(!common::mounts_under(&d.kubelet_dir()).contains(&PathBuf::from(&staging)));
-    assert!(
-        common::loop_devices_under(d.dir.path()).is_empty(),
+    // Only the volume staged for the expand below keeps a loop device.
+    assert_eq!(
+        common::loop_devices_under(d.dir.path()).len(),
+        1,
         "{:?}",
         common::loop_devices_under(d.dir.path())
+    );
+
+    // Growing a filesystem that hangs: bounded, and not started again while it is blocked.
+    let (result, took) = expand.await.unwrap();
+    println!("NodeExpandVolume over a hung staging path: {}", ms(took));
+    let status = result.expect_err("a resize that hangs is reported");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(took >= TIMEOUT / 2, "answered after {took:?}");
+    let (result, took) = timed(
+        "NodeExpandVolume again",
+        bound,
+        n.node_expand_volume(expand_request.clone()),
+    )
+    .await;
+    println!(
+        "NodeExpandVolume again while the resize is blocked: {}",
+        ms(took)
+    );
+    assert_eq!(result.unwrap_err().code(), tonic::Code::Unavailable);
+    assert!(
+        took < TIMEOUT,
+        "the hung resize was started again: {took:?}"
     );
 
     // A retried CreateVolume checks that the storage is still there: bounded like every look.
@@ -549,7 +598,19 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
     })
     .await
     .unwrap();
-    for id in [&at_target, &at_backing, &at_staging, &at_deleted] {
+    n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: at_expand.clone(),
+        staging_target_path: expand_staging.clone(),
+    })
+    .await
+    .unwrap();
+    for id in [
+        &at_target,
+        &at_backing,
+        &at_staging,
+        &at_deleted,
+        &at_expand,
+    ] {
         c.delete_volume(proto::DeleteVolumeRequest {
             volume_id: id.clone(),
             secrets: Default::default(),

@@ -283,7 +283,19 @@ impl Engine {
             .volume(id.as_str())?
             .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
         let staging = self.staging_of(&id)?;
-        let grown = blocking(move || Ok(backend.node_expand(&id, staging.as_ref())?)).await?;
+        // Bounded like every look at the volume: growing a filesystem that hangs (a dead layer
+        // over the staging path) answers UNAVAILABLE instead of holding a thread per kubelet
+        // retry; a resize that outlasts the timeout finishes in the background, and the retry
+        // after it finds the filesystem grown.
+        let key = match &staging {
+            Some(path) => path.absolute(),
+            None => backend.volume_path(&id),
+        };
+        let grown = self
+            .bounded("resize", key, move || {
+                backend.node_expand(&id, staging.as_ref())
+            })
+            .await???;
         Ok(grown.unwrap_or(record.capacity_bytes))
     }
 
