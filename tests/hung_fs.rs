@@ -499,6 +499,42 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
     );
     let status = result.expect_err("a storage check that hangs is reported");
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    // So do a snapshot and a clone of it, which would read its tree: UNAVAILABLE, not a thread
+    // blocked for good per retry of the snapshotter or the provisioner.
+    let (result, took) = timed(
+        "CreateSnapshot of a volume whose backing directory hangs",
+        bound,
+        c.create_snapshot(proto::CreateSnapshotRequest {
+            source_volume_id: at_backing.clone(),
+            name: "snap-of-hung".into(),
+            ..Default::default()
+        }),
+    )
+    .await;
+    println!(
+        "CreateSnapshot of a volume whose backing directory hangs: {}",
+        ms(took)
+    );
+    assert_eq!(result.unwrap_err().code(), tonic::Code::Unavailable);
+    let mut clone = create("clone-of-hung");
+    clone.volume_content_source = Some(proto::VolumeContentSource {
+        r#type: Some(proto::volume_content_source::Type::Volume(
+            proto::volume_content_source::VolumeSource {
+                volume_id: at_backing.clone(),
+            },
+        )),
+    });
+    let (result, took) = timed(
+        "CreateVolume cloning a volume whose backing directory hangs",
+        bound,
+        c.create_volume(clone),
+    )
+    .await;
+    println!(
+        "CreateVolume cloning a volume whose backing directory hangs: {}",
+        ms(took)
+    );
+    assert_eq!(result.unwrap_err().code(), tonic::Code::Unavailable);
 
     let (result, took) = list.await.unwrap();
     println!("ListVolumes with a hung volume: {}", ms(took));

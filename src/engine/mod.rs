@@ -291,11 +291,7 @@ impl Engine {
             let backend = self.backend_of(&id)?;
             // Bounded: a retry must not block a request thread on a hung filesystem over the
             // volume's storage (it answers UNAVAILABLE, and the CO retries).
-            let (b, id3) = (backend.clone(), id.clone());
-            let exists = self
-                .bounded("stat", backend.volume_path(&id), move || b.exists(&id3))
-                .await???;
-            if !exists {
+            if !self.storage_exists(&backend, &id).await? {
                 // A DeleteVolume was interrupted after removing the storage; the volume still
                 // exists as far as the CO knows, so give it back its (empty) storage.
                 tracing::warn!(volume_id = %id, "recreating missing storage of an existing volume");

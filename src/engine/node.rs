@@ -78,8 +78,8 @@ impl Engine {
     }
 
     /// Whether the volume's storage exists; a stat of it blocks when a dead filesystem is
-    /// mounted there, so it is bounded by the mount timeout.
-    async fn storage_exists(
+    /// mounted there, so it is bounded by the mount timeout (UNAVAILABLE when it hangs).
+    pub(super) async fn storage_exists(
         &self,
         backend: &std::sync::Arc<dyn crate::backend::Backend>,
         id: &VolumeId,

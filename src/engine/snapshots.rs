@@ -253,6 +253,12 @@ impl Engine {
             group_snapshot_id: String::new(),
             metadata,
         };
+        if backend.node_local() {
+            // The copy reads the volume's tree, unbounded: look at it first, bounded, so a
+            // dead filesystem over it answers UNAVAILABLE instead of holding a thread per retry
+            // of the snapshotter.
+            self.storage_exists(&backend, &source).await?;
+        }
         let sync_dirs = backend.snapshot_sync_dirs();
         if self.copies_in_background(&backend, &source).await? {
             // Nothing can write to the source while this call holds its key, and the copy
@@ -459,6 +465,12 @@ impl Engine {
                     .store
                     .volume(id.as_str())?
                     .ok_or_else(|| Error::VolumeNotFound(raw.clone()))?;
+                // The clone reads the source's tree: a bounded look first, as for snapshots.
+                if let Ok(source_backend) = self.backend_of(&id)
+                    && source_backend.node_local()
+                {
+                    self.storage_exists(&source_backend, &id).await?;
+                }
                 ResolvedSource {
                     lock_key: format!("vol:{id}"),
                     size_bytes: record.capacity_bytes,
