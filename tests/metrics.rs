@@ -239,6 +239,8 @@ async fn volume_usage_matches_what_was_written_through_the_mount() {
     assert_eq!(metrics.value("k8scsi_volumes", &[]), Some(2.0));
     assert_eq!(metrics.value("k8scsi_publications", &[]), Some(1.0));
     assert_eq!(metrics.value("k8scsi_usage_sample_errors", &[]), Some(0.0));
+    assert_eq!(metrics.value("k8scsi_trash_entries", &[]), Some(0.0));
+    assert_eq!(metrics.value("k8scsi_trash_stuck_entries", &[]), Some(0.0));
     assert_eq!(
         metrics.value("k8scsi_build_info", &[("backends", "dir,loop,shared")]),
         Some(1.0)

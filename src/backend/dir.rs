@@ -282,6 +282,10 @@ impl Backend for DirBackend {
         }
     }
 
+    fn trash_backlog(&self) -> (usize, usize) {
+        self.trash.as_ref().map(|t| t.backlog()).unwrap_or_default()
+    }
+
     fn exists(&self, id: &VolumeId) -> Result<bool, BackendError> {
         let path = self.volume_path(id);
         match std::fs::symlink_metadata(&path) {

@@ -299,6 +299,12 @@ pub trait Backend: Send + Sync + 'static {
         None
     }
 
+    /// Deleted storage still waiting for background removal, and of that what was given up on
+    /// until restart (removal failed or hung); `(0, 0)` for backends that remove at once.
+    fn trash_backlog(&self) -> (usize, usize) {
+        (0, 0)
+    }
+
     /// Removes storage of `id` that has no record: left by a CreateVolume that never answered
     /// (e.g. a restore cut short by a crash), so nobody has used it and the retry makes it
     /// again. Unlike [`Backend::delete`] it does not keep data a retention policy would keep.

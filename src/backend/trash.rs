@@ -249,6 +249,48 @@ mod tests {
     }
 
     #[test]
+    fn an_entry_that_cannot_be_removed_is_given_up_on_and_the_rest_is_removed() {
+        let data = tempfile::tempdir().unwrap();
+        let trash = Trash::start(data.path()).unwrap();
+        let stuck = data.path().join("stuck");
+        std::fs::create_dir(&stuck).unwrap();
+        std::fs::write(stuck.join("pinned"), b"x").unwrap();
+        let immutable = |flag: &str| {
+            std::process::Command::new("chattr")
+                .arg(flag)
+                .arg(stuck.join("pinned"))
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !rustix::process::geteuid().is_root() || !immutable("+i") {
+            eprintln!("skipping: needs root and chattr +i on this filesystem");
+            return;
+        }
+        let other = data.path().join("other");
+        std::fs::create_dir(&other).unwrap();
+        assert!(trash.put(&stuck).unwrap());
+        assert!(trash.put(&other).unwrap());
+        wait_until("the removable entry to go", || trash.backlog() == (1, 1));
+        assert_eq!(entries(&data.path().join(TRASH_DIR)), 1);
+        // Undo the immutable flag so the temporary directory can be cleaned up.
+        let pinned = std::fs::read_dir(data.path().join(TRASH_DIR))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path()
+            .join("pinned");
+        assert!(
+            std::process::Command::new("chattr")
+                .arg("-i")
+                .arg(&pinned)
+                .status()
+                .unwrap()
+                .success()
+        );
+    }
+
+    #[test]
     fn what_an_earlier_run_left_is_removed() {
         let data = tempfile::tempdir().unwrap();
         let dir = data.path().join(TRASH_DIR);

@@ -97,6 +97,15 @@ impl Engine {
         &self.store
     }
 
+    /// Deleted storage waiting for background removal over all backends, and of that what
+    /// was given up on until restart.
+    pub fn trash_backlog(&self) -> (usize, usize) {
+        self.backends
+            .values()
+            .map(|b| b.trash_backlog())
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+    }
+
     /// The bounded-call registry: which volume and target paths hang.
     pub fn probes(&self) -> &Arc<Probes> {
         &self.probes

@@ -250,6 +250,20 @@ impl Collector for SampledCollector {
         )?;
         gauge(
             &mut encoder,
+            "trash_entries",
+            "Deleted volume directories not yet removed by the background thread, as of the last usage sample.",
+            None,
+            usage.trash_entries,
+        )?;
+        gauge(
+            &mut encoder,
+            "trash_stuck_entries",
+            "Deleted volume directories whose removal failed or hangs, left until restart, as of the last usage sample.",
+            None,
+            usage.trash_stuck,
+        )?;
+        gauge(
+            &mut encoder,
             "usage_sample_duration",
             "Time the last usage sample took.",
             Some(&Unit::Seconds),

@@ -58,6 +58,9 @@ pub struct UsageSnapshot {
     pub finished_unix: f64,
     /// Volumes whose usage could not be measured.
     pub errors: u64,
+    /// Deleted volume directories not yet removed, and of those the ones given up on.
+    pub trash_entries: u64,
+    pub trash_stuck: u64,
 }
 
 /// Readiness and backend health.
@@ -196,12 +199,15 @@ pub fn sample_usage(
             used,
         });
     }
+    let (trash_entries, trash_stuck) = engine.trash_backlog();
     Ok(UsageSnapshot {
         volumes,
         publications,
         duration: started.elapsed(),
         finished_unix: unix_now(),
         errors,
+        trash_entries: trash_entries as u64,
+        trash_stuck: trash_stuck as u64,
     })
 }
 
