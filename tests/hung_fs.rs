@@ -536,6 +536,31 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
     );
     assert_eq!(result.unwrap_err().code(), tonic::Code::Unavailable);
 
+    // The operator's commands answer too, naming what does not answer.
+    for args in [&["usage"][..], &["volumes", "show", "hung-backing"][..]] {
+        let mut command = std::process::Command::new(common::BINARY);
+        command
+            .args(args)
+            .arg("--state-dir")
+            .arg(d.state_dir())
+            .arg("--data-dir")
+            .arg(d.data_dir())
+            .arg("--kubelet-dir")
+            .arg(d.kubelet_dir())
+            .stdin(std::process::Stdio::null());
+        let (output, took) = timed(
+            &format!("k8scsi {}", args.join(" ")),
+            Duration::from_secs(10) + SLACK,
+            tokio::task::spawn_blocking(move || command.output().unwrap()),
+        )
+        .await;
+        let output = output.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        println!("k8scsi {} with a hung volume: {}", args.join(" "), ms(took));
+        assert!(output.status.success(), "{stderr}");
+        assert!(stderr.contains("does not answer"), "{stderr}");
+    }
+
     let (result, took) = list.await.unwrap();
     println!("ListVolumes with a hung volume: {}", ms(took));
     let entries = result.unwrap().into_inner().entries;

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -10,9 +12,13 @@ use crate::backend::dir::DirBackend;
 use crate::backend::{Backend, Usage};
 use crate::engine::ids::VolumeId;
 use crate::engine::params::{PV_NAME, PVC_NAME, PVC_NAMESPACE};
-use crate::mount::mountinfo;
+use crate::mount::{Probes, mountinfo};
 use crate::store::{PublicationRecord, VolumeRecord};
 use crate::units::format_size;
+
+/// How long one look at a volume's storage may take: a dead filesystem mounted over a volume
+/// blocks the call for ever, and an operator's command must still answer about the others.
+const LOOK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `namespace/pvc` when the provisioner told us, else `-`.
 fn claim(record: &VolumeRecord) -> String {
@@ -131,8 +137,23 @@ pub fn show(dirs: &NodeDirs, wanted: &str, output: Output) -> Result<(), String>
     // Only directory volumes are inspected here; other backends keep their storage elsewhere.
     let inspectable = id.backend() == backend.name();
     let storage = backend.volume_path(&id);
-    let present = inspectable && backend.exists(&id).unwrap_or(false);
-    let usage = present.then(|| backend.usage(&id).ok()).flatten();
+    let (present, usage) = if inspectable {
+        let (b, i) = (backend.clone(), id.clone());
+        let key = storage.to_string_lossy().into_owned();
+        let look = Arc::new(Probes::default()).run(&key, LOOK_TIMEOUT, move || {
+            let present = b.exists(&i).unwrap_or(false);
+            (present, present.then(|| b.usage(&i).ok()).flatten())
+        });
+        look.unwrap_or_else(|_| {
+            eprintln!(
+                "k8scsi: {} does not answer within {LOOK_TIMEOUT:?} (hung filesystem?)",
+                storage.display()
+            );
+            (false, None)
+        })
+    } else {
+        (false, None)
+    };
     let table = mountinfo::read().unwrap_or_default();
     let mounts: Vec<String> = mountinfo::bind_mounts_of(&table, &storage)
         .into_iter()
@@ -266,10 +287,40 @@ struct UsageRow {
     used_percent: Option<f64>,
 }
 
-fn measure(backend: &DirBackend, record: &VolumeRecord) -> Option<Usage> {
-    VolumeId::parse(&record.id)
-        .ok()
-        .and_then(|id| backend.usage(&id).ok())
+/// Usage of each volume's storage (`None` where it cannot be measured), each look bounded by
+/// [`LOOK_TIMEOUT`] and run on a few worker threads, so hung volumes cost about one timeout
+/// per few of them and are named on stderr.
+fn measure_all(backend: &DirBackend, records: &[VolumeRecord]) -> Vec<Option<Usage>> {
+    let items: Vec<(String, Option<VolumeId>)> = records
+        .iter()
+        .map(|r| {
+            let id = VolumeId::parse(&r.id).ok();
+            let key = match &id {
+                Some(id) => backend.volume_path(id).to_string_lossy().into_owned(),
+                None => r.id.clone(),
+            };
+            (key, id)
+        })
+        .collect();
+    let b = backend.clone();
+    let measured = Arc::new(Probes::default()).run_each(
+        items,
+        LOOK_TIMEOUT,
+        Arc::new(move |id: Option<VolumeId>| id.and_then(|id| b.usage(&id).ok())),
+    );
+    records
+        .iter()
+        .zip(measured)
+        .map(|(record, result)| {
+            result.unwrap_or_else(|_| {
+                eprintln!(
+                    "k8scsi: the storage of {} does not answer within {LOOK_TIMEOUT:?} (hung filesystem?)",
+                    record.id
+                );
+                None
+            })
+        })
+        .collect()
 }
 
 /// `k8scsi usage`.
@@ -277,21 +328,20 @@ pub fn usage(dirs: &NodeDirs, sort: SortKey, output: Output) -> Result<(), Strin
     let volumes = open_store(dirs)?.volumes;
     check_data_dir(&dirs.data_dir)?;
     let backend = DirBackend::at(&dirs.data_dir);
+    let measured = measure_all(&backend, &volumes);
     let mut rows: Vec<UsageRow> = volumes
         .iter()
-        .map(|v| {
-            let used = measure(&backend, v);
-            UsageRow {
-                volume_id: v.id.clone(),
-                name: v.name.clone(),
-                pvc: claim(v),
-                capacity_bytes: v.capacity_bytes,
-                used_bytes: used.map(|u| u.used_bytes),
-                used_inodes: used.map(|u| u.used_inodes),
-                used_percent: used
-                    .filter(|_| v.capacity_bytes > 0)
-                    .map(|u| u.used_bytes as f64 * 100.0 / v.capacity_bytes as f64),
-            }
+        .zip(measured)
+        .map(|(v, used)| UsageRow {
+            volume_id: v.id.clone(),
+            name: v.name.clone(),
+            pvc: claim(v),
+            capacity_bytes: v.capacity_bytes,
+            used_bytes: used.map(|u| u.used_bytes),
+            used_inodes: used.map(|u| u.used_inodes),
+            used_percent: used
+                .filter(|_| v.capacity_bytes > 0)
+                .map(|u| u.used_bytes as f64 * 100.0 / v.capacity_bytes as f64),
         })
         .collect();
     match sort {
