@@ -24,6 +24,8 @@ use std::time::Duration;
 use rustix::fs::{self as rfs, CWD, RenameFlags};
 use rustix::io::Errno;
 
+use crate::mount::Probes;
+
 /// Name of the trash directory inside the data directory.
 pub const TRASH_DIR: &str = "trash";
 
@@ -39,6 +41,8 @@ pub struct Trash {
     wake: Condvar,
     /// Makes names in the trash unique.
     sequence: AtomicU64,
+    /// Runs the removal of a whole tree, bounded (a hung mount may be left inside it).
+    probes: Arc<Probes>,
 }
 
 #[derive(Debug, Default)]
@@ -80,6 +84,7 @@ impl Trash {
                     .map(|d| d.as_nanos() as u64)
                     .unwrap_or(0),
             ),
+            probes: Arc::new(Probes::default()),
         });
         let weak = Arc::downgrade(&trash);
         std::thread::Builder::new()
@@ -122,19 +127,13 @@ impl Trash {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return true,
             Err(_) => {}
         }
-        // A tree, on a thread of its own, waited for at most REMOVAL_TIMEOUT. std's
-        // remove_dir_all never follows symlinks inside the tree.
-        let (done, result) = std::sync::mpsc::channel();
+        // A tree: bounded like every other look at a volume (a worker thread, waited for at
+        // most REMOVAL_TIMEOUT). std's remove_dir_all never follows symlinks inside the tree.
+        let key = path.to_string_lossy().into_owned();
         let tree = path.clone();
-        let outcome = match std::thread::Builder::new()
-            .name("trash-tree".into())
-            .spawn(move || {
-                let _ = done.send(std::fs::remove_dir_all(&tree));
-            }) {
-            Ok(_) => result.recv_timeout(REMOVAL_TIMEOUT),
-            Err(e) => Ok(Err(e)),
-        };
-        match outcome {
+        match self.probes.run(&key, REMOVAL_TIMEOUT, move || {
+            std::fs::remove_dir_all(&tree)
+        }) {
             Ok(Ok(())) => true,
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => true,
             Ok(Err(e)) => {

@@ -488,15 +488,16 @@ impl Engine {
         let id2 = id.clone();
         // Storage first, record second: a crash in between leaves a record whose storage is
         // gone, and the retried DeleteVolume finishes the job.
-        // Removing a tree on a dead filesystem blocks for ever: bounded (with room for a
-        // backend's own mount timeout), keyed like every other look at the volume's storage. An
-        // abandoned removal goes on in the background; retries answer UNAVAILABLE at once
-        // until it returns, then finish the job like the retry after a crash.
-        // Where the backend can, one rename moves the storage out of the way on this thread
-        // (it never looks inside the volume, so it cannot hang on it).
         let path = backend.volume_path(&id);
         match backend.delete_inline(&id) {
+            // Where the backend can, one rename moves the storage out of the way on this
+            // thread (it never looks inside the volume, so it cannot hang on it).
             Some(result) => result?,
+            // Removing a tree on a dead filesystem blocks for ever: bounded (with room for a
+            // backend's own mount timeout), keyed like every other look at the volume's
+            // storage. An abandoned removal goes on in the background; retries answer
+            // UNAVAILABLE at once until it returns, then finish the job like the retry after a
+            // crash.
             None => {
                 let (probes, timeout) = (self.probes.clone(), self.config.mount_timeout * 2);
                 blocking(move || {
