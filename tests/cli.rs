@@ -19,18 +19,7 @@ struct Run {
 
 /// Runs `k8scsi ARGS --state-dir .. --data-dir .. --kubelet-dir ..` for this driver.
 fn cli(driver: &Driver, args: &[&str]) -> Run {
-    let output = Command::new(BINARY)
-        .args(args)
-        .arg("--state-dir")
-        .arg(driver.state_dir())
-        .arg("--data-dir")
-        .arg(driver.data_dir())
-        .arg("--kubelet-dir")
-        .arg(driver.kubelet_dir())
-        .env_remove("K8SCSI_ENDPOINT")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run k8scsi");
+    let output = driver.ops_command(args).output().expect("run k8scsi");
     Run {
         code: output.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -538,16 +538,7 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
 
     // The operator's commands answer too, naming what does not answer.
     for args in [&["usage"][..], &["volumes", "show", "hung-backing"][..]] {
-        let mut command = std::process::Command::new(common::BINARY);
-        command
-            .args(args)
-            .arg("--state-dir")
-            .arg(d.state_dir())
-            .arg("--data-dir")
-            .arg(d.data_dir())
-            .arg("--kubelet-dir")
-            .arg(d.kubelet_dir())
-            .stdin(std::process::Stdio::null());
+        let mut command = d.ops_command(args);
         let (output, took) = timed(
             &format!("k8scsi {}", args.join(" ")),
             Duration::from_secs(10) + SLACK,

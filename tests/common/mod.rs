@@ -153,6 +153,22 @@ impl Driver {
         self.child.as_ref().expect("running").id()
     }
 
+    /// `k8scsi ARGS --state-dir .. --data-dir .. --kubelet-dir ..`: an operator command on this
+    /// driver's node (no endpoint from the environment, no stdin).
+    pub fn ops_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BINARY);
+        cmd.args(args)
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .arg("--data-dir")
+            .arg(self.data_dir())
+            .arg("--kubelet-dir")
+            .arg(self.kubelet_dir())
+            .env_remove("K8SCSI_ENDPOINT")
+            .stdin(std::process::Stdio::null());
+        cmd
+    }
+
     /// The command line that starts this driver (for tests that start a second one).
     pub fn command(&self) -> Command {
         let mut cmd = Command::new(BINARY);
