@@ -7,12 +7,7 @@
 set -euo pipefail
 binary=$1
 dirs=${2:-100}
-dir=$(mktemp -d /tmp/k8scsi-bigdelete.XXXXXX)
-"$binary" serve --endpoint "unix://$dir/csi.sock" --node-id bench --state-dir "$dir/state" \
-  --data-dir "$dir/data" --kubelet-dir "$dir/kubelet" >"$dir/server.log" 2>&1 &
-pid=$!
-trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -rf "$dir"' EXIT
-for _ in $(seq 100); do [[ -S "$dir/csi.sock" ]] && break; sleep 0.1; done
+source "$(dirname "$0")/temp-server.sh" bigdelete
 client() { "$binary" client --endpoint "unix://$dir/csi.sock" "$@"; }
 id=$(client create-volume full --size 1Mi --param enforceCapacity=false | awk '{print $1; exit}')
 root="$dir/data/volumes/$id"

@@ -7,12 +7,7 @@
 set -euo pipefail
 binary=$1
 seconds=${2:-4}
-dir=$(mktemp -d /tmp/k8scsi-cpubench.XXXXXX)
-"$binary" serve --endpoint "unix://$dir/csi.sock" --node-id bench --state-dir "$dir/state" \
-  --data-dir "$dir/data" --kubelet-dir "$dir/kubelet" >"$dir/server.log" 2>&1 &
-pid=$!
-trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -rf "$dir"' EXIT
-for _ in $(seq 100); do [[ -S "$dir/csi.sock" ]] && break; sleep 0.1; done
+source "$(dirname "$0")/temp-server.sh" cpubench
 sleep 0.5
 cpu() { awk '{print $14 + $15}' "/proc/$pid/stat"; }            # utime + stime, clock ticks
 switches() { cat /proc/"$pid"/task/*/status | awk '/ctxt_switches/ {s += $2} END {print s}'; }
