@@ -153,17 +153,24 @@ impl Driver {
         self.child.as_ref().expect("running").id()
     }
 
+    /// `--state-dir .. --data-dir .. --kubelet-dir ..` of this driver.
+    fn dir_args(&self) -> [std::ffi::OsString; 6] {
+        [
+            "--state-dir".into(),
+            self.state_dir().into(),
+            "--data-dir".into(),
+            self.data_dir().into(),
+            "--kubelet-dir".into(),
+            self.kubelet_dir().into(),
+        ]
+    }
+
     /// `k8scsi ARGS --state-dir .. --data-dir .. --kubelet-dir ..`: an operator command on this
     /// driver's node (no endpoint from the environment, no stdin).
     pub fn ops_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(BINARY);
         cmd.args(args)
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .arg("--kubelet-dir")
-            .arg(self.kubelet_dir())
+            .args(self.dir_args())
             .env_remove("K8SCSI_ENDPOINT")
             .stdin(std::process::Stdio::null());
         cmd
@@ -177,12 +184,7 @@ impl Driver {
             .arg(format!("unix://{}", self.socket().display()))
             .arg("--node-id")
             .arg(&self.node_id)
-            .arg("--state-dir")
-            .arg(self.state_dir())
-            .arg("--data-dir")
-            .arg(self.data_dir())
-            .arg("--kubelet-dir")
-            .arg(self.kubelet_dir())
+            .args(self.dir_args())
             .args(&self.extra_args);
         cmd
     }
