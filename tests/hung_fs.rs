@@ -551,6 +551,29 @@ async fn a_hung_filesystem_under_one_volume_times_out_and_others_keep_working() 
         assert!(output.status.success(), "{stderr}");
         assert!(stderr.contains("does not answer"), "{stderr}");
     }
+    // doctor reads the volumes directory and the mount table but never looks inside a volume,
+    // so a hung one neither stops it nor hides the other findings.
+    let endpoint = format!("unix://{}", d.socket().display());
+    let mut command = d.ops_command(&["doctor", "--no-probes", "--endpoint", &endpoint]);
+    let (output, took) = timed(
+        "k8scsi doctor",
+        Duration::from_secs(10) + SLACK,
+        tokio::task::spawn_blocking(move || command.output().unwrap()),
+    )
+    .await;
+    let output = output.unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("k8scsi doctor with a hung volume: {}", ms(took));
+    assert!(stdout.contains("summary:"), "{stdout}");
+    let verdict = |check: &str| {
+        stdout
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some(check))
+            .and_then(|l| l.split_whitespace().next())
+            .map(str::to_string)
+    };
+    assert_eq!(verdict("server").as_deref(), Some("PASS"), "{stdout}");
+    assert!(verdict("orphans").is_some(), "{stdout}");
 
     let (result, took) = list.await.unwrap();
     println!("ListVolumes with a hung volume: {}", ms(took));
