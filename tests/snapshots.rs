@@ -139,6 +139,21 @@ async fn create(
     Ok(volume)
 }
 
+/// A driver whose data directory is a fresh ext4 image of `image_mib` (no reflink: snapshots
+/// are full copies), a 300 MiB directory volume `name` on it, and that volume's directory.
+async fn volume_on_ext4_image(
+    image_mib: u64,
+    name: &str,
+) -> (Driver, ControllerClient<Channel>, proto::Volume, PathBuf) {
+    let d = Driver::start_on(|data| mount_image(data, image_mib, &["mkfs.ext4", "-q"]));
+    let mut c = d.controller().await;
+    let volume = create(&mut c, create_request(name, 300 * MIB), None)
+        .await
+        .unwrap();
+    let dir = dir_volume(&d, &volume.volume_id);
+    (d, c, volume, dir)
+}
+
 /// SHA-256 of every regular file under `root`, by relative path.
 fn checksums(root: &Path) -> BTreeMap<PathBuf, String> {
     let mut out = BTreeMap::new();
@@ -563,12 +578,7 @@ fn stage_request(volume_id: &str, staging: &str) -> proto::NodeStageVolumeReques
 #[tokio::test]
 async fn slow_full_copies_of_unstaged_volumes_run_in_the_background() {
     skip_unless_ready!(tool_missing(&["mkfs.ext4"]));
-    let d = Driver::start_on(|data| mount_image(data, 2048, &["mkfs.ext4", "-q"]));
-    let mut c = d.controller().await;
-    let source = create(&mut c, create_request("pvc-bg", 300 * MIB), None)
-        .await
-        .unwrap();
-    let src = dir_volume(&d, &source.volume_id);
+    let (d, mut c, source, src) = volume_on_ext4_image(2048, "pvc-bg").await;
     // 256 MiB in 128 files of 2 MiB.
     for i in 0..128 {
         std::fs::write(
@@ -734,6 +744,114 @@ async fn slow_full_copies_of_unstaged_volumes_run_in_the_background() {
         .await
         .unwrap();
     }
+}
+
+/// DeleteSnapshot of a snapshot whose full copy still runs in the background cancels the copy
+/// instead of answering ABORTED until it is done: the copy stops at its next file, removes what
+/// it made and the record, and releases the source volume and the snapshot's name.
+#[tokio::test]
+async fn deleting_a_snapshot_cancels_its_background_copy() {
+    skip_unless_ready!(tool_missing(&["mkfs.ext4"]));
+    let (d, mut c, source, src) = volume_on_ext4_image(1024, "pvc-cancel").await;
+    // 2,000 files of 128 KiB: copying them (a file at a time, then a syncfs of 256 MiB) takes
+    // far longer than the few milliseconds between CreateSnapshot's answer and DeleteSnapshot.
+    let block = noise(7, 64 << 10).repeat(2);
+    for i in 0..2000 {
+        std::fs::write(src.join(format!("f{i}")), &block).unwrap();
+    }
+    let request = proto::CreateSnapshotRequest {
+        source_volume_id: source.volume_id.clone(),
+        name: "snap-cancel".into(),
+        ..Default::default()
+    };
+    let first = c
+        .create_snapshot(request.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert!(!first.ready_to_use, "copied in the background: {first:?}");
+    let id = first.snapshot_id.clone();
+
+    let started = std::time::Instant::now();
+    c.delete_snapshot(proto::DeleteSnapshotRequest {
+        snapshot_id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    eprintln!("DeleteSnapshot during the background copy answered in {took:?}");
+    assert!(
+        d.log()
+            .contains("background snapshot copy cancelled by DeleteSnapshot"),
+        "{}",
+        d.log()
+    );
+    assert!(took < std::time::Duration::from_secs(10), "{took:?}");
+
+    // Gone: record and storage (no partial copy left either).
+    let status = c
+        .get_snapshot(proto::GetSnapshotRequest {
+            snapshot_id: id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound, "{status:?}");
+    let left: Vec<_> = std::fs::read_dir(d.data_dir().join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "snapshot storage left: {left:?}");
+    // The source volume is free again at once.
+    let staging = d.target("pod-cancel");
+    let mut node = d.node().await;
+    node.node_stage_volume(stage_request(&source.volume_id, &staging))
+        .await
+        .unwrap();
+    node.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: source.volume_id.clone(),
+        staging_target_path: staging,
+    })
+    .await
+    .unwrap();
+    // The name is free: the CO's next CreateSnapshot makes a complete snapshot.
+    let again = c
+        .create_snapshot(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(again.snapshot_id, id, "IDs derive from names");
+    let ready = wait_ready(&mut c, &id).await;
+    let seconds = |s: &proto::Snapshot| {
+        let t = s.creation_time.as_ref().unwrap();
+        (t.seconds, t.nanos)
+    };
+    assert!(
+        seconds(&ready) > seconds(&first),
+        "a new point in time: {ready:?}"
+    );
+    assert_eq!(
+        checksums(&d.data_dir().join("snapshots").join(&id)),
+        checksums(&src)
+    );
+    // A delete once the copy is done has nothing to cancel.
+    c.delete_snapshot(proto::DeleteSnapshotRequest {
+        snapshot_id: id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        d.log()
+            .matches("background snapshot copy cancelled")
+            .count(),
+        1
+    );
 }
 
 #[tokio::test]

@@ -12,6 +12,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use super::Cancel;
 use super::{
     Backend, BackendError, ContentSource, Enforcement, FsCapacity, Mechanism, Usage, VolumeOptions,
     btrfs, projquota, snapcopy, trash::Trash,
@@ -359,8 +360,9 @@ impl Backend for DirBackend {
         &self,
         source: &VolumeId,
         snapshot: &SnapshotId,
+        cancel: &Cancel,
     ) -> Result<Mechanism, BackendError> {
-        self.take_snapshot(source, snapshot)
+        self.take_snapshot(source, snapshot, cancel)
     }
 
     fn snapshot_is_instant(&self, source: &VolumeId) -> bool {
@@ -451,6 +453,7 @@ impl DirBackend {
         &self,
         source: &VolumeId,
         snapshot: &SnapshotId,
+        cancel: &Cancel,
     ) -> Result<Mechanism, BackendError> {
         let src = self.volume_path(source);
         let dst = self.snapshot_path(snapshot);
@@ -471,7 +474,7 @@ impl DirBackend {
             ));
         }
         std::fs::create_dir(&partial).map_err(|e| BackendError::io("mkdir", &partial, e))?;
-        let copied = snapcopy::copy_tree(&src, &partial).and_then(|mechanism| {
+        let copied = snapcopy::copy_tree(&src, &partial, cancel).and_then(|mechanism| {
             std::fs::rename(&partial, &dst).map_err(|e| BackendError::io("rename", &partial, e))?;
             Ok(mechanism)
         });
@@ -518,7 +521,7 @@ impl DirBackend {
         // An empty volume with the requested enforcement, then the content: files created
         // inside a quota-limited directory are charged to it as they are copied.
         let enforcement = self.create(id, options)?;
-        match snapcopy::copy_tree(&src, &dst) {
+        match snapcopy::copy_tree(&src, &dst, Cancel::never()) {
             Ok(mechanism) => Ok((enforcement, mechanism)),
             Err(e) => {
                 let _ = self.delete(id);

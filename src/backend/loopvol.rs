@@ -11,6 +11,7 @@
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use super::Cancel;
 use super::dir::{PARTIAL_SUFFIX, prepare_snapshots_dir};
 use super::loopdev::{self, FsType};
 use super::{
@@ -120,6 +121,7 @@ impl LoopBackend {
         source: &VolumeId,
         snapshot: &SnapshotId,
         quiesced: bool,
+        cancel: &Cancel,
     ) -> Result<Mechanism, BackendError> {
         let (image, kind) = self.existing(source)?;
         self.remove_snapshot(snapshot)?;
@@ -131,7 +133,7 @@ impl LoopBackend {
             } else {
                 self.quiesce_image(&image, kind)?
             };
-            snapcopy::clone_path(&image, &partial, true)
+            snapcopy::clone_path(&image, &partial, true, cancel)
         };
         let result = copied.and_then(|mechanism| {
             std::fs::rename(&partial, &dst).map_err(|e| BackendError::io("rename", &partial, e))?;
@@ -203,7 +205,7 @@ impl LoopBackend {
                 ContentSource::Volume(_) => self.quiesce_image(&src, kind)?,
                 ContentSource::Snapshot(_) => None, // snapshots never change
             };
-            snapcopy::clone_path(&src, &dst, true)
+            snapcopy::clone_path(&src, &dst, true, Cancel::never())
         };
         let result = mechanism.and_then(|mechanism| {
             // Larger than the source: the image grows now, its filesystem when it is next
@@ -414,8 +416,9 @@ impl Backend for LoopBackend {
         &self,
         source: &VolumeId,
         snapshot: &SnapshotId,
+        cancel: &Cancel,
     ) -> Result<Mechanism, BackendError> {
-        self.take_snapshot(source, snapshot, false)
+        self.take_snapshot(source, snapshot, false, cancel)
     }
 
     fn snapshot_is_instant(&self, _source: &VolumeId) -> bool {
@@ -440,7 +443,8 @@ impl Backend for LoopBackend {
         source: &VolumeId,
         snapshot: &SnapshotId,
     ) -> Result<Mechanism, BackendError> {
-        self.take_snapshot(source, snapshot, true)
+        // Part of a group snapshot, cut before CreateVolumeGroupSnapshot answers.
+        self.take_snapshot(source, snapshot, true, Cancel::never())
     }
 
     fn delete_snapshot(&self, snapshot: &SnapshotId) -> Result<(), BackendError> {

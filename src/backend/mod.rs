@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use crate::engine::ids::{SnapshotId, VolumeId};
 use crate::engine::types::{AccessType, Capability};
 use crate::mount::{ConfinedPath, MountError, MountOptions, Mounter};
+pub use snapcopy::Cancel;
 
 /// Failures of a backend.
 #[derive(Debug, thiserror::Error)]
@@ -394,13 +395,16 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Cuts a snapshot of volume `source` into the snapshot storage `snapshot`, durably, and
     /// says how. The point in time is fixed before this returns. Storage left by an interrupted
-    /// earlier attempt is replaced.
+    /// earlier attempt is replaced. A copy stops early with an `Interrupted` error, removing
+    /// what it made, once `cancel` is set (backends that never copy in the background may
+    /// ignore it).
     fn snapshot(
         &self,
         source: &VolumeId,
         snapshot: &SnapshotId,
+        cancel: &Cancel,
     ) -> Result<Mechanism, BackendError> {
-        let _ = (source, snapshot);
+        let _ = (source, snapshot, cancel);
         Err(BackendError::Unsupported(format!(
             "the {} backend does not take snapshots",
             self.name()
@@ -434,7 +438,7 @@ pub trait Backend: Send + Sync + 'static {
         source: &VolumeId,
         snapshot: &SnapshotId,
     ) -> Result<Mechanism, BackendError> {
-        self.snapshot(source, snapshot)
+        self.snapshot(source, snapshot, Cancel::never())
     }
 
     /// Removes a snapshot's storage; absent storage is success.

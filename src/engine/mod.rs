@@ -6,6 +6,7 @@
 //! Storage work is delegated to a [`Backend`], mounts to a [`Mounter`], metadata to the
 //! [`Store`].
 
+mod copies;
 pub mod error;
 pub mod ids;
 pub mod locks;
@@ -61,6 +62,8 @@ pub struct Engine {
     in_flight: Arc<InFlight>,
     /// Bounded calls on volume and target paths; remembers which ones hang.
     probes: Arc<Probes>,
+    /// Snapshot copies running in the background, which DeleteSnapshot cancels.
+    copies: Arc<copies::BackgroundCopies>,
 }
 
 /// Runs blocking filesystem work off the async threads.
@@ -86,6 +89,7 @@ impl Engine {
             mounter,
             in_flight: Arc::new(InFlight::default()),
             probes: Arc::new(Probes::default()),
+            copies: Arc::default(),
         }
     }
 

@@ -18,9 +18,9 @@
 //! before the answer: the task keeps the source volume's key, so nothing can stage, publish,
 //! expand or delete the source (ABORTED) until the copy is done, and an unpublished volume has
 //! no writer. Other volumes are never blocked. Meanwhile GetSnapshot and ListSnapshots say
-//! not ready, a repeated CreateSnapshot returns the same not-ready snapshot, and DeleteSnapshot
-//! and restores from the snapshot get ABORTED (the CSI "operation pending" answer; the CO
-//! retries). A staged or published source is copied before answering, as before (frozen where
+//! not ready, a repeated CreateSnapshot returns the same not-ready snapshot, restores from the
+//! snapshot get ABORTED (the CSI "operation pending" answer; the CO retries), and DeleteSnapshot
+//! cancels the copy, waits for it to remove what it made, and succeeds. A staged or published source is copied before answering, as before (frozen where
 //! it is a loop filesystem): a pod can write to it at any time. A crash during a background copy
 //! leaves a not-ready record: start-up removes the partial copy, re-takes the keys before the
 //! server serves and copies again, or removes the snapshot when its source is gone. A copy that
@@ -39,12 +39,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use super::copies::Registration;
 use super::error::{Error, Result};
 use super::ids::{IdError, SnapshotId, VolumeId};
 use super::locks::InFlightGuard;
 use super::types::{CreateSnapshot, GroupSnapshot, Snapshot, SnapshotPage, VolumeSource};
 use super::{Engine, blocking, params};
-use crate::backend::{Backend, ContentSource};
+use crate::backend::{Backend, Cancel, ContentSource};
 use crate::store::{Mutation, SnapshotRecord, Store};
 
 /// Keys the external-snapshotter adds with `--extra-create-metadata`.
@@ -78,18 +79,26 @@ impl ResolvedSource {
 /// before answering and the snapshot is ready at once (no polling for the CO).
 pub const BACKGROUND_COPY_MIN_BYTES: u64 = 16 << 20;
 
+/// How long DeleteSnapshot waits for a cancelled background copy to stop and clean up before
+/// it answers ABORTED (the copy looks at its flag at least every 64 MiB).
+const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Runs the copy of a snapshot whose record is committed with `ready_to_use = false`, then
 /// commits it ready. `guard` holds the snapshot's name, its ID and its source volume until the
 /// copy ends, so the source cannot be staged, published, expanded or deleted meanwhile, and
-/// DeleteSnapshot and restores of the snapshot get ABORTED. A failed copy removes its storage
-/// and the record: the CO's next CreateSnapshot retry starts a fresh one.
+/// restores of the snapshot get ABORTED. A failed or cancelled copy (see [`BackgroundCopies`])
+/// removes its storage and the record: the CO's next CreateSnapshot retry starts a fresh one.
 fn spawn_copy(
     store: Store,
     backend: std::sync::Arc<dyn Backend>,
     record: SnapshotRecord,
     guard: InFlightGuard,
+    registration: Registration,
 ) {
     tokio::spawn(async move {
+        // Declared first, dropped last: a DeleteSnapshot woken by the end of the registration
+        // must find the keys released.
+        let registration = registration;
         let _guard = guard;
         let (Ok(source), Ok(id)) = (
             VolumeId::parse(&record.source_volume_id),
@@ -101,9 +110,11 @@ fn spawn_copy(
         let sync_dirs = backend.snapshot_sync_dirs();
         let started = std::time::Instant::now();
         let (b, s, i) = (backend.clone(), source.clone(), id.clone());
+        let cancel = registration.cancel();
+        let flag = cancel.clone();
         // The backend copies into a temporary name, syncs and renames; only then is the
         // record marked ready, so a crash before that leaves a record that is not ready.
-        match blocking(move || Ok(b.snapshot(&s, &i)?)).await {
+        match blocking(move || Ok(b.snapshot(&s, &i, &flag)?)).await {
             Ok(mechanism) => {
                 tracing::info!(snapshot_id = %id, source_volume_id = %source,
                     mechanism = mechanism.name(),
@@ -122,6 +133,12 @@ fn spawn_copy(
                     tracing::error!(snapshot_id = %id, error = %e,
                         "could not record a finished background snapshot copy");
                 }
+            }
+            Err(_) if cancel.is_set() => {
+                tracing::info!(snapshot_id = %id, source_volume_id = %source,
+                    duration_ms = started.elapsed().as_millis() as u64,
+                    "background snapshot copy cancelled by DeleteSnapshot; removing the snapshot");
+                discard_snapshot(&store, backend, id).await;
             }
             Err(e) => {
                 tracing::error!(snapshot_id = %id, source_volume_id = %source, error = %e,
@@ -268,7 +285,14 @@ impl Engine {
             self.store
                 .commit(vec![Mutation::PutSnapshot(record.clone())], sync_dirs)
                 .await?;
-            spawn_copy(self.store.clone(), backend, record.clone(), guard);
+            let registration = self.copies.register(id.as_str());
+            spawn_copy(
+                self.store.clone(),
+                backend,
+                record.clone(),
+                guard,
+                registration,
+            );
             return Ok(snapshot_from_record(&record));
         }
 
@@ -276,7 +300,7 @@ impl Engine {
         let (b, s, i) = (backend.clone(), source.clone(), id.clone());
         // Storage without a record is from an attempt that never answered: the backend
         // replaces it, so the snapshot's time is this call's.
-        let mechanism = blocking(move || Ok(b.snapshot(&s, &i)?)).await?;
+        let mechanism = blocking(move || Ok(b.snapshot(&s, &i, Cancel::never())?)).await?;
         tracing::info!(snapshot_id = %id, source_volume_id = %source,
             mechanism = mechanism.name(), duration_ms = started.elapsed().as_millis() as u64,
             "snapshot taken");
@@ -337,6 +361,18 @@ impl Engine {
         let Some(id) = Self::parse_snapshot_id("snapshot_id", raw_id)? else {
             return Ok(());
         };
+        if let Some(mut ended) = self.copies.cancel(id.as_str()) {
+            tracing::info!(snapshot_id = %id, "DeleteSnapshot cancels the snapshot's background copy");
+            // The copy removes what it made and the record, then lets go of the keys.
+            if tokio::time::timeout(CANCEL_WAIT, ended.changed())
+                .await
+                .is_err()
+            {
+                return Err(Error::InProgress(format!(
+                    "snap:{id} (its background copy is being cancelled)"
+                )));
+            }
+        }
         let _guard = self.lock(vec![format!("snap:{id}")])?;
         let record = self.store.snapshot(id.as_str())?;
         if let Some(record) = &record
@@ -550,7 +586,8 @@ impl Engine {
             Some(backend) if source_alive => {
                 tracing::warn!(snapshot_id = %id, source_volume_id = %source,
                     "copying a snapshot again: its background copy was interrupted");
-                spawn_copy(self.store.clone(), backend, record, guard);
+                let registration = self.copies.register(id.as_str());
+                spawn_copy(self.store.clone(), backend, record, guard, registration);
             }
             Some(backend) => {
                 tracing::warn!(snapshot_id = %id, source_volume_id = %source,

@@ -33,6 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rustix::fs::{AtFlags, Mode, OFlags};
 
+use super::Cancel;
 use super::{
     Backend, BackendError, ContentSource, Enforcement, FsCapacity, Mechanism, PublishSource,
     StoredSnapshot, Usage, VolumeOptions,
@@ -824,7 +825,9 @@ impl Backend for SharedBackend {
         &self,
         source: &VolumeId,
         snapshot: &SnapshotId,
+        _cancel: &Cancel,
     ) -> Result<Mechanism, BackendError> {
+        // Shares are never copied in the background (see the engine): nothing cancels this.
         self.take_snapshot(source, snapshot)
     }
 

@@ -240,7 +240,7 @@ fn discarding_an_unrecorded_restore_ignores_the_retention_policy() {
     let v = create(&s, "pv-src", &[], "x").unwrap();
     std::fs::write(s.share.join("pv-src/f"), b"snapshotted").unwrap();
     let snap = SnapshotId::for_source(&v, "snap-1");
-    s.backend.snapshot(&v, &snap).unwrap();
+    s.backend.snapshot(&v, &snap, Cancel::never()).unwrap();
     for (name, policy) in [("pv-retain", "retain"), ("pv-archive", "archive")] {
         let p = params(&s.share, &[("onDelete", policy)]);
         let id = s.backend.volume_id(name, &p, &[]).unwrap();
@@ -372,7 +372,10 @@ fn snapshots_are_complete_only_with_their_marker_and_deleted_alone() {
     std::fs::write(dir.join("data/stale"), b"partial").unwrap();
     assert!(!s.backend.snapshot_exists(&snap).unwrap());
     assert_eq!(s.backend.stored_snapshot(&snap).unwrap(), None);
-    assert_eq!(s.backend.snapshot(&v, &snap).unwrap(), Mechanism::Copy);
+    assert_eq!(
+        s.backend.snapshot(&v, &snap, Cancel::never()).unwrap(),
+        Mechanism::Copy
+    );
     assert!(!dir.join("data/stale").exists());
     assert_eq!(std::fs::read(dir.join("data/f")).unwrap(), b"one");
     assert_eq!(
@@ -468,7 +471,7 @@ fn snapshots_are_complete_only_with_their_marker_and_deleted_alone() {
     // even for a controller without the store.
     s.backend.expand(&v, 7 << 20).unwrap();
     let grown = SnapshotId::for_source(&v, "snap-3");
-    s.backend.snapshot(&v, &grown).unwrap();
+    s.backend.snapshot(&v, &grown, Cancel::never()).unwrap();
     assert_eq!(
         s.backend
             .stored_snapshot(&grown)
