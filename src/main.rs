@@ -153,11 +153,13 @@ fn main() -> ExitCode {
         Command::Ops(command) => return k8scsi::ops::run(command),
         command => command,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .max_blocking_threads(64)
-        .build()
-    {
+    // The load client runs on one thread: it shares the machine with the server it measures,
+    // and a work-stealing pool would spend that machine's CPU on waking its own threads.
+    let mut builder = match command {
+        Command::Bench(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let runtime = match builder.enable_all().max_blocking_threads(64).build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("k8scsi: starting runtime: {e}");
