@@ -214,6 +214,9 @@ fn main() -> ExitCode {
             Command::Ops(_) => unreachable!("handled before the runtime starts"),
         }
     });
+    // Blocking work still running (a copy finishing its current file, a call stuck on a hung
+    // filesystem) gets a bounded wait: dropping the runtime would wait for it forever.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(10));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -374,6 +374,15 @@ pub async fn serve(
         endpoint = ?config.endpoint,
         "k8scsi serving"
     );
+    // Background snapshot copies stop as soon as shutdown starts, not after the connections
+    // have drained: they keep their snapshots, and the next start copies them again.
+    let shutdown = {
+        let engine = engine.clone();
+        async move {
+            shutdown.await;
+            engine.stop_background_copies();
+        }
+    };
     match &config.endpoint {
         Endpoint::Unix(path) => {
             if let Some(parent) = path.parent() {

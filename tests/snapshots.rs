@@ -748,11 +748,12 @@ async fn slow_full_copies_of_unstaged_volumes_run_in_the_background() {
 
 /// DeleteSnapshot of a snapshot whose full copy still runs in the background cancels the copy
 /// instead of answering ABORTED until it is done: the copy stops at its next file, removes what
-/// it made and the record, and releases the source volume and the snapshot's name.
+/// it made and the record, and releases the source volume and the snapshot's name. SIGTERM stops
+/// a copy too, but keeps its snapshot for the next start.
 #[tokio::test]
 async fn deleting_a_snapshot_cancels_its_background_copy() {
     skip_unless_ready!(tool_missing(&["mkfs.ext4"]));
-    let (d, mut c, source, src) = volume_on_ext4_image(1024, "pvc-cancel").await;
+    let (mut d, mut c, source, src) = volume_on_ext4_image(1024, "pvc-cancel").await;
     // 2,000 files of 128 KiB: copying them (a file at a time, then a syncfs of 256 MiB) takes
     // far longer than the few milliseconds between CreateSnapshot's answer and DeleteSnapshot.
     let block = noise(7, 64 << 10).repeat(2);
@@ -817,7 +818,9 @@ async fn deleting_a_snapshot_cancels_its_background_copy() {
     })
     .await
     .unwrap();
-    // The name is free: the CO's next CreateSnapshot makes a complete snapshot.
+    // The name is free: the CO's next CreateSnapshot makes a new snapshot, in the background
+    // again. SIGTERM meanwhile stops the copy, keeping the snapshot: the server exits without
+    // waiting for the copy, and the next start copies it again.
     let again = c
         .create_snapshot(request)
         .await
@@ -826,7 +829,29 @@ async fn deleting_a_snapshot_cancels_its_background_copy() {
         .snapshot
         .unwrap();
     assert_eq!(again.snapshot_id, id, "IDs derive from names");
+    assert!(!again.ready_to_use, "{again:?}");
+    drop((c, node));
+    let stopping = std::time::Instant::now();
+    let status = d.stop();
+    eprintln!(
+        "SIGTERM during a background copy: exited in {:?}",
+        stopping.elapsed()
+    );
+    assert!(status.success(), "{status}: {}", d.log());
+    assert!(
+        d.log()
+            .contains("background snapshot copy stopped for shutdown"),
+        "{}",
+        d.log()
+    );
+    let restarted = std::time::Instant::now();
+    d.restart();
+    let mut c = d.controller().await;
     let ready = wait_ready(&mut c, &id).await;
+    eprintln!(
+        "copied again after the restart, ready in {:?}",
+        restarted.elapsed()
+    );
     let seconds = |s: &proto::Snapshot| {
         let t = s.creation_time.as_ref().unwrap();
         (t.seconds, t.nanos)

@@ -5,8 +5,13 @@
 //! copy removes what it made and the snapshot's record, and releases the keys it held, after
 //! which DeleteSnapshot finds nothing left and succeeds. Without this, DeleteSnapshot got
 //! ABORTED until a copy of possibly hundreds of gigabytes had finished.
+//!
+//! At shutdown every copy is stopped the same way but keeps its snapshot: the record stays not
+//! ready and the next start copies it again, as after a crash. Otherwise the server would not
+//! exit before the longest copy had finished.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::watch;
@@ -17,6 +22,8 @@ use crate::backend::Cancel;
 #[derive(Debug, Default)]
 pub struct BackgroundCopies {
     running: Mutex<HashMap<String, Running>>,
+    /// Set at shutdown: stopped copies keep their snapshot.
+    stopping: AtomicBool,
 }
 
 #[derive(Debug)]
@@ -41,6 +48,12 @@ impl Registration {
     pub fn cancel(&self) -> Arc<Cancel> {
         self.cancel.clone()
     }
+
+    /// Whether the copy was stopped because the server shuts down (keep the snapshot) rather
+    /// than by DeleteSnapshot (remove it).
+    pub fn stopped_for_shutdown(&self) -> bool {
+        self.copies.stopping.load(Ordering::Acquire)
+    }
 }
 
 impl Drop for Registration {
@@ -58,6 +71,9 @@ impl BackgroundCopies {
     /// at most one).
     pub fn register(self: &Arc<Self>, snapshot_id: &str) -> Registration {
         let cancel = Arc::new(Cancel::default());
+        if self.stopping.load(Ordering::Acquire) {
+            cancel.set();
+        }
         let (sender, ended) = watch::channel(());
         self.lock().insert(
             snapshot_id.to_string(),
@@ -82,6 +98,21 @@ impl BackgroundCopies {
         copy.cancel.set();
         Some(copy.ended.clone())
     }
+
+    /// Stops every copy for shutdown; copies registered later stop at their first look.
+    pub fn stop_all(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let running = self.lock();
+        for copy in running.values() {
+            copy.cancel.set();
+        }
+        if !running.is_empty() {
+            tracing::info!(
+                copies = running.len(),
+                "stopping background snapshot copies; the next start copies them again"
+            );
+        }
+    }
 }
 
 #[cfg(test)]
@@ -103,5 +134,19 @@ mod tests {
         drop(registration);
         assert!(waiter.await.unwrap(), "woken by the end of the copy");
         assert!(copies.cancel("snap-a").is_none(), "still registered");
+    }
+
+    #[test]
+    fn stopping_for_shutdown_cancels_every_copy_and_says_why() {
+        let copies = Arc::new(BackgroundCopies::default());
+        let a = copies.register("snap-a");
+        assert!(!a.stopped_for_shutdown());
+        copies.stop_all();
+        assert!(a.cancel().is_set() && a.stopped_for_shutdown());
+        let late = copies.register("snap-b");
+        assert!(
+            late.cancel().is_set(),
+            "a copy started after the stop stops at once"
+        );
     }
 }

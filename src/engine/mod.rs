@@ -93,6 +93,12 @@ impl Engine {
         }
     }
 
+    /// Stops the snapshot copies running in the background, keeping their snapshots for the
+    /// next start (see [`copies`]); called at shutdown.
+    pub fn stop_background_copies(&self) {
+        self.copies.stop_all();
+    }
+
     pub fn config(&self) -> &EngineConfig {
         &self.config
     }

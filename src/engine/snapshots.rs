@@ -20,7 +20,8 @@
 //! no writer. Other volumes are never blocked. Meanwhile GetSnapshot and ListSnapshots say
 //! not ready, a repeated CreateSnapshot returns the same not-ready snapshot, restores from the
 //! snapshot get ABORTED (the CSI "operation pending" answer; the CO retries), and DeleteSnapshot
-//! cancels the copy, waits for it to remove what it made, and succeeds. A staged or published source is copied before answering, as before (frozen where
+//! cancels the copy, waits for it to remove what it made, and succeeds. Shutdown stops copies
+//! but keeps their not-ready records, which the next start copies again. A staged or published source is copied before answering, as before (frozen where
 //! it is a loop filesystem): a pod can write to it at any time. A crash during a background copy
 //! leaves a not-ready record: start-up removes the partial copy, re-takes the keys before the
 //! server serves and copies again, or removes the snapshot when its source is gone. A copy that
@@ -133,6 +134,12 @@ fn spawn_copy(
                     tracing::error!(snapshot_id = %id, error = %e,
                         "could not record a finished background snapshot copy");
                 }
+            }
+            Err(_) if cancel.is_set() && registration.stopped_for_shutdown() => {
+                // Its partial storage is gone; the record stays not ready, and the next start
+                // copies it again (as after a crash).
+                tracing::info!(snapshot_id = %id, source_volume_id = %source,
+                    "background snapshot copy stopped for shutdown; the next start copies it again");
             }
             Err(_) if cancel.is_set() => {
                 tracing::info!(snapshot_id = %id, source_volume_id = %source,
