@@ -190,6 +190,10 @@ fn build_parts(config: &ServeConfig) -> Result<(Arc<Engine>, Backends), ServeErr
     }
     let state_dir = prepare_dir(&config.state_dir, "state directory")?;
     let data_dir = prepare_dir(&config.data_dir, "data directory")?;
+    if let Some(weakness) = crate::mount::durability::assess(&data_dir).and_then(|d| d.weakness) {
+        tracing::warn!(data_dir = %data_dir.display(), %weakness,
+            "volumes in the data directory may not survive a power loss or reboot");
+    }
     let kubelet_dir = prepare_dir(&config.kubelet_dir, "kubelet directory")?;
     let store = Store::open(&state_dir)?;
     let backends: Backends = vec![

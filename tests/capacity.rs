@@ -19,27 +19,9 @@ fn tool_available(tool: &str) -> bool {
     Command::new(tool).arg("--version").output().is_ok()
 }
 
-/// Formats a 512 MiB btrfs image in `data`'s parent and mounts it at `data` (mount(8) sets up
-/// the loop device with autoclear, so unmounting frees it).
+/// Formats a 512 MiB btrfs image in `data`'s parent and mounts it at `data`.
 fn mount_btrfs(data: &Path) {
-    let image = data.parent().unwrap().join("btrfs.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(512 << 20)
-        .unwrap();
-    let mkfs = Command::new("mkfs.btrfs")
-        .arg("-q")
-        .arg(&image)
-        .output()
-        .unwrap();
-    assert!(mkfs.status.success(), "mkfs.btrfs: {mkfs:?}");
-    let mount = Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&image)
-        .arg(data)
-        .output()
-        .unwrap();
-    assert!(mount.status.success(), "mount: {mount:?}");
+    common::mount_image(data, 512, &["mkfs.btrfs", "-q"]);
 }
 
 fn skip_reason() -> Option<&'static str> {

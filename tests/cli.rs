@@ -8,7 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::{BINARY, Driver, create_request, is_root, publish_request};
+use common::{BINARY, Driver, create_request, is_root, mount_image, publish_request};
 
 /// The result of one CLI run.
 struct Run {
@@ -315,6 +315,13 @@ async fn doctor_reports_this_node() {
     assert!(run.stdout.contains("admin socket"), "{}", run.stdout);
     assert!(run.stdout.contains("answers at unix://"), "{}", run.stdout);
     assert_eq!(verdict(&run, "mount propagation").len(), 1);
+    // This machine's temporary directory may or may not be crash-safe; it is reported either way.
+    let crash_safety = verdict(&run, "crash safety");
+    assert!(
+        crash_safety == ["PASS"] || crash_safety == ["WARN"],
+        "{}",
+        run.stdout
+    );
     // Present or not, the NFS client is reported; requiring it fails only where it is missing.
     let nfs = verdict(&run, "nfs client");
     assert!(nfs == ["PASS"] || nfs == ["WARN"], "{}", run.stdout);
@@ -414,6 +421,89 @@ async fn doctor_finds_orphans_leftover_mounts_and_bad_directories() {
             .any(|l| l.starts_with("FAIL  kubelet directory") && l.contains("/nonexistent")),
         "{stdout}"
     );
+}
+
+/// A data directory whose volumes would not survive a power loss (ext4 made without a journal)
+/// or a reboot (tmpfs) is named in a warning at server start and by doctor's `crash safety`
+/// line; a journaled ext4 gets neither.
+#[tokio::test]
+async fn a_data_directory_that_can_lose_volumes_is_warned_about() {
+    if !is_root() {
+        eprintln!("SKIPPED: mounting test filesystems needs root");
+        return;
+    }
+    if Command::new("mkfs.ext4").arg("-V").output().is_err() {
+        eprintln!("SKIPPED: mkfs.ext4 is not installed");
+        return;
+    }
+    const WARNING: &str = "may not survive a power loss or reboot";
+    /// Mounts the filesystem under test at the (empty) data directory.
+    type Prepare = fn(&Path);
+    let cases: [(&str, Prepare, Option<&str>); 3] = [
+        (
+            "ext4 without a journal",
+            |data| mount_image(data, 64, &["mkfs.ext4", "-q", "-O", "^has_journal"]),
+            Some("ext4 without a journal"),
+        ),
+        (
+            "tmpfs",
+            |data| {
+                let status = Command::new("mount")
+                    .args(["-t", "tmpfs", "-o", "size=64m", "k8scsi-test"])
+                    .arg(data)
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+            },
+            Some("tmpfs keeps volumes in memory"),
+        ),
+        (
+            "journaled ext4",
+            |data| mount_image(data, 64, &["mkfs.ext4", "-q"]),
+            None,
+        ),
+    ];
+    for (label, prepare, expected) in cases {
+        let driver = Driver::start_on(prepare);
+        create(&driver, "pvc-durability", 1 << 20, None).await;
+        let logged = driver
+            .log()
+            .lines()
+            .find(|l| l.contains(WARNING))
+            .map(str::to_string);
+        let run = doctor(&driver, &["--no-probes"]);
+        let line = run
+            .stdout
+            .lines()
+            .find(|l| {
+                l.get(6..)
+                    .is_some_and(|rest| rest.starts_with("crash safety"))
+            })
+            .unwrap_or_else(|| panic!("{label}: no crash safety line\n{}", run.stdout));
+        println!("{label}: {line}");
+        match expected {
+            Some(weakness) => {
+                let logged = logged.unwrap_or_else(|| panic!("{label}: {}", driver.log()));
+                assert!(logged.contains(weakness), "{label}: {logged}");
+                assert!(
+                    line.starts_with("WARN") && line.contains(weakness),
+                    "{label}: {line}"
+                );
+            }
+            None => {
+                assert_eq!(logged, None, "{label}");
+                assert!(
+                    line.starts_with("PASS  crash safety         ext4"),
+                    "{label}: {line}"
+                );
+            }
+        }
+        assert_eq!(
+            run.code, 0,
+            "{label}: a warning is not a failure\n{}",
+            run.stdout
+        );
+    }
 }
 
 /// `k8scsi client ... | head` ends quietly: no "Broken pipe" panic when the reader goes away.

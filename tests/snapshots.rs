@@ -18,7 +18,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{Driver, create_request};
+use common::{Driver, create_request, mount_image};
 use k8scsi::client::mount_capability;
 use k8scsi::csi::proto::volume_capability::AccessType;
 use k8scsi::csi::proto::volume_capability::access_mode::Mode;
@@ -39,29 +39,6 @@ fn tool_missing(tools: &[&str]) -> Option<String> {
         .iter()
         .find(|t| Command::new(t).arg("-V").output().is_err())
         .map(|t| format!("{t} is not installed (scripts/install-test-tools.sh installs it)"))
-}
-
-/// Formats a sparse image of `mib` MiB next to `data` with `mkfs` and mounts it at `data`
-/// (mount(8) attaches an autoclear loop device, freed at unmount).
-fn mount_image(data: &Path, mib: u64, mkfs: &[&str]) {
-    let image = data.parent().unwrap().join("data.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(mib << 20)
-        .unwrap();
-    let out = Command::new(mkfs[0])
-        .args(&mkfs[1..])
-        .arg(&image)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{mkfs:?}: {out:?}");
-    let out = Command::new("mount")
-        .args(["-o", "loop"])
-        .arg(&image)
-        .arg(data)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "mount: {out:?}");
 }
 
 fn snap_source(id: &str) -> VolumeContentSource {

@@ -6,6 +6,7 @@
 //! than followed. [`fake::FakeMounter`] records calls so the engine's mount logic is unit-testable
 //! without root.
 
+pub mod durability;
 pub mod fake;
 pub mod linux;
 pub mod mountinfo;

@@ -18,6 +18,7 @@ use super::NodeDirs;
 use crate::backend::Backend;
 use crate::backend::dir::DirBackend;
 use crate::engine::ids::VolumeId;
+use crate::mount::durability::{self, Durability};
 use crate::mount::mountinfo;
 use crate::server::Endpoint;
 use crate::store::StateDump;
@@ -280,6 +281,22 @@ fn check_data_dir(report: &mut Report, data_dir: &Path) {
             "data directory",
             format!("{} ({})", data_dir.display(), describe_fs(data_dir)),
         );
+    }
+    if data_dir.exists() {
+        match durability::assess(data_dir) {
+            Some(Durability {
+                weakness: Some(weakness),
+                ..
+            }) => report.warn("crash safety", weakness),
+            Some(Durability { fs_type, .. }) => report.pass(
+                "crash safety",
+                format!("{fs_type}: an fsync makes volume directory changes durable"),
+            ),
+            None => report.warn(
+                "crash safety",
+                format!("cannot tell which filesystem holds {}", data_dir.display()),
+            ),
+        }
     }
 }
 

@@ -324,6 +324,29 @@ pub fn publish_request(
     }
 }
 
+/// Formats a sparse image of `mib` MiB next to `data` with `mkfs` and mounts it at `data`
+/// (mount(8) attaches an autoclear loop device, freed at unmount).
+pub fn mount_image(data: &Path, mib: u64, mkfs: &[&str]) {
+    let image = data.parent().unwrap().join("data.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(mib << 20)
+        .unwrap();
+    let out = Command::new(mkfs[0])
+        .args(&mkfs[1..])
+        .arg(&image)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{mkfs:?}: {out:?}");
+    let out = Command::new("mount")
+        .args(["-o", "loop"])
+        .arg(&image)
+        .arg(data)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mount: {out:?}");
+}
+
 /// Whether `path` is a mount point according to the kernel's mount table.
 pub fn is_mounted(path: &Path) -> bool {
     k8scsi::mount::mountinfo::read()
