@@ -190,10 +190,7 @@ fn build_parts(config: &ServeConfig) -> Result<(Arc<Engine>, Backends), ServeErr
     }
     let state_dir = prepare_dir(&config.state_dir, "state directory")?;
     let data_dir = prepare_dir(&config.data_dir, "data directory")?;
-    if let Some(weakness) = crate::mount::durability::assess(&data_dir).and_then(|d| d.weakness) {
-        tracing::warn!(data_dir = %data_dir.display(), %weakness,
-            "volumes in the data directory may not survive a power loss or reboot");
-    }
+    warn_about_durability(&state_dir, &data_dir);
     let kubelet_dir = prepare_dir(&config.kubelet_dir, "kubelet directory")?;
     let store = Store::open(&state_dir)?;
     let backends: Backends = vec![
@@ -219,6 +216,20 @@ fn build_parts(config: &ServeConfig) -> Result<(Arc<Engine>, Backends), ServeErr
         Arc::new(LinuxMounter),
     ));
     Ok((engine, backends))
+}
+
+/// Logs what a power loss or a reboot could take from the data or state directory (see
+/// [`crate::mount::durability`]); nothing is refused.
+fn warn_about_durability(state_dir: &Path, data_dir: &Path) {
+    use crate::mount::durability;
+    if let Some(weakness) = durability::assess(data_dir).and_then(|d| d.weakness) {
+        tracing::warn!(data_dir = %data_dir.display(), %weakness,
+            "volumes in the data directory may not survive a power loss or reboot");
+    }
+    if let Some(weakness) = durability::state_store_weakness(state_dir) {
+        tracing::warn!(state_dir = %state_dir.display(), %weakness,
+            "the state store may not survive a reboot");
+    }
 }
 
 /// How long in-flight calls get to finish after SIGTERM. A connection that never completes its

@@ -424,8 +424,8 @@ async fn doctor_finds_orphans_leftover_mounts_and_bad_directories() {
 }
 
 /// A data directory whose volumes would not survive a power loss (ext4 made without a journal)
-/// or a reboot (tmpfs) is named in a warning at server start and by doctor's `crash safety`
-/// line; a journaled ext4 gets neither.
+/// or a reboot (tmpfs), and a state store in memory, are each named in a warning at server start
+/// and by a `WARN  crash safety` line of doctor; journaled ext4 under both gets neither.
 #[tokio::test]
 async fn a_data_directory_that_can_lose_volumes_is_warned_about() {
     if !is_root() {
@@ -436,65 +436,87 @@ async fn a_data_directory_that_can_lose_volumes_is_warned_about() {
         eprintln!("SKIPPED: mkfs.ext4 is not installed");
         return;
     }
-    const WARNING: &str = "may not survive a power loss or reboot";
-    /// Mounts the filesystem under test at the (empty) data directory.
+    fn tmpfs_at(dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=64m", "k8scsi-test"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    fn journaled_ext4_at(data: &Path) {
+        mount_image(data, 64, &["mkfs.ext4", "-q"]);
+    }
+    /// The state directory of a test driver whose data directory is `data`.
+    fn state_of(data: &Path) -> std::path::PathBuf {
+        data.parent().unwrap().join("state")
+    }
+    /// Mounts the filesystems under test before the driver starts (the state directory is
+    /// always on the same filesystem as the data directory unless a case mounts one there).
     type Prepare = fn(&Path);
-    let cases: [(&str, Prepare, Option<&str>); 3] = [
+    let cases: [(&str, Prepare, Option<&str>); 4] = [
         (
-            "ext4 without a journal",
+            "data on ext4 without a journal",
             |data| mount_image(data, 64, &["mkfs.ext4", "-q", "-O", "^has_journal"]),
             Some("ext4 without a journal"),
         ),
         (
-            "tmpfs",
-            |data| {
-                let status = Command::new("mount")
-                    .args(["-t", "tmpfs", "-o", "size=64m", "k8scsi-test"])
-                    .arg(data)
-                    .status()
-                    .unwrap();
-                assert!(status.success());
-            },
+            "data on tmpfs",
+            |data| tmpfs_at(data),
             Some("tmpfs keeps volumes in memory"),
         ),
         (
-            "journaled ext4",
-            |data| mount_image(data, 64, &["mkfs.ext4", "-q"]),
-            None,
+            "state on tmpfs",
+            |data| {
+                journaled_ext4_at(data);
+                tmpfs_at(&state_of(data));
+            },
+            Some("the state store is on tmpfs"),
         ),
+        ("journaled ext4", journaled_ext4_at, None),
     ];
     for (label, prepare, expected) in cases {
         let driver = Driver::start_on(prepare);
         create(&driver, "pvc-durability", 1 << 20, None).await;
-        let logged = driver
+        let logged: Vec<String> = driver
             .log()
             .lines()
-            .find(|l| l.contains(WARNING))
-            .map(str::to_string);
+            .filter(|l| l.contains("may not survive"))
+            .map(str::to_string)
+            .collect();
         let run = doctor(&driver, &["--no-probes"]);
-        let line = run
+        let lines: Vec<&str> = run
             .stdout
             .lines()
-            .find(|l| {
+            .filter(|l| {
                 l.get(6..)
                     .is_some_and(|rest| rest.starts_with("crash safety"))
             })
-            .unwrap_or_else(|| panic!("{label}: no crash safety line\n{}", run.stdout));
-        println!("{label}: {line}");
+            .collect();
+        let warned: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.starts_with("WARN"))
+            .collect();
+        println!("{label}: {lines:#?}");
         match expected {
             Some(weakness) => {
-                let logged = logged.unwrap_or_else(|| panic!("{label}: {}", driver.log()));
-                assert!(logged.contains(weakness), "{label}: {logged}");
                 assert!(
-                    line.starts_with("WARN") && line.contains(weakness),
-                    "{label}: {line}"
+                    logged.len() == 1 && logged[0].contains(weakness),
+                    "{label}: {logged:#?}"
+                );
+                assert!(
+                    warned.len() == 1 && warned[0].contains(weakness),
+                    "{label}: {lines:#?}"
                 );
             }
             None => {
-                assert_eq!(logged, None, "{label}");
+                assert_eq!(logged, Vec::<String>::new(), "{label}");
+                assert_eq!(warned, Vec::<&str>::new(), "{label}");
                 assert!(
-                    line.starts_with("PASS  crash safety         ext4"),
-                    "{label}: {line}"
+                    lines[0].starts_with("PASS  crash safety         ext4"),
+                    "{label}: {lines:#?}"
                 );
             }
         }

@@ -8,8 +8,8 @@
 //! `-O ^has_journal`, FAT) the fsync writes the parent's blocks and inode but not the new
 //! directory's own inode: after a power loss the filesystem needs fsck, and a volume created
 //! just before can be missing or damaged. Its record survives, and start-up reconciliation
-//! reports the mismatch. On tmpfs every volume is gone after a reboot. The server warns about
-//! both at start, and `k8scsi doctor` reports them.
+//! reports the mismatch. On tmpfs every volume is gone after a reboot, and a state store there
+//! forgets every volume. The server warns about each at start, and `k8scsi doctor` reports them.
 
 use std::path::Path;
 
@@ -40,6 +40,32 @@ pub fn assess(path: &Path) -> Option<Durability> {
     })
 }
 
+impl Durability {
+    /// Whether the filesystem lives in memory, so nothing on it survives a reboot.
+    pub fn in_memory(&self) -> bool {
+        is_in_memory(&self.fs_type)
+    }
+}
+
+/// Why the state store under `state_dir` would be forgotten at reboot, if it would. Only an
+/// in-memory filesystem is a problem there: redb makes its own commits durable with fdatasync
+/// of its one file, which needs no journal.
+pub fn state_store_weakness(state_dir: &Path) -> Option<String> {
+    let durability = assess(state_dir)?;
+    durability.in_memory().then(|| {
+        format!(
+            "the state store is on {}: after a reboot every volume has lost its record, and \
+             reconciliation reports their directories as orphans (it never deletes them); put \
+             the state directory on a disk",
+            durability.fs_type
+        )
+    })
+}
+
+fn is_in_memory(fs_type: &str) -> bool {
+    matches!(fs_type, "tmpfs" | "ramfs")
+}
+
 /// The kernel's name of the block device `major:minor` (`vda`, `dm-0`, `loop3`): the name ext4
 /// uses under `/proc/fs/ext4`.
 fn device_name(major_minor: &str) -> Option<String> {
@@ -62,7 +88,7 @@ fn weakness(fs_type: &str, ext4_options: Option<&str>) -> Option<String> {
         )
     };
     match fs_type {
-        "tmpfs" | "ramfs" => Some(format!(
+        _ if is_in_memory(fs_type) => Some(format!(
             "{fs_type} keeps volumes in memory: every volume is lost when the node reboots; \
              {ADVICE}"
         )),
@@ -110,6 +136,13 @@ mod tests {
     fn memory_and_journal_less_filesystems_are_weak_and_the_rest_are_not() {
         let tmpfs = weakness("tmpfs", None).unwrap();
         assert!(tmpfs.contains("lost when the node reboots"), "{tmpfs}");
+        assert!(weakness("ramfs", None).is_some());
+        let memory = |fs_type: &str| Durability {
+            fs_type: fs_type.to_string(),
+            weakness: None,
+        };
+        assert!(memory("tmpfs").in_memory() && memory("ramfs").in_memory());
+        assert!(!memory("ext4").in_memory() && !memory("xfs").in_memory());
         for fs_type in ["ext2", "vfat", "exfat"] {
             let weak = weakness(fs_type, None).unwrap();
             assert!(

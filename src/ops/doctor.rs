@@ -146,6 +146,7 @@ pub fn run(args: &DoctorArgs) -> ExitCode {
 
     let store = check_store(&mut report, &args.dirs.state_dir);
     check_data_dir(&mut report, &args.dirs.data_dir);
+    check_crash_safety(&mut report, &args.dirs);
     check_kubelet_dir(&mut report, &args.dirs.kubelet_dir);
     check_propagation(&mut report, &args.dirs.kubelet_dir);
     check_server(&mut report, &args.endpoint);
@@ -282,6 +283,11 @@ fn check_data_dir(report: &mut Report, data_dir: &Path) {
             format!("{} ({})", data_dir.display(), describe_fs(data_dir)),
         );
     }
+}
+
+/// What a power loss or a reboot could take: the data directory's volumes, the state store.
+fn check_crash_safety(report: &mut Report, dirs: &NodeDirs) {
+    let data_dir = &dirs.data_dir;
     if data_dir.exists() {
         match durability::assess(data_dir) {
             Some(Durability {
@@ -297,6 +303,9 @@ fn check_data_dir(report: &mut Report, data_dir: &Path) {
                 format!("cannot tell which filesystem holds {}", data_dir.display()),
             ),
         }
+    }
+    if let Some(weakness) = durability::state_store_weakness(&dirs.state_dir) {
+        report.warn("crash safety", weakness);
     }
 }
 
