@@ -257,11 +257,18 @@ fn doctor(driver: &Driver, extra: &[&str]) -> Run {
     cli(driver, &args)
 }
 
-/// The verdict word of doctor's line for `check`.
-fn verdict<'a>(run: &'a Run, check: &str) -> Vec<&'a str> {
+/// Doctor's lines for `check` (`WARN  crash safety ...`).
+fn check_lines<'a>(run: &'a Run, check: &str) -> Vec<&'a str> {
     run.stdout
         .lines()
         .filter(|l| l.get(6..).is_some_and(|rest| rest.starts_with(check)))
+        .collect()
+}
+
+/// The verdict word of doctor's line for `check`.
+fn verdict<'a>(run: &'a Run, check: &str) -> Vec<&'a str> {
+    check_lines(run, check)
+        .into_iter()
         .map(|l| &l[..4])
         .collect()
 }
@@ -427,7 +434,7 @@ async fn doctor_finds_orphans_leftover_mounts_and_bad_directories() {
 /// or a reboot (tmpfs), and a state store in memory, are each named in a warning at server start
 /// and by a `WARN  crash safety` line of doctor; journaled ext4 under both gets neither.
 #[tokio::test]
-async fn a_data_directory_that_can_lose_volumes_is_warned_about() {
+async fn directories_that_can_lose_volumes_are_warned_about() {
     if !is_root() {
         eprintln!("SKIPPED: mounting test filesystems needs root");
         return;
@@ -463,7 +470,7 @@ async fn a_data_directory_that_can_lose_volumes_is_warned_about() {
         ),
         (
             "data on tmpfs",
-            |data| tmpfs_at(data),
+            tmpfs_at,
             Some("tmpfs keeps volumes in memory"),
         ),
         (
@@ -486,14 +493,7 @@ async fn a_data_directory_that_can_lose_volumes_is_warned_about() {
             .map(str::to_string)
             .collect();
         let run = doctor(&driver, &["--no-probes"]);
-        let lines: Vec<&str> = run
-            .stdout
-            .lines()
-            .filter(|l| {
-                l.get(6..)
-                    .is_some_and(|rest| rest.starts_with("crash safety"))
-            })
-            .collect();
+        let lines = check_lines(&run, "crash safety");
         let warned: Vec<&str> = lines
             .iter()
             .copied()

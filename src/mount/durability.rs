@@ -40,28 +40,21 @@ pub fn assess(path: &Path) -> Option<Durability> {
     })
 }
 
-impl Durability {
-    /// Whether the filesystem lives in memory, so nothing on it survives a reboot.
-    pub fn in_memory(&self) -> bool {
-        is_in_memory(&self.fs_type)
-    }
-}
-
 /// Why the state store under `state_dir` would be forgotten at reboot, if it would. Only an
 /// in-memory filesystem is a problem there: redb makes its own commits durable with fdatasync
 /// of its one file, which needs no journal.
 pub fn state_store_weakness(state_dir: &Path) -> Option<String> {
-    let durability = assess(state_dir)?;
-    durability.in_memory().then(|| {
+    let fs_type = assess(state_dir)?.fs_type;
+    is_in_memory(&fs_type).then(|| {
         format!(
-            "the state store is on {}: after a reboot every volume has lost its record, and \
-             reconciliation reports their directories as orphans (it never deletes them); put \
-             the state directory on a disk",
-            durability.fs_type
+            "the state store is on {fs_type}: after a reboot every volume has lost its record, \
+             and reconciliation reports their directories as orphans (it never deletes them); \
+             put the state directory on a disk"
         )
     })
 }
 
+/// Whether a filesystem of this type lives in memory, so nothing on it survives a reboot.
 fn is_in_memory(fs_type: &str) -> bool {
     matches!(fs_type, "tmpfs" | "ramfs")
 }
@@ -137,12 +130,8 @@ mod tests {
         let tmpfs = weakness("tmpfs", None).unwrap();
         assert!(tmpfs.contains("lost when the node reboots"), "{tmpfs}");
         assert!(weakness("ramfs", None).is_some());
-        let memory = |fs_type: &str| Durability {
-            fs_type: fs_type.to_string(),
-            weakness: None,
-        };
-        assert!(memory("tmpfs").in_memory() && memory("ramfs").in_memory());
-        assert!(!memory("ext4").in_memory() && !memory("xfs").in_memory());
+        assert!(is_in_memory("tmpfs") && is_in_memory("ramfs"));
+        assert!(!is_in_memory("ext4") && !is_in_memory("xfs"));
         for fs_type in ["ext2", "vfat", "exfat"] {
             let weak = weakness(fs_type, None).unwrap();
             assert!(
