@@ -1011,12 +1011,29 @@ async fn delete_volume_is_idempotent_and_removes_storage() {
     );
 }
 
-/// Entries in the data directory's trash, or `None` where volumes are not plain directories.
+/// Deleted directories in the data directory's trash (inside its `bin-*` directories, or at its
+/// top level where a version without bins left them), or `None` where volumes are not plain
+/// directories.
 fn trash_entries(driver: &Driver) -> Option<usize> {
     let trash = driver.data_dir().join("trash");
-    trash
-        .exists()
-        .then(|| std::fs::read_dir(trash).unwrap().count())
+    trash.exists().then(|| {
+        std::fs::read_dir(trash)
+            .unwrap()
+            .map(|entry| {
+                let path = entry.unwrap().path();
+                if path
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .starts_with("bin-")
+                {
+                    std::fs::read_dir(path).unwrap().count()
+                } else {
+                    1
+                }
+            })
+            .sum()
+    })
 }
 
 async fn wait_for_empty_trash(driver: &Driver) {
@@ -1066,12 +1083,18 @@ async fn deleting_a_full_volume_answers_before_its_tree_is_removed() {
 
     // What a stopped driver left in the trash is removed after the next start.
     d.stop();
-    let left = d.data_dir().join("trash").join("left-by-a-crash");
-    std::fs::create_dir_all(left.join("deep/er")).unwrap();
-    std::fs::write(left.join("deep/er/file"), b"x").unwrap();
+    let trash = d.data_dir().join("trash");
+    let left = [
+        trash.join("bin-7/left-by-a-crash"),
+        trash.join("left-by-an-older-version"),
+    ];
+    for dir in &left {
+        std::fs::create_dir_all(dir.join("deep/er")).unwrap();
+        std::fs::write(dir.join("deep/er/file"), b"x").unwrap();
+    }
     d.restart();
     wait_for_empty_trash(&d).await;
-    assert!(!left.exists());
+    assert!(left.iter().all(|dir| !dir.exists()));
 }
 
 #[tokio::test]

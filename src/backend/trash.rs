@@ -13,6 +13,12 @@
 //! cross filesystems); reconciliation only looks at `volumes/`, so nothing in the trash is
 //! mistaken for a volume. Until the thread has removed a directory its space still counts as
 //! used.
+//!
+//! Entries go into [`BINS`] subdirectories of the trash in turn (`trash/bin-<n>/<name>`). An
+//! `rmdir` holds its parent directory locked until the freed block is discarded, and a rename
+//! into that same parent waits for it while holding `volumes/` locked, which stalls every
+//! CreateVolume's `mkdir` behind one discard. With bins, the entry being removed is almost
+//! never in the bin the next delete renames into.
 
 use std::collections::VecDeque;
 use std::os::unix::fs::PermissionsExt;
@@ -28,6 +34,13 @@ use crate::mount::Probes;
 
 /// Name of the trash directory inside the data directory.
 pub const TRASH_DIR: &str = "trash";
+
+/// How many bins deleted directories are spread over.
+pub const BINS: u64 = 16;
+
+/// Prefix of a bin's name (`bin-0` .. `bin-f`). Names of entries left by versions without
+/// bins are hexadecimal numbers, so the two never collide.
+const BIN_PREFIX: &str = "bin-";
 
 /// How long removing one deleted tree may take before the thread moves on to the next entry
 /// (a hung mount left inside a deleted volume must not stop the removal of everything else).
@@ -63,8 +76,24 @@ impl Trash {
         let mut pending = VecDeque::new();
         for entry in std::fs::read_dir(&dir)? {
             // Names that are not UTF-8 were never made here; they are left alone.
-            if let Ok(name) = entry?.file_name().into_string() {
+            let Ok(name) = entry?.file_name().into_string() else {
+                continue;
+            };
+            if name.starts_with(BIN_PREFIX) {
+                for inner in std::fs::read_dir(dir.join(&name))? {
+                    if let Ok(inner) = inner?.file_name().into_string() {
+                        pending.push_back(format!("{name}/{inner}"));
+                    }
+                }
+            } else {
+                // Left by a version without bins.
                 pending.push_back(name);
+            }
+        }
+        for bin in 0..BINS {
+            match std::fs::create_dir(dir.join(bin_name(bin))) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
+                _ => {}
             }
         }
         if !pending.is_empty() {
@@ -100,7 +129,7 @@ impl Trash {
     /// Moves `path` into the trash with one rename. `Ok(false)` when `path` does not exist.
     /// On error (`EBUSY` for a mount point, `EXDEV` for another filesystem) nothing moved.
     pub fn put(&self, path: &Path) -> rustix::io::Result<bool> {
-        let name = format!("{:x}", self.sequence.fetch_add(1, Ordering::Relaxed));
+        let name = self.next_name();
         match rfs::renameat_with(CWD, path, CWD, self.dir.join(&name), RenameFlags::NOREPLACE) {
             Ok(()) => {
                 self.lock().pending.push_back(name);
@@ -110,6 +139,12 @@ impl Trash {
             Err(Errno::NOENT) => Ok(false),
             Err(e) => Err(e),
         }
+    }
+
+    /// A new entry's name relative to the trash: the bins are used in turn.
+    fn next_name(&self) -> String {
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+        format!("{}/{sequence:x}", bin_name(sequence % BINS))
     }
 
     /// Entries not yet removed, and of those the ones given up on until restart.
@@ -148,6 +183,11 @@ impl Trash {
             }
         }
     }
+}
+
+/// The name of bin `n` inside the trash.
+fn bin_name(n: u64) -> String {
+    format!("{BIN_PREFIX}{n:x}")
 }
 
 /// The removal thread: takes the oldest entry not given up on, removes it, and sleeps when
@@ -200,8 +240,25 @@ mod tests {
         panic!("timed out waiting for {what}");
     }
 
-    fn entries(dir: &Path) -> usize {
-        std::fs::read_dir(dir).unwrap().count()
+    /// Deleted directories still in the trash at `dir`: in its bins, or at its top level
+    /// where a version without bins left them.
+    fn entries(dir: &Path) -> Vec<PathBuf> {
+        let mut found = vec![];
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path
+                .file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with(BIN_PREFIX)
+            {
+                found.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+            } else {
+                found.push(path);
+            }
+        }
+        found
     }
 
     #[test]
@@ -219,7 +276,7 @@ mod tests {
         assert!(!trash.put(&tree).unwrap(), "already gone");
         assert!(!empty.exists() && !tree.exists());
         wait_until("an empty trash", || trash.backlog() == (0, 0));
-        assert_eq!(entries(&data.path().join(TRASH_DIR)), 0);
+        assert_eq!(entries(&data.path().join(TRASH_DIR)), Vec::<PathBuf>::new());
         assert!(Path::new("/etc/hostname").exists() || Path::new("/etc").exists());
     }
 
@@ -270,15 +327,10 @@ mod tests {
         assert!(trash.put(&stuck).unwrap());
         assert!(trash.put(&other).unwrap());
         wait_until("the removable entry to go", || trash.backlog() == (1, 1));
-        assert_eq!(entries(&data.path().join(TRASH_DIR)), 1);
+        let left = entries(&data.path().join(TRASH_DIR));
+        assert_eq!(left.len(), 1);
         // Undo the immutable flag so the temporary directory can be cleaned up.
-        let pinned = std::fs::read_dir(data.path().join(TRASH_DIR))
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path()
-            .join("pinned");
+        let pinned = left[0].join("pinned");
         assert!(
             std::process::Command::new("chattr")
                 .arg("-i")
@@ -296,8 +348,26 @@ mod tests {
         std::fs::create_dir_all(dir.join("left/deep")).unwrap();
         std::fs::write(dir.join("left/deep/data"), b"x").unwrap();
         std::fs::create_dir(dir.join("empty")).unwrap();
+        std::fs::create_dir_all(dir.join(bin_name(3)).join("binned/deep")).unwrap();
         let trash = Trash::start(data.path()).unwrap();
         wait_until("an empty trash", || trash.backlog() == (0, 0));
-        assert_eq!(entries(&dir), 0);
+        assert_eq!(entries(&dir), Vec::<PathBuf>::new());
+        let bins = std::fs::read_dir(&dir).unwrap().count() as u64;
+        assert_eq!(bins, BINS, "the bins stay for the next deletions");
+    }
+
+    #[test]
+    fn consecutive_deletions_go_to_different_bins() {
+        let data = tempfile::tempdir().unwrap();
+        let trash = Trash::start(data.path()).unwrap();
+        let bins: std::collections::HashSet<String> = (0..BINS)
+            .map(|_| {
+                let name = trash.next_name();
+                let (bin, _) = name.split_once('/').unwrap();
+                assert!(data.path().join(TRASH_DIR).join(bin).is_dir(), "{bin}");
+                bin.to_string()
+            })
+            .collect();
+        assert_eq!(bins.len() as u64, BINS);
     }
 }
