@@ -397,7 +397,10 @@ impl Engine {
         };
         let (intent, enforcement) = enforcement;
         if enforcement == crate::backend::Enforcement::None {
-            tracing::warn!(volume_id = %new_id, capacity, "volume size is recorded but not enforced");
+            // The StorageClass asked for this (enforceCapacity: "false") and start-up already
+            // warned that this node cannot enforce sizes: a warning per volume would only bury
+            // other warnings under thousands of identical lines.
+            tracing::debug!(volume_id = %new_id, capacity, "volume size is recorded but not enforced");
         }
         let record = VolumeRecord {
             id: new_id.to_string(),
