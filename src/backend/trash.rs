@@ -21,13 +21,13 @@
 //! never in the bin the next delete renames into.
 
 use std::collections::VecDeque;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::time::Duration;
 
-use rustix::fs::{self as rfs, CWD, RenameFlags};
+use rustix::fs::{self as rfs, AtFlags, CWD, RenameFlags};
 use rustix::io::Errno;
 
 use crate::mount::Probes;
@@ -91,10 +91,7 @@ impl Trash {
             }
         }
         for bin in 0..BINS {
-            match std::fs::create_dir(dir.join(bin_name(bin))) {
-                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(e),
-                _ => {}
-            }
+            make_private_dir(&dir.join(bin_name(bin)))?;
         }
         if !pending.is_empty() {
             tracing::info!(entries = pending.len(), trash = %dir.display(),
@@ -130,7 +127,18 @@ impl Trash {
     /// On error (`EBUSY` for a mount point, `EXDEV` for another filesystem) nothing moved.
     pub fn put(&self, path: &Path) -> rustix::io::Result<bool> {
         let name = self.next_name();
-        match rfs::renameat_with(CWD, path, CWD, self.dir.join(&name), RenameFlags::NOREPLACE) {
+        let target = self.dir.join(&name);
+        let rename = || rfs::renameat_with(CWD, path, CWD, &target, RenameFlags::NOREPLACE);
+        let mut moved = rename();
+        if moved == Err(Errno::NOENT) && rfs::statat(CWD, path, AtFlags::SYMLINK_NOFOLLOW).is_ok() {
+            // The volume is there, so the bin is not: someone removed it (or the whole trash)
+            // by hand. Make it again and retry once, rather than report the volume gone.
+            if let Some(bin) = target.parent() {
+                make_private_dir(bin).map_err(|e| Errno::from_io_error(&e).unwrap_or(Errno::IO))?;
+            }
+            moved = rename();
+        }
+        match moved {
             Ok(()) => {
                 self.lock().pending.push_back(name);
                 self.wake.notify_one();
@@ -188,6 +196,15 @@ impl Trash {
 /// The name of bin `n` inside the trash.
 fn bin_name(n: u64) -> String {
     format!("{BIN_PREFIX}{n:x}")
+}
+
+/// Creates `dir` and any missing parents, root-only like the trash itself; one that exists is
+/// left as it is.
+fn make_private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
 }
 
 /// The removal thread: takes the oldest entry not given up on, removes it, and sleeps when
@@ -354,6 +371,31 @@ mod tests {
         assert_eq!(entries(&dir), Vec::<PathBuf>::new());
         let bins = std::fs::read_dir(&dir).unwrap().count() as u64;
         assert_eq!(bins, BINS, "the bins stay for the next deletions");
+    }
+
+    #[test]
+    fn a_bin_removed_by_hand_is_made_again() {
+        let data = tempfile::tempdir().unwrap();
+        let trash = Trash::start(data.path()).unwrap();
+        let dir = data.path().join(TRASH_DIR);
+        for bin in 0..BINS {
+            std::fs::remove_dir(dir.join(bin_name(bin))).unwrap();
+        }
+        let volume = data.path().join("volume");
+        std::fs::create_dir(&volume).unwrap();
+        assert!(trash.put(&volume).unwrap(), "the volume was there to move");
+        assert!(!volume.exists());
+        wait_until("an empty trash", || trash.backlog() == (0, 0));
+        assert_eq!(entries(&dir), Vec::<PathBuf>::new());
+        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::create_dir(&volume).unwrap();
+        assert!(
+            trash.put(&volume).unwrap(),
+            "even the whole trash is made again"
+        );
+        assert!(!volume.exists());
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o700);
     }
 
     #[test]
