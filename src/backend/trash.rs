@@ -71,15 +71,39 @@ impl Trash {
     /// starts the removal thread (which ends when the last handle is dropped).
     pub fn start(data_dir: &Path) -> std::io::Result<Arc<Trash>> {
         let dir = data_dir.join(TRASH_DIR);
+        // The trash is written into and emptied as root: it must be a directory of its own,
+        // not a link to somewhere else.
+        if std::fs::symlink_metadata(&dir).is_ok_and(|m| !m.is_dir()) {
+            return Err(std::io::Error::other(format!(
+                "{} exists and is not a directory; move it away so the trash can be made",
+                dir.display()
+            )));
+        }
         std::fs::create_dir_all(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        let started = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
         let mut pending = VecDeque::new();
+        let mut displaced = 0u64;
         for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
             // Names that are not UTF-8 were never made here; they are left alone.
-            let Ok(name) = entry?.file_name().into_string() else {
+            let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            if name.starts_with(BIN_PREFIX) {
+            if name.starts_with(BIN_PREFIX) && !entry.file_type()?.is_dir() {
+                // A file or symlink where a bin belongs (nothing of ours): a rename through a
+                // symlink would move deleted volumes out of the trash. Moved to the top level,
+                // where it is removed like any leftover, and the bin is made in its place.
+                let aside = format!("displaced-{name}-{started:x}-{displaced}");
+                displaced += 1;
+                std::fs::rename(dir.join(&name), dir.join(&aside))?;
+                tracing::warn!(path = %dir.join(&name).display(),
+                    "not a directory where a trash bin belongs; removing it");
+                pending.push_back(aside);
+            } else if name.starts_with(BIN_PREFIX) {
                 for inner in std::fs::read_dir(dir.join(&name))? {
                     if let Ok(inner) = inner?.file_name().into_string() {
                         pending.push_back(format!("{name}/{inner}"));
@@ -104,12 +128,7 @@ impl Trash {
                 given_up: 0,
             }),
             wake: Condvar::new(),
-            sequence: AtomicU64::new(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(0),
-            ),
+            sequence: AtomicU64::new(started),
             probes: Arc::new(Probes::default()),
         });
         let weak = Arc::downgrade(&trash);
@@ -169,6 +188,10 @@ impl Trash {
             Ok(()) => return true,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return true,
             Err(_) => {}
+        }
+        // A file or symlink displaced from a bin's place: unlinked, never followed.
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_dir()) {
+            return std::fs::remove_file(&path).is_ok();
         }
         // A tree: bounded like every other look at a volume (a worker thread, waited for at
         // most REMOVAL_TIMEOUT). std's remove_dir_all never follows symlinks inside the tree.
@@ -396,6 +419,58 @@ mod tests {
         assert!(!volume.exists());
         let mode = std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o700);
+    }
+
+    #[test]
+    fn a_file_or_symlink_where_a_bin_belongs_is_removed_and_the_bin_made() {
+        let data = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("keep"), b"not ours").unwrap();
+        let dir = data.path().join(TRASH_DIR);
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join(bin_name(2)), b"a file").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.join(bin_name(5))).unwrap();
+        let trash = Trash::start(data.path()).unwrap();
+        wait_until("an empty trash", || trash.backlog() == (0, 0));
+        assert_eq!(
+            std::fs::read(outside.path().join("keep")).unwrap(),
+            b"not ours",
+            "the link was removed, not followed"
+        );
+        for bin in 0..BINS {
+            let meta = std::fs::symlink_metadata(dir.join(bin_name(bin))).unwrap();
+            assert!(meta.is_dir(), "bin {bin} is a real directory");
+        }
+        assert_eq!(entries(&dir), Vec::<PathBuf>::new());
+        // Deletions land inside the trash, not where the link pointed.
+        let volume = data.path().join("volume");
+        std::fs::create_dir(&volume).unwrap();
+        for _ in 0..BINS {
+            std::fs::create_dir_all(&volume).unwrap();
+            assert!(trash.put(&volume).unwrap());
+        }
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_trash_that_is_not_a_directory_is_refused() {
+        let data = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(outside.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::symlink(outside.path(), data.path().join(TRASH_DIR)).unwrap();
+        let error = Trash::start(data.path()).unwrap_err();
+        assert!(error.to_string().contains("is not a directory"), "{error}");
+        let mode = std::fs::metadata(outside.path())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o755, "the link's target was not chmodded");
+        assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+        std::fs::remove_file(data.path().join(TRASH_DIR)).unwrap();
+        std::fs::write(data.path().join(TRASH_DIR), b"a file").unwrap();
+        let error = Trash::start(data.path()).unwrap_err();
+        assert!(error.to_string().contains("is not a directory"), "{error}");
     }
 
     #[test]
