@@ -1688,11 +1688,21 @@ async fn unpublish_succeeds_when_the_target_is_already_gone() {
     let v = create(&mut c, "pvc-1", MIB).await;
     let pods = d.kubelet_dir().join("pods");
 
-    // A leftover empty directory (e.g. the mount vanished in a reboot) is cleaned up.
+    // A publication whose mount vanished (a reboot, an unmount behind our back) leaves its
+    // recorded, empty directory: it is cleaned up.
     let leftover = d.target("pod-leftover");
-    std::fs::create_dir(&leftover).unwrap();
+    publish(&d, publish_request(&v.volume_id, &leftover, false))
+        .await
+        .unwrap();
+    rustix::mount::unmount(leftover.as_str(), rustix::mount::UnmountFlags::empty()).unwrap();
     unpublish(&d, &v.volume_id, &leftover).await.unwrap();
     assert!(!Path::new(&leftover).exists());
+
+    // An empty directory the volume was never published at is not ours to remove.
+    let stranger = d.target("pod-stranger");
+    std::fs::create_dir(&stranger).unwrap();
+    unpublish(&d, &v.volume_id, &stranger).await.unwrap();
+    assert!(Path::new(&stranger).is_dir());
 
     // The kubelet already removed the pod directory: nothing to do.
     let gone = pods
@@ -1866,14 +1876,11 @@ async fn a_foreign_mount_at_the_target_is_left_alone() {
     assert!(volume_dir(&d, &a.volume_id).join("f").exists());
     unpublish(&d, &a.volume_id, &target).await.unwrap();
 
-    // A non-empty plain directory at the target is not deleted on unpublish.
+    // A plain directory the volume was never published at is not touched on unpublish.
     let plain = d.target("pod-plain");
     std::fs::create_dir_all(&plain).unwrap();
     std::fs::write(Path::new(&plain).join("user-data"), b"keep").unwrap();
-    expect_code(
-        unpublish(&d, &a.volume_id, &plain).await,
-        Code::FailedPrecondition,
-    );
+    unpublish(&d, &a.volume_id, &plain).await.unwrap();
     assert!(Path::new(&plain).join("user-data").exists());
 }
 

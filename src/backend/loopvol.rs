@@ -20,7 +20,7 @@ use super::{
 };
 use crate::engine::ids::{SnapshotId, VolumeId};
 use crate::engine::types::{AccessType, Capability};
-use crate::mount::{ConfinedPath, MountOptions, Mounter};
+use crate::mount::{ConfinedPath, MountOptions, Mounter, PathState};
 
 /// Size of a volume created without a capacity range.
 pub const DEFAULT_BYTES: u64 = 1 << 30;
@@ -589,6 +589,19 @@ impl Backend for LoopBackend {
             loopdev::detach(&image)?;
         }
         Ok(())
+    }
+
+    fn shows_staged(&self, id: &VolumeId, state: &PathState) -> Result<bool, BackendError> {
+        // A staged filesystem volume is its loop device's filesystem mounted at the staging
+        // path; block volumes mount nothing there.
+        let Some((image, Kind::Filesystem(_))) = self.find(id) else {
+            return Ok(false);
+        };
+        let Some(device) = loopdev::find_attached(&image)? else {
+            return Ok(false);
+        };
+        let meta = std::fs::metadata(&device).map_err(|e| BackendError::io("stat", &device, e))?;
+        Ok(meta.rdev() == state.dev)
     }
 
     fn publish_source(

@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 
 use crate::engine::ids::{SnapshotId, VolumeId};
 use crate::engine::types::{AccessType, Capability};
-use crate::mount::{ConfinedPath, MountError, MountOptions, Mounter};
+use crate::mount::{ConfinedPath, MountError, MountOptions, Mounter, PathState};
 pub use snapcopy::Cancel;
 
 /// Failures of a backend.
@@ -358,6 +358,14 @@ pub trait Backend: Send + Sync + 'static {
         _mounter: &dyn Mounter,
     ) -> Result<(), BackendError> {
         Ok(())
+    }
+
+    /// Whether the mount found at a staging path (`state`, its root's device and inode) is
+    /// this volume's staged mount. Backends that stage mounts answer from the volume's own
+    /// device or directory, so a mount of anything else (another volume, a kubelet tmpfs) is
+    /// never mistaken for this volume's.
+    fn shows_staged(&self, _id: &VolumeId, _state: &PathState) -> Result<bool, BackendError> {
+        Ok(false)
     }
 
     /// What NodePublishVolume binds at the target, given where the volume is staged.

@@ -77,6 +77,23 @@ impl Engine {
             .map(|found| found.is_some_and(|(dev, ino)| state.dev == dev && state.ino == ino)))
     }
 
+    /// Whether the mount found at a staging path is this volume's staged mount, off the async
+    /// threads and bounded by the mount timeout (the backend may look at a remote share).
+    async fn shows_staged_async(
+        &self,
+        id: &VolumeId,
+        staging: &ConfinedPath,
+        state: &PathState,
+    ) -> Result<bool> {
+        let backend = self.backend_of(id)?;
+        let (i, state) = (id.clone(), *state);
+        Ok(self
+            .bounded("stat", staging.absolute(), move || {
+                backend.shows_staged(&i, &state)
+            })
+            .await???)
+    }
+
     /// Whether the volume's storage exists; a stat of it blocks when a dead filesystem is
     /// mounted there, so it is bounded by the mount timeout (UNAVAILABLE when it hangs).
     pub(super) async fn storage_exists(
@@ -161,7 +178,8 @@ impl Engine {
         backend
             .check_capability(&capability)
             .map_err(|reason| Error::invalid("volume_capability", reason))?;
-        let _guard = self.lock(vec![format!("vol:{id}")])?;
+        // The path is locked too: two volumes staged at one path at once would stack mounts.
+        let _guard = self.lock(vec![format!("vol:{id}"), format!("path:{staging}")])?;
         if !self.storage_exists(&backend, &id).await? {
             return Err(Error::VolumeNotFound(id.to_string()));
         }
@@ -187,6 +205,28 @@ impl Engine {
             },
             staging: true,
         };
+        if let Some(existing) = publications.get(&wanted.path)
+            && existing != &wanted
+        {
+            return Err(Error::PublishedDifferently(format!(
+                "volume {id} is already staged at {staging} with a different capability \
+                 (mode={}, flags={:?})",
+                existing.access_mode, existing.mount_flags
+            )));
+        }
+        if backend.stages_mounts() && !publications.contains_key(&wanted.path) {
+            // A mount already there is this volume's only if it shows the volume (a stage that
+            // crashed before its record was written); anything else (another volume, a
+            // kubelet tmpfs) must not be taken for it.
+            if let Some(state) = self.inspect_bounded(&staging).await??.ok().flatten()
+                && state.is_mount_point
+                && !self.shows_staged_async(&id, &staging, &state).await?
+            {
+                return Err(Error::Precondition(format!(
+                    "something other than volume {id} is mounted at {staging}"
+                )));
+            }
+        }
         let intent = self.store.intent();
         let (mounter, access, s, i) = (
             self.mounter.clone(),
@@ -215,7 +255,7 @@ impl Engine {
         let Ok(backend) = self.backend_of(&id) else {
             return Ok(());
         };
-        let _guard = self.lock(vec![format!("vol:{id}")])?;
+        let _guard = self.lock(vec![format!("vol:{id}"), format!("path:{staging}")])?;
         let publications = self.store.publications(id.as_str())?;
         if let Some(target) = publications.values().find(|p| !p.staging) {
             return Err(Error::Precondition(format!(
@@ -223,11 +263,28 @@ impl Engine {
                 target.path
             )));
         }
-        let recorded = publications.contains_key(&staging.as_string());
+        let recorded = publications
+            .get(&staging.as_string())
+            .is_some_and(|p| p.staging);
+        if !recorded && publications.values().any(|p| p.staging) {
+            // Staged at another path, so not staged here: nothing at this path is ours.
+            return Ok(());
+        }
         if backend.stages_mounts() {
             // The backend inspects and unmounts the staging path, which blocks for as long as
             // a dead filesystem there does not answer: look first, within the timeout.
             match self.inspect_bounded(&staging).await? {
+                // An unrecorded mount is unmounted only if it shows this volume (a stage that
+                // crashed before its record); never another volume's or the kubelet's mount.
+                Ok(Ok(Some(state)))
+                    if state.is_mount_point
+                        && !recorded
+                        && !self.shows_staged_async(&id, &staging, &state).await? =>
+                {
+                    return Err(Error::Precondition(format!(
+                        "{staging} holds a mount that is not volume {id}; leaving it alone"
+                    )));
+                }
                 Ok(Err(MountError::ParentMissing { .. })) | Ok(_) => {}
                 Err(hung) if !recorded => return Err(hung.into()),
                 Err(_hung) => self.take_down_hung(&staging, id.as_str()).await?,
@@ -333,7 +390,8 @@ impl Engine {
             .check_capability(&capability)
             .map_err(|reason| Error::invalid("volume_capability", reason))?;
 
-        let _guard = self.lock(vec![format!("vol:{id}")])?;
+        // The target is locked too: two volumes published at one target at once would stack.
+        let _guard = self.lock(vec![format!("vol:{id}"), format!("path:{target}")])?;
         if !self.storage_exists(&backend, &id).await? {
             return Err(Error::VolumeNotFound(id.to_string()));
         }
@@ -372,8 +430,37 @@ impl Engine {
             )));
         }
 
+        if backend.stages_mounts()
+            && let Some(staging) = &staging
+            && !publications
+                .get(&staging.as_string())
+                .is_some_and(|p| p.staging)
+        {
+            // The bind source is the staging path: only where this volume was staged, never a
+            // path the request names (another volume's staging, any kubelet directory).
+            return Err(Error::Precondition(format!(
+                "volume {id} is not staged at {staging}; NodeStageVolume comes first"
+            )));
+        }
         let mounter = self.mounter.clone();
         let source = backend.publish_source(&id, staging.as_ref())?;
+        if let (PublishSource::Directory(_), Some(staging)) = (&source, &staging)
+            && backend.stages_mounts()
+        {
+            // And what is mounted there must still be the volume's staged mount.
+            let state = self.inspect_bounded(staging).await???;
+            let staged = match &state {
+                Some(state) if state.is_mount_point => {
+                    self.shows_staged_async(&id, staging, state).await?
+                }
+                _ => false,
+            };
+            if !staged {
+                return Err(Error::Precondition(format!(
+                    "{staging} no longer holds volume {id}'s staged mount; stage it again"
+                )));
+            }
+        }
         let state = self.inspect_bounded(&target).await???;
         let shown = match &state {
             Some(state) if state.is_mount_point => self.shows_volume_async(&id, state).await??,
@@ -418,14 +505,19 @@ impl Engine {
         }
         let target = self.confine("target_path", raw_target)?;
         let id = Self::parse_id(raw_id)?;
-        let _guard = self.lock(vec![format!("vol:{raw_id}")])?;
-        let recorded = match &id {
+        let _guard = self.lock(vec![format!("vol:{raw_id}"), format!("path:{target}")])?;
+        let record = match &id {
             Some(id) => self
                 .store
                 .publications(id.as_str())?
-                .contains_key(&target.as_string()),
-            None => false,
+                .remove(&target.as_string()),
+            None => None,
         };
+        if record.as_ref().is_some_and(|r| r.staging) {
+            // The volume's staging path, not a publication: NodeUnstageVolume undoes it.
+            return Ok(());
+        }
+        let recorded = record.is_some();
         // Both the inspection (a statx of the target) and the unmount block for as long as a
         // dead server behind the target does not answer: each gets the mount timeout, on a
         // worker thread of its own, and a target still hung from an earlier call is not
@@ -433,6 +525,17 @@ impl Engine {
         let state = match self.inspect_bounded(&target).await? {
             // The kubelet may already have removed the pod directory: nothing to undo.
             Ok(Err(MountError::ParentMissing { .. })) => None,
+            // A mount whose server is gone (a dead FUSE daemon, a stale NFS handle) answers at
+            // once with an error instead of hanging; a recorded one is taken down the same way.
+            Ok(Err(e)) if recorded && is_dead_mount(&e) => {
+                tracing::warn!(path = %target, volume = raw_id, error = %e,
+                    "the mount at this path is dead; detaching it");
+                let id = id.as_ref().expect("recorded implies a parsed ID");
+                self.take_down_hung(&target, id.as_str()).await?;
+                self.remove_target(&target).await?;
+                self.forget_publication(id, &target).await?;
+                return Ok(());
+            }
             Ok(other) => other?,
             Err(hung) => {
                 let Some(id) = id.as_ref().filter(|_| recorded) else {
@@ -467,8 +570,12 @@ impl Engine {
                     Ok(result) => result?,
                     Err(_hung) => self.take_down_hung(&target, raw_id).await?,
                 }
+                self.remove_target(&target).await?;
+            } else if recorded {
+                self.remove_target(&target).await?;
             }
-            self.remove_target(&target).await?;
+            // Neither mounted nor recorded: not ours to remove. A request naming an unknown
+            // volume must not delete files or directories under the kubelet's tree.
         }
         if recorded && let Some(id) = id {
             self.forget_publication(&id, &target).await?;
@@ -533,6 +640,12 @@ impl Engine {
         let publications = self.store.publications(id.as_str())?;
         let recorded = publications.contains_key(&path.as_string());
         let state = match self.inspect_bounded(&path).await? {
+            Ok(Err(e)) if is_dead_mount(&e) => {
+                return Ok(VolumeStats {
+                    condition: Condition::abnormal(format!("the mount at {path} is dead: {e}")),
+                    ..hung(String::new(), e)
+                });
+            }
             Ok(state) => state?,
             Err(e) => return Ok(hung(format!("{path}"), e)),
         };
@@ -609,6 +722,21 @@ impl Engine {
             condition,
         })
     }
+}
+
+/// Whether `error` says the filesystem mounted there is gone rather than the path being bad:
+/// a FUSE daemon that exited (`ENOTCONN`), a stale NFS handle (`ESTALE`), a server that is
+/// down (`EHOSTDOWN`) or a device that fails (`EIO`).
+fn is_dead_mount(error: &MountError) -> bool {
+    use rustix::io::Errno;
+    let MountError::Io { source, .. } = error else {
+        return false;
+    };
+    source.raw_os_error().is_some_and(|code| {
+        [Errno::NOTCONN, Errno::STALE, Errno::HOSTDOWN, Errno::IO]
+            .iter()
+            .any(|e| e.raw_os_error() == code)
+    })
 }
 
 /// Whether the mount table lists something mounted at `path`.

@@ -40,7 +40,7 @@ use super::{
 };
 use crate::engine::ids::{SnapshotId, VolumeId};
 use crate::engine::types::{AccessMode, AccessType, Capability};
-use crate::mount::{ConfinedPath, MountOptions, Mounter};
+use crate::mount::{ConfinedPath, MountOptions, Mounter, PathState};
 use mounts::ShareMounts;
 use spec::{OnDelete, ShareRef};
 
@@ -801,6 +801,28 @@ impl Backend for SharedBackend {
             tracing::warn!(path = %staging, "staging mount of a shared volume was detached lazily");
         }
         Ok(())
+    }
+
+    fn shows_staged(&self, id: &VolumeId, state: &PathState) -> Result<bool, BackendError> {
+        // The staged mount is a bind of the volume's directory on the share: same device and
+        // inode as the directory its marker names.
+        let share = share_of(id)?;
+        self.with_share_ref(&share, false, |root, markers, at| {
+            let Some(markers) = markers else {
+                return Ok(false);
+            };
+            let Some((_, Some(dir))) = Self::open_volume(root, markers, id, at)? else {
+                return Ok(false);
+            };
+            let stat = rustix::fs::fstat(&dir).map_err(|e| {
+                BackendError::io(
+                    "stat",
+                    at,
+                    std::io::Error::from_raw_os_error(e.raw_os_error()),
+                )
+            })?;
+            Ok(stat.st_dev == state.dev && stat.st_ino == state.ino)
+        })
     }
 
     fn publish_source(
