@@ -3,7 +3,9 @@
 //! Every path from a request is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
 //! RESOLVE_NO_MAGICLINKS)` starting at a fresh descriptor of the kubelet directory. The bind
 //! mount is made with `open_tree(OPEN_TREE_CLONE)` and attached with `move_mount` onto the
-//! target's descriptor, so nothing is re-resolved by name between the check and the mount.
+//! target's descriptor, so nothing is re-resolved by name between the check and the mount. Its
+//! flags (read-only, nosuid, ...) are set with `mount_setattr` on the detached tree, before it is
+//! attached, so that the copies mount propagation makes of it have them too.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use rustix::mount::{
     unmount,
 };
 
+use super::setattr::{MountAttr, mount_setattr};
 use super::{AtimeMode, ConfinedPath, MountError, MountOptions, Mounter, PathState};
 
 /// Mode of target directories we create (the kubelet creates their parents).
@@ -134,6 +137,58 @@ fn remount_flags(options: &MountOptions) -> MountFlags {
         Some(AtimeMode::RelAtime) | None => MountFlags::RELATIME,
     };
     flags
+}
+
+/// The `mount_setattr` equivalent of a bind remount with [`remount_flags`]: every per-mount
+/// flag the options name is set and every other one cleared, and the access-time mode is always
+/// chosen (relatime unless the options say otherwise). `sync` and `dirsync` are filesystem-wide
+/// flags, which neither a bind remount nor `mount_setattr` changes.
+fn mount_attr(options: &MountOptions) -> MountAttr {
+    let mut attr = MountAttr {
+        set: 0,
+        clear: libc::MOUNT_ATTR__ATIME,
+    };
+    for (wanted, bit) in [
+        (options.readonly, libc::MOUNT_ATTR_RDONLY),
+        (options.nosuid, libc::MOUNT_ATTR_NOSUID),
+        (options.nodev, libc::MOUNT_ATTR_NODEV),
+        (options.noexec, libc::MOUNT_ATTR_NOEXEC),
+        (options.nodiratime, libc::MOUNT_ATTR_NODIRATIME),
+    ] {
+        if wanted {
+            attr.set |= bit;
+        } else {
+            attr.clear |= bit;
+        }
+    }
+    attr.set |= match options.atime {
+        Some(AtimeMode::NoAtime) => libc::MOUNT_ATTR_NOATIME,
+        Some(AtimeMode::StrictAtime) => libc::MOUNT_ATTR_STRICTATIME,
+        Some(AtimeMode::RelAtime) | None => libc::MOUNT_ATTR_RELATIME,
+    };
+    attr
+}
+
+/// Sets the flags of `options` on the detached `tree` before it is attached. `Ok(false)` when
+/// the kernel has no `mount_setattr` (before 5.12): the caller must remount once attached, and
+/// copies made by mount propagation then keep the source's flags (warned about once).
+fn set_tree_flags(tree: &OwnedFd, options: &MountOptions) -> Result<bool, Errno> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    match mount_setattr(tree.as_fd(), mount_attr(options)) {
+        Ok(()) => Ok(true),
+        Err(Errno::NOSYS) => {
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "this kernel has no mount_setattr (Linux 5.12+): bind mount flags such as \
+                     read-only are set by a remount after attaching, which copies of the mount \
+                     made by mount propagation (the host's and pods' views of the kubelet \
+                     directory) do not get"
+                )
+            });
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Creates (if needed) and opens the target: a directory, or an empty file for a device node.
@@ -268,6 +323,11 @@ impl Mounter for LinuxMounter {
             OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
         )
         .map_err(|e| io("open_tree", source, e))?;
+        // Flags go on the tree before it is attached: attaching under a shared mount copies it
+        // to the peers as it is then, and a later remount would reach only this copy.
+        let remount_after = options.needs_remount()
+            && !set_tree_flags(&tree, options)
+                .map_err(|e| io("mount_setattr", target.absolute(), e))?;
         move_mount(
             tree.as_fd(),
             "",
@@ -276,7 +336,7 @@ impl Mounter for LinuxMounter {
             MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
         )
         .map_err(|e| io("move_mount", target.absolute(), e))?;
-        if options.needs_remount() {
+        if remount_after {
             // The tree descriptor now names the attached mount; remounting through its procfs
             // link changes exactly that mount's flags.
             let mount_path = format!("/proc/self/fd/{}", tree.as_raw_fd());
