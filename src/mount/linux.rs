@@ -419,6 +419,143 @@ mod tests {
         (dir, kubelet, source, raw, target)
     }
 
+    /// Mounts a test made, detached (`MNT_DETACH`) last first when dropped, so that they go
+    /// away even when an assertion fails halfway; ones already gone are skipped.
+    struct DetachOnDrop(Vec<PathBuf>);
+
+    impl Drop for DetachOnDrop {
+        fn drop(&mut self) {
+            for path in self.0.iter().rev() {
+                let _ = unmount(path, UnmountFlags::NOFOLLOW | UnmountFlags::DETACH);
+            }
+        }
+    }
+
+    /// The per-mount options `/proc/self/mountinfo` shows for the topmost mount at `path`.
+    fn mount_options_at(path: &Path) -> Option<Vec<String>> {
+        let infos = procfs::process::Process::myself()
+            .unwrap()
+            .mountinfo()
+            .unwrap();
+        infos
+            .into_iter()
+            .rfind(|m| m.mount_point == path)
+            .map(|m| m.mount_options.into_keys().collect())
+    }
+
+    #[test]
+    fn mount_attr_sets_what_the_remount_would_and_clears_the_rest() {
+        let per_mount = [
+            (MountFlags::RDONLY, libc::MOUNT_ATTR_RDONLY),
+            (MountFlags::NOSUID, libc::MOUNT_ATTR_NOSUID),
+            (MountFlags::NODEV, libc::MOUNT_ATTR_NODEV),
+            (MountFlags::NOEXEC, libc::MOUNT_ATTR_NOEXEC),
+            (MountFlags::NODIRATIME, libc::MOUNT_ATTR_NODIRATIME),
+        ];
+        let atime = [
+            (MountFlags::NOATIME, libc::MOUNT_ATTR_NOATIME),
+            (MountFlags::STRICTATIME, libc::MOUNT_ATTR_STRICTATIME),
+            (MountFlags::RELATIME, libc::MOUNT_ATTR_RELATIME),
+        ];
+        let all = MountOptions {
+            readonly: true,
+            nosuid: true,
+            nodev: true,
+            noexec: true,
+            atime: Some(AtimeMode::NoAtime),
+            nodiratime: true,
+            sync: true,
+            dirsync: true,
+        };
+        let strict = MountOptions {
+            readonly: true,
+            atime: Some(AtimeMode::StrictAtime),
+            ..Default::default()
+        };
+        let sync_only = MountOptions {
+            sync: true,
+            ..Default::default()
+        };
+        for options in [all, strict, sync_only, MountOptions::default()] {
+            let (flags, attr) = (remount_flags(&options), mount_attr(&options));
+            for (flag, bit) in per_mount {
+                assert_eq!(flags.contains(flag), attr.set & bit != 0, "{options:?}");
+                assert_eq!(attr.set & bit == 0, attr.clear & bit != 0, "{options:?}");
+            }
+            // The access-time mode is always chosen, the same one as the remount chooses.
+            assert_eq!(
+                attr.clear & libc::MOUNT_ATTR__ATIME,
+                libc::MOUNT_ATTR__ATIME
+            );
+            let chosen = atime
+                .iter()
+                .find(|(flag, _)| flags.contains(*flag))
+                .unwrap();
+            assert_eq!(attr.set & libc::MOUNT_ATTR__ATIME, chosen.1, "{options:?}");
+        }
+    }
+
+    /// Under a shared kubelet directory (Bidirectional propagation), the copy of a publish
+    /// mount that propagation makes in a peer (the host's or a pod's view) must be as read-only,
+    /// nosuid, nodev and noexec as ours; a remount after attaching reaches only our copy.
+    #[test]
+    fn bind_flags_reach_the_copies_mount_propagation_makes() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root for mount(2)");
+            return;
+        }
+        let (dir, kubelet, source, raw, target) = bind_fixture();
+        let peer = dir.path().join("peer");
+        std::fs::create_dir(&peer).unwrap();
+        let mut mounts = DetachOnDrop(Vec::new());
+        // The kubelet directory as its own shared mount, with a peer at `peer`.
+        rustix::mount::mount_bind(&kubelet, &kubelet).unwrap();
+        mounts.0.push(kubelet.clone());
+        rustix::mount::mount_change(&kubelet, rustix::mount::MountPropagationFlags::SHARED)
+            .unwrap();
+        rustix::mount::mount_bind(&kubelet, &peer).unwrap();
+        mounts.0.push(peer.clone());
+        let peer_copy = peer.join("pod/mount");
+        mounts.0.push(peer_copy.clone());
+        mounts.0.push(raw.clone());
+        let options = MountOptions {
+            readonly: true,
+            nosuid: true,
+            nodev: true,
+            noexec: true,
+            atime: Some(AtimeMode::NoAtime),
+            nodiratime: true,
+            ..Default::default()
+        };
+        LinuxMounter.bind(&source, &target, &options).unwrap();
+        for path in [&raw, &peer_copy] {
+            let shown = mount_options_at(path)
+                .unwrap_or_else(|| panic!("nothing is mounted at {}", path.display()));
+            for flag in ["ro", "nosuid", "nodev", "noexec", "noatime", "nodiratime"] {
+                assert!(
+                    shown.iter().any(|o| o == flag),
+                    "{} shows {shown:?}, without {flag}",
+                    path.display()
+                );
+            }
+        }
+        for path in [&raw, &peer_copy] {
+            let error = std::fs::File::create(path.join("written")).unwrap_err();
+            assert_eq!(
+                error.raw_os_error(),
+                Some(libc::EROFS),
+                "{}: {error}",
+                path.display()
+            );
+        }
+        // The source itself stays writable.
+        std::fs::write(source.join("written"), b"").unwrap();
+        // Unmounting our copy takes the propagated one with it.
+        LinuxMounter.unmount(&target).unwrap();
+        assert!(mount_options_at(&peer_copy).is_none());
+        drop(mounts);
+    }
+
     #[test]
     fn detach_removes_a_bind_mount_without_following_symlinks() {
         if !rustix::process::geteuid().is_root() {
