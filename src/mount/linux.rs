@@ -3,7 +3,9 @@
 //! Every path from a request is resolved with `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS |
 //! RESOLVE_NO_MAGICLINKS)` starting at a fresh descriptor of the kubelet directory. The bind
 //! mount is made with `open_tree(OPEN_TREE_CLONE)` and attached with `move_mount` onto the
-//! target's descriptor, so nothing is re-resolved by name between the check and the mount.
+//! target's descriptor, so nothing is re-resolved by name between the check and the mount. Its
+//! flags (read-only, nosuid, ...) are set with `mount_setattr` on the detached tree, before it is
+//! attached, so that the copies mount propagation makes of it have them too.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -15,6 +17,7 @@ use rustix::mount::{
     unmount,
 };
 
+use super::setattr::{MountAttr, mount_setattr};
 use super::{AtimeMode, ConfinedPath, MountError, MountOptions, Mounter, PathState};
 
 /// Mode of target directories we create (the kubelet creates their parents).
@@ -134,6 +137,58 @@ fn remount_flags(options: &MountOptions) -> MountFlags {
         Some(AtimeMode::RelAtime) | None => MountFlags::RELATIME,
     };
     flags
+}
+
+/// The `mount_setattr` equivalent of a bind remount with [`remount_flags`]: every per-mount
+/// flag the options name is set and every other one cleared, and the access-time mode is always
+/// chosen (relatime unless the options say otherwise). `sync` and `dirsync` are filesystem-wide
+/// flags, which neither a bind remount nor `mount_setattr` changes.
+fn mount_attr(options: &MountOptions) -> MountAttr {
+    let mut attr = MountAttr {
+        set: 0,
+        clear: libc::MOUNT_ATTR__ATIME,
+    };
+    for (wanted, bit) in [
+        (options.readonly, libc::MOUNT_ATTR_RDONLY),
+        (options.nosuid, libc::MOUNT_ATTR_NOSUID),
+        (options.nodev, libc::MOUNT_ATTR_NODEV),
+        (options.noexec, libc::MOUNT_ATTR_NOEXEC),
+        (options.nodiratime, libc::MOUNT_ATTR_NODIRATIME),
+    ] {
+        if wanted {
+            attr.set |= bit;
+        } else {
+            attr.clear |= bit;
+        }
+    }
+    attr.set |= match options.atime {
+        Some(AtimeMode::NoAtime) => libc::MOUNT_ATTR_NOATIME,
+        Some(AtimeMode::StrictAtime) => libc::MOUNT_ATTR_STRICTATIME,
+        Some(AtimeMode::RelAtime) | None => libc::MOUNT_ATTR_RELATIME,
+    };
+    attr
+}
+
+/// Sets the flags of `options` on the detached `tree` before it is attached. `Ok(false)` when
+/// the kernel has no `mount_setattr` (before 5.12): the caller must remount once attached, and
+/// copies made by mount propagation then keep the source's flags (warned about once).
+fn set_tree_flags(tree: &OwnedFd, options: &MountOptions) -> Result<bool, Errno> {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    match mount_setattr(tree.as_fd(), mount_attr(options)) {
+        Ok(()) => Ok(true),
+        Err(Errno::NOSYS) => {
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "this kernel has no mount_setattr (Linux 5.12+): bind mount flags such as \
+                     read-only are set by a remount after attaching, which copies of the mount \
+                     made by mount propagation (the host's and pods' views of the kubelet \
+                     directory) do not get"
+                )
+            });
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Creates (if needed) and opens the target: a directory, or an empty file for a device node.
@@ -268,6 +323,11 @@ impl Mounter for LinuxMounter {
             OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
         )
         .map_err(|e| io("open_tree", source, e))?;
+        // Flags go on the tree before it is attached: attaching under a shared mount copies it
+        // to the peers as it is then, and a later remount would reach only this copy.
+        let remount_after = options.needs_remount()
+            && !set_tree_flags(&tree, options)
+                .map_err(|e| io("mount_setattr", target.absolute(), e))?;
         move_mount(
             tree.as_fd(),
             "",
@@ -276,7 +336,7 @@ impl Mounter for LinuxMounter {
             MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
         )
         .map_err(|e| io("move_mount", target.absolute(), e))?;
-        if options.needs_remount() {
+        if remount_after {
             // The tree descriptor now names the attached mount; remounting through its procfs
             // link changes exactly that mount's flags.
             let mount_path = format!("/proc/self/fd/{}", tree.as_raw_fd());
@@ -357,6 +417,143 @@ mod tests {
         let raw = kubelet.join("pod/mount");
         let target = ConfinedPath::new(&kubelet, raw.to_str().unwrap()).unwrap();
         (dir, kubelet, source, raw, target)
+    }
+
+    /// Mounts a test made, detached (`MNT_DETACH`) last first when dropped, so that they go
+    /// away even when an assertion fails halfway; ones already gone are skipped.
+    struct DetachOnDrop(Vec<PathBuf>);
+
+    impl Drop for DetachOnDrop {
+        fn drop(&mut self) {
+            for path in self.0.iter().rev() {
+                let _ = unmount(path, UnmountFlags::NOFOLLOW | UnmountFlags::DETACH);
+            }
+        }
+    }
+
+    /// The per-mount options `/proc/self/mountinfo` shows for the topmost mount at `path`.
+    fn mount_options_at(path: &Path) -> Option<Vec<String>> {
+        let infos = procfs::process::Process::myself()
+            .unwrap()
+            .mountinfo()
+            .unwrap();
+        infos
+            .into_iter()
+            .rfind(|m| m.mount_point == path)
+            .map(|m| m.mount_options.into_keys().collect())
+    }
+
+    #[test]
+    fn mount_attr_sets_what_the_remount_would_and_clears_the_rest() {
+        let per_mount = [
+            (MountFlags::RDONLY, libc::MOUNT_ATTR_RDONLY),
+            (MountFlags::NOSUID, libc::MOUNT_ATTR_NOSUID),
+            (MountFlags::NODEV, libc::MOUNT_ATTR_NODEV),
+            (MountFlags::NOEXEC, libc::MOUNT_ATTR_NOEXEC),
+            (MountFlags::NODIRATIME, libc::MOUNT_ATTR_NODIRATIME),
+        ];
+        let atime = [
+            (MountFlags::NOATIME, libc::MOUNT_ATTR_NOATIME),
+            (MountFlags::STRICTATIME, libc::MOUNT_ATTR_STRICTATIME),
+            (MountFlags::RELATIME, libc::MOUNT_ATTR_RELATIME),
+        ];
+        let all = MountOptions {
+            readonly: true,
+            nosuid: true,
+            nodev: true,
+            noexec: true,
+            atime: Some(AtimeMode::NoAtime),
+            nodiratime: true,
+            sync: true,
+            dirsync: true,
+        };
+        let strict = MountOptions {
+            readonly: true,
+            atime: Some(AtimeMode::StrictAtime),
+            ..Default::default()
+        };
+        let sync_only = MountOptions {
+            sync: true,
+            ..Default::default()
+        };
+        for options in [all, strict, sync_only, MountOptions::default()] {
+            let (flags, attr) = (remount_flags(&options), mount_attr(&options));
+            for (flag, bit) in per_mount {
+                assert_eq!(flags.contains(flag), attr.set & bit != 0, "{options:?}");
+                assert_eq!(attr.set & bit == 0, attr.clear & bit != 0, "{options:?}");
+            }
+            // The access-time mode is always chosen, the same one as the remount chooses.
+            assert_eq!(
+                attr.clear & libc::MOUNT_ATTR__ATIME,
+                libc::MOUNT_ATTR__ATIME
+            );
+            let chosen = atime
+                .iter()
+                .find(|(flag, _)| flags.contains(*flag))
+                .unwrap();
+            assert_eq!(attr.set & libc::MOUNT_ATTR__ATIME, chosen.1, "{options:?}");
+        }
+    }
+
+    /// Under a shared kubelet directory (Bidirectional propagation), the copy of a publish
+    /// mount that propagation makes in a peer (the host's or a pod's view) must be as read-only,
+    /// nosuid, nodev and noexec as ours; a remount after attaching reaches only our copy.
+    #[test]
+    fn bind_flags_reach_the_copies_mount_propagation_makes() {
+        if !rustix::process::geteuid().is_root() {
+            eprintln!("SKIPPED: needs root for mount(2)");
+            return;
+        }
+        let (dir, kubelet, source, raw, target) = bind_fixture();
+        let peer = dir.path().join("peer");
+        std::fs::create_dir(&peer).unwrap();
+        let mut mounts = DetachOnDrop(Vec::new());
+        // The kubelet directory as its own shared mount, with a peer at `peer`.
+        rustix::mount::mount_bind(&kubelet, &kubelet).unwrap();
+        mounts.0.push(kubelet.clone());
+        rustix::mount::mount_change(&kubelet, rustix::mount::MountPropagationFlags::SHARED)
+            .unwrap();
+        rustix::mount::mount_bind(&kubelet, &peer).unwrap();
+        mounts.0.push(peer.clone());
+        let peer_copy = peer.join("pod/mount");
+        mounts.0.push(peer_copy.clone());
+        mounts.0.push(raw.clone());
+        let options = MountOptions {
+            readonly: true,
+            nosuid: true,
+            nodev: true,
+            noexec: true,
+            atime: Some(AtimeMode::NoAtime),
+            nodiratime: true,
+            ..Default::default()
+        };
+        LinuxMounter.bind(&source, &target, &options).unwrap();
+        for path in [&raw, &peer_copy] {
+            let shown = mount_options_at(path)
+                .unwrap_or_else(|| panic!("nothing is mounted at {}", path.display()));
+            for flag in ["ro", "nosuid", "nodev", "noexec", "noatime", "nodiratime"] {
+                assert!(
+                    shown.iter().any(|o| o == flag),
+                    "{} shows {shown:?}, without {flag}",
+                    path.display()
+                );
+            }
+        }
+        for path in [&raw, &peer_copy] {
+            let error = std::fs::File::create(path.join("written")).unwrap_err();
+            assert_eq!(
+                error.raw_os_error(),
+                Some(libc::EROFS),
+                "{}: {error}",
+                path.display()
+            );
+        }
+        // The source itself stays writable.
+        std::fs::write(source.join("written"), b"").unwrap();
+        // Unmounting our copy takes the propagated one with it.
+        LinuxMounter.unmount(&target).unwrap();
+        assert!(mount_options_at(&peer_copy).is_none());
+        drop(mounts);
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod linux;
 pub mod mountinfo;
 pub mod paths;
 pub mod probe;
+mod setattr;
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -114,7 +115,8 @@ impl MountOptions {
         Ok(o)
     }
 
-    /// Whether a remount is needed after the bind to apply these options.
+    /// Whether a bind mount needs its flags set to apply these options (on the detached tree
+    /// before it is attached, or by a remount after it on kernels without `mount_setattr`).
     pub fn needs_remount(&self) -> bool {
         *self != MountOptions::default()
     }
