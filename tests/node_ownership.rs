@@ -2,7 +2,8 @@
 //! publish binds only from where that volume is staged, a stage or unstage never takes another
 //! volume's (or the kubelet's) mount for its own, an unpublish never removes a file or directory
 //! it did not publish, two volumes published at one target at the same moment never stack, and
-//! a publication whose filesystem died (a FUSE daemon gone) can still be unpublished. Mounting
+//! a publication whose filesystem died (a FUSE daemon gone) can still be unpublished, and a
+//! read-only publication of a raw block volume cannot write the volume. Mounting
 //! needs root, loop volumes also mkfs.ext4; each test skips with a printed reason otherwise.
 
 mod common;
@@ -372,4 +373,88 @@ async fn a_publication_whose_filesystem_died_can_be_unpublished() {
     assert!(!Path::new(&target).exists());
     // And it is forgotten: unpublishing again is a no-op.
     unpublish(&driver, &volume, &target).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_read_only_block_publication_cannot_write_the_volume() {
+    use std::io::{Read, Write};
+    skip_unless_ready!(loop_skip_reason());
+    let driver = Driver::start();
+    let block = VolumeCapability {
+        access_type: Some(AccessType::Block(proto::volume_capability::BlockVolume {})),
+        access_mode: Some(proto::volume_capability::AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    };
+    let mut controller = driver.controller().await;
+    let request = proto::CreateVolumeRequest {
+        name: "raw".to_string(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: 32 * MIB,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![block.clone()],
+        parameters: HashMap::from([("type".to_string(), "loop".to_string())]),
+        ..Default::default()
+    };
+    let id = common::create_ok(&mut controller, request).await.volume_id;
+    let staging = driver.target("stage");
+    let mut node = driver.node().await;
+    node.node_stage_volume(proto::NodeStageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(block.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let publish = |target: &str, readonly: bool| {
+        let mut request = publish_request(&id, target, readonly);
+        request.volume_capability = Some(block.clone());
+        request.staging_target_path = staging.clone();
+        request
+    };
+    let writer = driver.kubelet_dir().join("pods/writer/dev");
+    let reader = driver.kubelet_dir().join("pods/reader/dev");
+    std::fs::create_dir_all(writer.parent().unwrap()).unwrap();
+    std::fs::create_dir_all(reader.parent().unwrap()).unwrap();
+    let (writer, reader) = (writer.to_string_lossy(), reader.to_string_lossy());
+    node.node_publish_volume(publish(&writer, false))
+        .await
+        .unwrap();
+    node.node_publish_volume(publish(&reader, true))
+        .await
+        .unwrap();
+
+    let block_of = |byte: u8| vec![byte; 4096];
+    let mut device = std::fs::OpenOptions::new()
+        .write(true)
+        .open(writer.as_ref())
+        .unwrap();
+    device.write_all(&block_of(0xa5)).unwrap();
+    device.sync_all().unwrap();
+
+    // The read-only publication refuses to be opened for writing, or at least to write.
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .open(reader.as_ref())
+        .and_then(|mut f| {
+            f.write_all(&block_of(0x5a))?;
+            f.sync_all()
+        });
+    assert!(written.is_err(), "wrote through the read-only publication");
+    let mut seen = vec![0u8; 4096];
+    let mut through_reader = std::fs::File::open(reader.as_ref()).unwrap();
+    through_reader.read_exact(&mut seen).unwrap();
+    assert_eq!(seen, block_of(0xa5), "the reader sees the writer's data");
+    drop((device, through_reader));
+
+    for target in [&writer, &reader] {
+        unpublish(&driver, &id, target).await.unwrap();
+    }
+    unstage(&driver, &id, &staging).await.unwrap();
+    assert!(
+        common::loop_devices_under(driver.dir.path()).is_empty(),
+        "a loop device outlived the staging"
+    );
 }

@@ -388,6 +388,8 @@ struct Attachment {
     backing: PathBuf,
     /// Whether the backing file has been unlinked.
     deleted: bool,
+    /// Whether the device was attached read-only (`/sys/block/loopN/ro`).
+    read_only: bool,
 }
 
 /// Parses the contents of `/sys/block/loopN/loop/backing_file`.
@@ -433,12 +435,14 @@ fn attachments(sys_block: &Path) -> Result<Vec<Attachment>, BackendError> {
             Err(e) => return Err(BackendError::io("read", &attr, e)),
         };
         let (backing, deleted) = parse_backing_file(&contents);
+        let read_only = std::fs::read(entry.path().join("ro")).is_ok_and(|v| v.starts_with(b"1"));
         found.push((
             index,
             Attachment {
                 device: Path::new("/dev").join(&name),
                 backing,
                 deleted,
+                read_only,
             },
         ));
     }
@@ -474,15 +478,29 @@ fn resolve(image: &Path) -> Result<(PathBuf, bool), BackendError> {
 }
 
 fn find_in(sys_block: &Path, image: &Path) -> Result<Option<PathBuf>, BackendError> {
+    find_in_mode(sys_block, image, false)
+}
+
+/// The writable (`read_only` false) or read-only attachment of `image`.
+fn find_in_mode(
+    sys_block: &Path,
+    image: &Path,
+    read_only: bool,
+) -> Result<Option<PathBuf>, BackendError> {
     let (target, exists) = resolve(image)?;
     Ok(attachments(sys_block)?
         .into_iter()
         // While the image exists, a deleted file that had its name is an older image, not it.
-        .find(|a| a.backing == target && a.deleted != exists)
+        .find(|a| a.backing == target && a.deleted != exists && a.read_only == read_only)
         .map(|a| a.device))
 }
 
-/// The loop device backed by `image`, if any (the lowest-numbered one if several).
+/// The read-only loop device backed by `image`, if any (see [`attach_read_only`]).
+pub fn find_attached_read_only(image: &Path) -> Result<Option<PathBuf>, BackendError> {
+    find_in_mode(Path::new(SYS_BLOCK), image, true)
+}
+
+/// The writable loop device backed by `image`, if any (the lowest-numbered one if several).
 ///
 /// Matches the canonical path of `image` against `/sys/block/loop*/loop/backing_file`. When
 /// `image` no longer exists, a device whose backing file was unlinked from that path
@@ -512,8 +530,22 @@ fn direct_io(device: &Path) -> Option<bool> {
 /// Autoclear is **not** set (see the module documentation): the device stays attached until
 /// [`detach`], also across driver restarts.
 pub fn attach(image: &Path) -> Result<PathBuf, BackendError> {
+    attach_in_mode(image, false)
+}
+
+/// Attaches `image` a second time, read-only, for read-only publications of a raw block
+/// volume: a read-only bind mount of a device node does not stop writes through it (the mount
+/// flag guards the filesystem holding the node, not the device), but the kernel refuses every
+/// write to a read-only loop device. Idempotent like [`attach`]; [`detach`] detaches it with the
+/// writable one.
+pub fn attach_read_only(image: &Path) -> Result<PathBuf, BackendError> {
+    attach_in_mode(image, true)
+}
+
+fn attach_in_mode(image: &Path, read_only: bool) -> Result<PathBuf, BackendError> {
     let _lock = loop_lock();
-    if let Some(device) = find_attached(image)? {
+    let find = |image: &Path| find_in_mode(Path::new(SYS_BLOCK), image, read_only);
+    if let Some(device) = find(image)? {
         return Ok(device);
     }
     let (path, exists) = resolve(image)?;
@@ -529,18 +561,23 @@ pub fn attach(image: &Path) -> Result<PathBuf, BackendError> {
     // image shares extents with a snapshot (reflink), and a filesystem made with 512-byte
     // sectors then no longer mounts. The kernel falls back to buffered I/O where the fixed
     // size does not fit the file's alignment.
-    let base = ["--find", "--show", "--nooverlap", "--sector-size", "512"];
-    let stdout = match run("losetup", &[&base[..], &["--direct-io=on"]].concat(), &path) {
+    // `--nooverlap` would hand back the writable device for a read-only attach.
+    let base: &[&str] = if read_only {
+        &["--find", "--show", "--read-only", "--sector-size", "512"]
+    } else {
+        &["--find", "--show", "--nooverlap", "--sector-size", "512"]
+    };
+    let stdout = match run("losetup", &[base, &["--direct-io=on"]].concat(), &path) {
         Ok(out) => out,
         Err(dio_error) => {
             // Older losetup sets direct I/O after attaching; if that step failed the device
             // may be attached already.
-            if let Some(device) = find_attached(image)? {
+            if let Some(device) = find(image)? {
                 tracing::warn!(image = %path.display(), device = %device.display(),
                     error = %dio_error, "loop device attached without direct I/O");
                 return Ok(device);
             }
-            let out = run("losetup", &base, &path)?;
+            let out = run("losetup", base, &path)?;
             tracing::warn!(image = %path.display(), error = %dio_error,
                 "losetup refused direct I/O; attached with buffered I/O");
             out

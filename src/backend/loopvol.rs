@@ -604,10 +604,27 @@ impl Backend for LoopBackend {
         Ok(meta.rdev() == state.dev)
     }
 
+    fn prepare_publish(&self, id: &VolumeId, readonly: bool) -> Result<(), BackendError> {
+        let (image, kind) = self.existing(id)?;
+        if readonly && kind == Kind::Block {
+            // Writes through a read-only bind of a writable device node still reach the
+            // device; a read-only publication gets a read-only device of its own, attached
+            // only while the volume is staged (its writable device is the proof of that).
+            if loopdev::find_attached(&image)?.is_none() {
+                return Err(BackendError::Unsupported(format!(
+                    "volume {id} is not staged: no loop device is attached to it"
+                )));
+            }
+            loopdev::attach_read_only(&image)?;
+        }
+        Ok(())
+    }
+
     fn publish_source(
         &self,
         id: &VolumeId,
         staging: Option<&ConfinedPath>,
+        readonly: bool,
     ) -> Result<PublishSource, BackendError> {
         let (image, kind) = self.existing(id)?;
         match kind {
@@ -617,13 +634,19 @@ impl Backend for LoopBackend {
                 })?;
                 Ok(PublishSource::Directory(staging.absolute()))
             }
-            Kind::Block => loopdev::find_attached(&image)?
-                .map(PublishSource::Device)
-                .ok_or_else(|| {
+            Kind::Block => {
+                let device = if readonly {
+                    loopdev::find_attached_read_only(&image)?
+                } else {
+                    loopdev::find_attached(&image)?
+                };
+                device.map(PublishSource::Device).ok_or_else(|| {
                     BackendError::Unsupported(format!(
-                        "volume {id} is not staged: no loop device is attached to it"
+                        "volume {id} is not staged: no {}loop device is attached to it",
+                        if readonly { "read-only " } else { "" }
                     ))
-                }),
+                })
+            }
         }
     }
 
@@ -639,6 +662,9 @@ impl Backend for LoopBackend {
             return Ok(None);
         };
         loopdev::refresh_capacity(&device)?;
+        if let Some(read_only) = loopdev::find_attached_read_only(&image)? {
+            loopdev::refresh_capacity(&read_only)?;
+        }
         if let (Kind::Filesystem(fs), Some(staging)) = (kind, staging) {
             loopdev::grow_filesystem(&device, &staging.absolute(), fs)?;
         }

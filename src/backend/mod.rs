@@ -368,11 +368,19 @@ pub trait Backend: Send + Sync + 'static {
         Ok(false)
     }
 
-    /// What NodePublishVolume binds at the target, given where the volume is staged.
+    /// Makes ready what a publication binds beyond what staging made (a read-only device for
+    /// a read-only publication of a raw block volume). Idempotent; undone by unstaging.
+    fn prepare_publish(&self, _id: &VolumeId, _readonly: bool) -> Result<(), BackendError> {
+        Ok(())
+    }
+
+    /// What NodePublishVolume binds at the target, given where the volume is staged and
+    /// whether the publication is read-only. Only looks: [`Backend::prepare_publish`] makes.
     fn publish_source(
         &self,
         id: &VolumeId,
         _staging: Option<&ConfinedPath>,
+        _readonly: bool,
     ) -> Result<PublishSource, BackendError> {
         Ok(PublishSource::Directory(self.volume_path(id)))
     }

@@ -31,14 +31,20 @@ impl Engine {
             .and_then(|p| ConfinedPath::new(&self.config.kubelet_dir, &p.path).ok()))
     }
 
-    /// What the volume is published from (its directory, staging path or device), if known.
-    fn source_of(&self, id: &VolumeId) -> Option<PathBuf> {
-        let backend = self.backend_of(id).ok()?;
+    /// What the volume is published from (its directory, staging path or device; a raw block
+    /// volume has a second, read-only device for read-only publications), as far as known.
+    fn sources_of(&self, id: &VolumeId) -> Vec<PathBuf> {
+        let Ok(backend) = self.backend_of(id) else {
+            return vec![];
+        };
         let staging = self.staging_of(id).ok().flatten();
-        backend
-            .publish_source(id, staging.as_ref())
-            .ok()
+        let mut sources: Vec<PathBuf> = [false, true]
+            .into_iter()
+            .filter_map(|readonly| backend.publish_source(id, staging.as_ref(), readonly).ok())
             .map(|source| source.path().to_path_buf())
+            .collect();
+        sources.dedup();
+        sources
     }
 
     /// Whether `state` shows the volume (a bind mount of what it publishes). The source is
@@ -48,17 +54,20 @@ impl Engine {
         id: &VolumeId,
         state: &PathState,
     ) -> std::result::Result<bool, MountError> {
-        let Some(source) = self.source_of(id) else {
-            return Ok(false);
-        };
-        let (m, p) = (self.mounter.clone(), source.clone());
         let timeout = self.config.mount_timeout;
-        self.probes
-            .run(&source.to_string_lossy(), timeout, move || {
-                m.identity(&p).ok()
-            })
-            .map(|found| found.is_some_and(|(dev, ino)| state.dev == dev && state.ino == ino))
-            .map_err(|hung| hung.error("stat", source, timeout))
+        for source in self.sources_of(id) {
+            let (m, p) = (self.mounter.clone(), source.clone());
+            let found = self
+                .probes
+                .run(&source.to_string_lossy(), timeout, move || {
+                    m.identity(&p).ok()
+                })
+                .map_err(|hung| hung.error("stat", source, timeout))?;
+            if found.is_some_and(|(dev, ino)| state.dev == dev && state.ino == ino) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// [`Engine::shows_volume`] off the async threads.
@@ -67,14 +76,20 @@ impl Engine {
         id: &VolumeId,
         state: &PathState,
     ) -> Result<std::result::Result<bool, MountError>> {
-        let Some(source) = self.source_of(id) else {
-            return Ok(Ok(false));
-        };
-        let (m, p, state) = (self.mounter.clone(), source.clone(), *state);
-        Ok(self
-            .bounded("stat", source, move || m.identity(&p).ok())
-            .await?
-            .map(|found| found.is_some_and(|(dev, ino)| state.dev == dev && state.ino == ino)))
+        for source in self.sources_of(id) {
+            let (m, p) = (self.mounter.clone(), source.clone());
+            match self
+                .bounded("stat", source, move || m.identity(&p).ok())
+                .await?
+            {
+                Ok(Some((dev, ino))) if state.dev == dev && state.ino == ino => {
+                    return Ok(Ok(true));
+                }
+                Ok(_) => {}
+                Err(hung) => return Ok(Err(hung)),
+            }
+        }
+        Ok(Ok(false))
     }
 
     /// Whether the mount found at a staging path is this volume's staged mount, off the async
@@ -443,7 +458,11 @@ impl Engine {
             )));
         }
         let mounter = self.mounter.clone();
-        let source = backend.publish_source(&id, staging.as_ref())?;
+        if options.readonly {
+            let (b, i) = (backend.clone(), id.clone());
+            blocking(move || Ok(b.prepare_publish(&i, true)?)).await?;
+        }
+        let source = backend.publish_source(&id, staging.as_ref(), options.readonly)?;
         if let (PublishSource::Directory(_), Some(staging)) = (&source, &staging)
             && backend.stages_mounts()
         {

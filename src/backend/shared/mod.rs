@@ -829,6 +829,7 @@ impl Backend for SharedBackend {
         &self,
         _id: &VolumeId,
         staging: Option<&ConfinedPath>,
+        _readonly: bool,
     ) -> Result<PublishSource, BackendError> {
         let staging = staging.ok_or_else(|| {
             BackendError::Unsupported("shared volumes must be staged first".into())
