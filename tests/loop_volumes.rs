@@ -530,3 +530,41 @@ async fn a_create_killed_during_mkfs_xfs_is_made_again_by_the_retry() {
     .unwrap();
     assert!(entries(&images).is_empty(), "{:?}", entries(&images));
 }
+
+/// A CreateVolume whose mkfs fails (here: mkfs.xfs is not on the PATH) used to leave its image,
+/// with `allocation: preallocate` all of its space, behind with no record.
+#[tokio::test]
+async fn a_create_whose_mkfs_fails_leaves_no_image() {
+    skip_unless_ready!(skip_reason());
+    let mut d = Driver::start();
+    // The system directories, without mkfs.xfs.
+    let nox = d.dir.path().join("nox");
+    std::fs::create_dir(&nox).unwrap();
+    for dir in ["/usr/local/sbin", "/usr/sbin", "/sbin"] {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let link = nox.join(entry.file_name());
+            if entry.file_name() != "mkfs.xfs" && !link.exists() {
+                std::os::unix::fs::symlink(entry.path(), link).unwrap();
+            }
+        }
+    }
+    d.restart_with(|cmd| {
+        cmd.env(
+            "PATH",
+            format!("{}:/usr/local/bin:/usr/bin:/bin", nox.display()),
+        );
+    });
+    let mut c = d.controller().await;
+    let mut request = loop_request("pvc-no-mkfs", 320 * MIB, "xfs");
+    request
+        .parameters
+        .insert("allocation".to_string(), "preallocate".to_string());
+    let failed = c.create_volume(request).await;
+    assert!(failed.is_err(), "{failed:?}");
+    let images = d.data_dir().join("images");
+    assert!(
+        entries(&images).is_empty(),
+        "left behind: {:?}",
+        entries(&images)
+    );
+}

@@ -171,6 +171,18 @@ impl Backend for DirBackend {
                     ));
                 }
                 btrfs::create_subvolume(&path)?;
+                // Nothing records it yet: a failure below must not leave it behind.
+                let limited = (|| {
+                    if options.capacity_bytes > 0 {
+                        btrfs::set_limit(&path, options.capacity_bytes)?;
+                    }
+                    set_volume_mode(&path)
+                })();
+                if let Err(e) = limited {
+                    let _ = btrfs::delete_subvolume(&path);
+                    return Err(e);
+                }
+                return Ok(Enforcement::BtrfsQgroup);
             }
             if options.capacity_bytes > 0 {
                 btrfs::set_limit(&path, options.capacity_bytes)?;

@@ -251,16 +251,24 @@ impl LoopBackend {
         }
         let partial = PathBuf::from(format!("{}{PARTIAL_SUFFIX}", image.display()));
         remove_if_present(&partial)?;
-        loopdev::create_image(&partial, bytes, preallocate)?;
-        if let Kind::Filesystem(fs) = kind {
-            loopdev::format(&partial, fs)?;
-            // mkfs wrote through the page cache: durable before the name says "made".
-            std::fs::File::open(&partial)
-                .and_then(|f| f.sync_all())
-                .map_err(|e| BackendError::io("fsync", &partial, e))?;
+        let made = (|| {
+            loopdev::create_image(&partial, bytes, preallocate)?;
+            if let Kind::Filesystem(fs) = kind {
+                loopdev::format(&partial, fs)?;
+                // mkfs wrote through the page cache: durable before the name says "made".
+                std::fs::File::open(&partial)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| BackendError::io("fsync", &partial, e))?;
+            }
+            // The images directory is fsynced with the commit that records the volume.
+            std::fs::rename(&partial, image).map_err(|e| BackendError::io("rename", &partial, e))
+        })();
+        if made.is_err() {
+            // Nothing records it: left behind, it (with `allocation: preallocate`, all of its
+            // space) would stay until an operator noticed.
+            let _ = std::fs::remove_file(&partial);
         }
-        // The images directory is fsynced with the commit that records the volume.
-        std::fs::rename(&partial, image).map_err(|e| BackendError::io("rename", &partial, e))
+        made
     }
 
     /// Removes the images a crash left half made (see [`LoopBackend::make_image`]).
