@@ -276,3 +276,28 @@ async fn xfs_project_quotas_enforce_the_size() {
     let err = write_bytes(&Path::new(&target).join("big"), 32 << 20).unwrap_err();
     assert!(is_quota_error(&err), "expected EDQUOT/ENOSPC, got {err:?}");
 }
+
+/// A CreateVolume on btrfs whose qgroup limit cannot be set (here: quotas were disabled behind
+/// the driver's back) used to leave its new subvolume behind with no record.
+#[tokio::test]
+async fn a_btrfs_create_whose_limit_fails_leaves_no_subvolume() {
+    skip_unless_ready!(skip_reason());
+    let d = Driver::start_on(mount_btrfs);
+    let mut c = d.controller().await;
+    let disable = Command::new("btrfs")
+        .args(["quota", "disable"])
+        .arg(d.data_dir())
+        .output()
+        .unwrap();
+    assert!(disable.status.success(), "{disable:?}");
+    let mut request = create_request("pvc-no-limit", 16 * MIB);
+    request.parameters.clear();
+    let failed = c.create_volume(request).await;
+    assert!(failed.is_err(), "{failed:?}");
+    let left: Vec<_> = std::fs::read_dir(d.data_dir().join("volumes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

@@ -391,3 +391,180 @@ async fn an_out_of_band_unmount_frees_the_loop_device() {
     .await
     .unwrap();
 }
+
+/// Where `tool` is on the usual PATH.
+fn find_tool(tool: &str) -> Option<std::path::PathBuf> {
+    [
+        "/usr/local/sbin",
+        "/usr/local/bin",
+        "/usr/sbin",
+        "/usr/bin",
+        "/sbin",
+        "/bin",
+    ]
+    .iter()
+    .map(|dir| Path::new(dir).join(tool))
+    .find(|p| p.is_file())
+}
+
+/// The files in `dir`, sorted.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn loop_request(name: &str, bytes: i64, fs_type: &str) -> proto::CreateVolumeRequest {
+    proto::CreateVolumeRequest {
+        name: name.to_string(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![fs_capability(fs_type)],
+        parameters: loop_params(),
+        ..Default::default()
+    }
+}
+
+/// A SIGKILL while mkfs.xfs writes the image of a CreateVolume used to leave a half-made image
+/// at its final name; blkid already sees the XFS superblock there, so the retry took it for a
+/// made one, answered OK, and every NodeStageVolume then failed with "Structure needs
+/// cleaning". The image is now made under a temporary name that recovery removes.
+#[tokio::test]
+async fn a_create_killed_during_mkfs_xfs_is_made_again_by_the_retry() {
+    skip_unless_ready!(skip_reason());
+    let (Some(mkfs_xfs), Some(strace)) = (find_tool("mkfs.xfs"), find_tool("strace")) else {
+        eprintln!("SKIPPED: needs strace (to kill mkfs.xfs part-way)");
+        return;
+    };
+    let mut d = Driver::start();
+    // mkfs.xfs killed at its 30th write (as pdeathsig kills it when the driver dies), then a
+    // wait so the CreateVolume is still in flight when the driver is killed.
+    let wrap = d.dir.path().join("wrap");
+    std::fs::create_dir(&wrap).unwrap();
+    let started = d.dir.path().join("mkfs-killed");
+    let script = wrap.join("mkfs.xfs");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n{} -f -o /dev/null -e inject=pwrite64:signal=SIGKILL:when=30 {} \"$@\"\n\
+             touch {}\nexec sleep 600\n",
+            strace.display(),
+            mkfs_xfs.display(),
+            started.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = format!(
+        "{}:{}",
+        wrap.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    d.restart_with(|cmd| {
+        cmd.env("PATH", &path);
+    });
+    let request = loop_request("pvc-killed-mkfs", 320 * MIB, "xfs");
+    let c = d.controller().await;
+    let call = {
+        let (mut c, request) = (c.clone(), request.clone());
+        tokio::spawn(async move { c.create_volume(request).await })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !started.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mkfs.xfs never ran: {}",
+            d.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    d.kill();
+    assert!(
+        call.await.unwrap().is_err(),
+        "the killed CreateVolume answered"
+    );
+    d.restart();
+    let images = d.data_dir().join("images");
+    let partial: Vec<String> = entries(&images)
+        .into_iter()
+        .filter(|n| n.ends_with(".partial"))
+        .collect();
+    assert!(partial.is_empty(), "left after restart: {partial:?}");
+
+    let mut c = d.controller().await;
+    let volume = c
+        .create_volume(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let mut n = d.node().await;
+    let staging = d.target("pod-killed-mkfs");
+    n.node_stage_volume(proto::NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(fs_capability("xfs")),
+        ..Default::default()
+    })
+    .await
+    .expect("the retried volume's filesystem mounts");
+    std::fs::write(Path::new(&staging).join("f"), b"data").unwrap();
+    n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging,
+    })
+    .await
+    .unwrap();
+    c.delete_volume(proto::DeleteVolumeRequest {
+        volume_id: volume.volume_id,
+        secrets: Default::default(),
+    })
+    .await
+    .unwrap();
+    assert!(entries(&images).is_empty(), "{:?}", entries(&images));
+}
+
+/// A CreateVolume whose mkfs fails (here: mkfs.xfs is not on the PATH) used to leave its image,
+/// with `allocation: preallocate` all of its space, behind with no record.
+#[tokio::test]
+async fn a_create_whose_mkfs_fails_leaves_no_image() {
+    skip_unless_ready!(skip_reason());
+    let mut d = Driver::start();
+    // The system directories, without mkfs.xfs.
+    let nox = d.dir.path().join("nox");
+    std::fs::create_dir(&nox).unwrap();
+    for dir in ["/usr/local/sbin", "/usr/sbin", "/sbin"] {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let link = nox.join(entry.file_name());
+            if entry.file_name() != "mkfs.xfs" && !link.exists() {
+                std::os::unix::fs::symlink(entry.path(), link).unwrap();
+            }
+        }
+    }
+    d.restart_with(|cmd| {
+        cmd.env(
+            "PATH",
+            format!("{}:/usr/local/bin:/usr/bin:/bin", nox.display()),
+        );
+    });
+    let mut c = d.controller().await;
+    let mut request = loop_request("pvc-no-mkfs", 320 * MIB, "xfs");
+    request
+        .parameters
+        .insert("allocation".to_string(), "preallocate".to_string());
+    let failed = c.create_volume(request).await;
+    assert!(failed.is_err(), "{failed:?}");
+    let images = d.data_dir().join("images");
+    assert!(
+        entries(&images).is_empty(),
+        "left behind: {:?}",
+        entries(&images)
+    );
+}

@@ -1280,3 +1280,101 @@ async fn a_failed_mount_at_staging_leaves_no_loop_device() {
         String::from_utf8_lossy(&attached.stdout)
     );
 }
+
+/// DeleteSnapshot of a copied directory snapshot removes it file by file, then its record. A
+/// SIGKILL part-way used to leave the record (ready) over a partly deleted tree: after the
+/// restart the snapshot was listed ready and a restore from it answered OK with files silently
+/// missing. The tree is now first renamed to a name recovery removes, so after a crash the
+/// snapshot's storage is complete or absent; the CO's retried DeleteSnapshot removes the
+/// record.
+#[tokio::test]
+async fn a_snapshot_delete_killed_part_way_leaves_no_partial_snapshot() {
+    let mut d = Driver::start();
+    let mut c = d.controller().await;
+    let volume = create(&mut c, create_request("pvc-del-kill", 512 * MIB), None)
+        .await
+        .unwrap();
+    let src = dir_volume(&d, &volume.volume_id);
+    // 10,000 small files in 200 directories: removing them takes a while, and each directory
+    // removed lowers the top directory's link count, which shows the removal under way.
+    const DIRS: u64 = 200;
+    for i in 0..DIRS {
+        let sub = src.join(format!("d{i}"));
+        std::fs::create_dir(&sub).unwrap();
+        for j in 0..50 {
+            std::fs::write(sub.join(format!("f{j}")), format!("{i}/{j}")).unwrap();
+        }
+    }
+    let before = checksums(&src);
+    let snap = snapshot(&mut c, "snap-del-kill", &volume.volume_id).await;
+    let tree = d.data_dir().join("snapshots").join(&snap.snapshot_id);
+    let links = |p: &Path| std::fs::symlink_metadata(p).map(|m| m.nlink()).ok();
+    assert_eq!(links(&tree), Some(2 + DIRS));
+
+    let call = {
+        let (mut c, id) = (c.clone(), snap.snapshot_id.clone());
+        tokio::spawn(async move {
+            c.delete_snapshot(proto::DeleteSnapshotRequest {
+                snapshot_id: id,
+                ..Default::default()
+            })
+            .await
+        })
+    };
+    // Kill the server as soon as the snapshot's tree starts going (or is moved away).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while links(&tree) == Some(2 + DIRS) {
+        assert!(std::time::Instant::now() < deadline, "{}", d.log());
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    d.kill();
+    let answered = call.await.unwrap().is_ok();
+    d.restart();
+    let mut c = d.controller().await;
+    let got = c
+        .get_snapshot(proto::GetSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await;
+    eprintln!("answered before the kill: {answered}; after restart: {got:?}");
+    let restore = create(
+        &mut c,
+        create_request("pvc-del-kill-restore", 512 * MIB),
+        Some(snap_source(&snap.snapshot_id)),
+    )
+    .await;
+    eprintln!("restore: {:?}", restore.as_ref().map(|v| &v.volume_id));
+    if let Ok(restored) = &restore {
+        // A restore that succeeds has every file of the snapshot.
+        assert_eq!(
+            checksums(&dir_volume(&d, &restored.volume_id)).len(),
+            before.len()
+        );
+        assert_eq!(checksums(&dir_volume(&d, &restored.volume_id)), before);
+    }
+    assert!(
+        tree.exists() || restore.is_err(),
+        "restored from absent storage: {restore:?}"
+    );
+    // The CO's retry completes the deletion.
+    c.delete_snapshot(proto::DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let listed = c
+        .list_snapshots(proto::ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(listed.is_empty(), "{listed:?}");
+    let left: Vec<_> = std::fs::read_dir(d.data_dir().join("snapshots"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "snapshot storage left: {left:?}");
+}

@@ -171,6 +171,18 @@ impl Backend for DirBackend {
                     ));
                 }
                 btrfs::create_subvolume(&path)?;
+                // Nothing records it yet: a failure below must not leave it behind.
+                let limited = (|| {
+                    if options.capacity_bytes > 0 {
+                        btrfs::set_limit(&path, options.capacity_bytes)?;
+                    }
+                    set_volume_mode(&path)
+                })();
+                if let Err(e) = limited {
+                    let _ = btrfs::delete_subvolume(&path);
+                    return Err(e);
+                }
+                return Ok(Enforcement::BtrfsQgroup);
             }
             if options.capacity_bytes > 0 {
                 btrfs::set_limit(&path, options.capacity_bytes)?;
@@ -370,7 +382,23 @@ impl Backend for DirBackend {
     }
 
     fn delete_snapshot(&self, snapshot: &SnapshotId) -> Result<(), BackendError> {
-        remove_dir_or_subvolume(&self.snapshot_path(snapshot))
+        let path = self.snapshot_path(snapshot);
+        if btrfs::is_subvolume(&path) {
+            return btrfs::delete_subvolume(&path); // atomic
+        }
+        // A copied tree is removed file by file: it first takes the name of an interrupted
+        // copy, which recovery removes, so a crash or an I/O error part-way never leaves a
+        // partly deleted tree under the snapshot's name (a record still says it is ready).
+        let doomed = self.snapshots.join(format!("{snapshot}{PARTIAL_SUFFIX}"));
+        remove_dir_or_subvolume(&doomed)?; // an earlier attempt's
+        match std::fs::rename(&path, &doomed) {
+            Ok(()) => std::fs::File::open(&self.snapshots)
+                .and_then(|dir| dir.sync_all())
+                .map_err(|e| BackendError::io("fsync", &self.snapshots, e))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(BackendError::io("rename", &path, e)),
+        }
+        remove_dir_or_subvolume(&doomed)
     }
 
     fn snapshot_exists(&self, snapshot: &SnapshotId) -> Result<bool, BackendError> {

@@ -229,6 +229,70 @@ impl LoopBackend {
         }
     }
 
+    /// Makes `image` (sized, and formatted when it holds a filesystem) so that it appears under
+    /// its name only once complete: it is made as `<image>.partial` and renamed into place. A
+    /// crash leaves at most the partial file, which start-up recovery removes (an image at its
+    /// final name that a killed mkfs.xfs had half written would be taken for a made one: blkid
+    /// already sees the XFS superblock). An image already at its name was made completely (a
+    /// retry): only its size is checked.
+    fn make_image(
+        &self,
+        image: &Path,
+        kind: Kind,
+        bytes: u64,
+        preallocate: bool,
+    ) -> Result<(), BackendError> {
+        if image.is_file() {
+            loopdev::create_image(image, bytes, preallocate)?;
+            if let Kind::Filesystem(fs) = kind {
+                loopdev::format(image, fs)?;
+            }
+            return Ok(());
+        }
+        let partial = PathBuf::from(format!("{}{PARTIAL_SUFFIX}", image.display()));
+        remove_if_present(&partial)?;
+        let made = (|| {
+            loopdev::create_image(&partial, bytes, preallocate)?;
+            if let Kind::Filesystem(fs) = kind {
+                loopdev::format(&partial, fs)?;
+                // mkfs wrote through the page cache: durable before the name says "made".
+                std::fs::File::open(&partial)
+                    .and_then(|f| f.sync_all())
+                    .map_err(|e| BackendError::io("fsync", &partial, e))?;
+            }
+            // The images directory is fsynced with the commit that records the volume.
+            std::fs::rename(&partial, image).map_err(|e| BackendError::io("rename", &partial, e))
+        })();
+        if made.is_err() {
+            // Nothing records it: left behind, it (with `allocation: preallocate`, all of its
+            // space) would stay until an operator noticed.
+            let _ = std::fs::remove_file(&partial);
+        }
+        made
+    }
+
+    /// Removes the images a crash left half made (see [`LoopBackend::make_image`]).
+    fn remove_partial_images(&self) -> Result<(), BackendError> {
+        let entries = std::fs::read_dir(&self.images)
+            .map_err(|e| BackendError::io("readdir", &self.images, e))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let ours = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(PARTIAL_SUFFIX))
+                .and_then(|n| n.rsplit_once('.'))
+                .is_some_and(|(id, ext)| {
+                    Kind::from_extension(ext).is_some() && VolumeId::parse(id).is_ok()
+                });
+            if ours {
+                tracing::warn!(path = %entry.path().display(),
+                    "removing an image whose creation was interrupted by a crash");
+                remove_if_present(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
     fn image(&self, id: &VolumeId, kind: Kind) -> PathBuf {
         self.images.join(format!("{id}.{}", kind.extension()))
     }
@@ -315,11 +379,7 @@ impl Backend for LoopBackend {
                 fs.min_bytes()
             )));
         }
-        let image = self.image(id, kind);
-        loopdev::create_image(&image, bytes, options.preallocate)?;
-        if let Kind::Filesystem(fs) = kind {
-            loopdev::format(&image, fs)?;
-        }
+        self.make_image(&self.image(id, kind), kind, bytes, options.preallocate)?;
         Ok(Enforcement::LoopImage)
     }
 
@@ -484,6 +544,7 @@ impl Backend for LoopBackend {
     }
 
     fn recover_snapshots(&self) -> Result<(), BackendError> {
+        self.remove_partial_images()?;
         let entries = std::fs::read_dir(&self.snapshots)
             .map_err(|e| BackendError::io("readdir", &self.snapshots, e))?;
         for entry in entries.flatten() {
@@ -669,5 +730,14 @@ impl Backend for LoopBackend {
             loopdev::grow_filesystem(&device, &staging.absolute(), fs)?;
         }
         Ok(Some(loopdev::device_size(&device)?))
+    }
+}
+
+/// Removes a file; absent is success.
+fn remove_if_present(path: &Path) -> Result<(), BackendError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(BackendError::io("remove", path, e)),
     }
 }

@@ -190,13 +190,25 @@ impl Driver {
     }
 
     fn spawn(&mut self) {
+        self.spawn_adjusted(|_| {});
+    }
+
+    /// Starts the server again on the same directories with its command changed by `adjust`
+    /// (e.g. another PATH, to run it with a tool missing or wrapped).
+    pub fn restart_with(&mut self, adjust: impl FnOnce(&mut Command)) {
+        self.kill();
+        self.spawn_adjusted(adjust);
+    }
+
+    fn spawn_adjusted(&mut self, adjust: impl FnOnce(&mut Command)) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let child = self
-            .command()
+        let mut command = self.command();
+        adjust(&mut command);
+        let child = command
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
