@@ -220,16 +220,22 @@ impl Engine {
         })
     }
 
-    /// Parses a volume ID from a request. Malformed IDs (oversized, control characters) are
-    /// refused; well-formed IDs we could never have issued are "not found".
+    /// Parses a volume ID from a request's `volume_id`. Malformed IDs (oversized, control
+    /// characters) are refused; well-formed IDs we could never have issued are "not found".
     fn parse_id(raw: &str) -> Result<Option<VolumeId>> {
+        Self::parse_id_in("volume_id", raw)
+    }
+
+    /// [`Engine::parse_id`] of a volume ID carried in the request field `field` (named in
+    /// INVALID_ARGUMENT), e.g. `source_volume_id`.
+    fn parse_id_in(field: &'static str, raw: &str) -> Result<Option<VolumeId>> {
         if raw.is_empty() {
-            return Err(Error::Missing("volume_id"));
+            return Err(Error::Missing(field));
         }
         match VolumeId::parse(raw) {
             Ok(id) => Ok(Some(id)),
             Err(IdError::Foreign(_)) => Ok(None),
-            Err(IdError::Malformed(reason)) => Err(Error::invalid("volume_id", reason)),
+            Err(IdError::Malformed(reason)) => Err(Error::invalid(field, reason)),
         }
     }
 
