@@ -1280,3 +1280,45 @@ async fn a_failed_mount_at_staging_leaves_no_loop_device() {
         String::from_utf8_lossy(&attached.stdout)
     );
 }
+
+/// A CreateVolume retried for a restore that already happened answers with the existing volume
+/// even after its source snapshot was deleted (the provisioner retries after a lost answer),
+/// as long as it names the recorded source; another source is still ALREADY_EXISTS.
+#[tokio::test]
+async fn a_retried_restore_succeeds_after_its_snapshot_was_deleted() {
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let source = create(&mut c, create_request("retry-src", MIB), None)
+        .await
+        .unwrap();
+    let snap = snapshot(&mut c, "retry-snap", &source.volume_id).await;
+    let restored = create(
+        &mut c,
+        create_request("retry-restored", MIB),
+        Some(snap_source(&snap.snapshot_id)),
+    )
+    .await
+    .unwrap();
+    c.delete_snapshot(proto::DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let again = create(
+        &mut c,
+        create_request("retry-restored", MIB),
+        Some(snap_source(&snap.snapshot_id)),
+    )
+    .await
+    .expect("the retried restore answers with the existing volume");
+    assert_eq!(again.volume_id, restored.volume_id);
+    let other = create(
+        &mut c,
+        create_request("retry-restored", MIB),
+        Some(volume_source(&source.volume_id)),
+    )
+    .await
+    .expect_err("another content source");
+    assert_eq!(other.code(), Code::AlreadyExists, "{other:?}");
+}

@@ -260,8 +260,12 @@ impl Engine {
                 .map_err(|reason| Error::invalid("volume_capabilities", reason))?;
         }
         let mut capacity = resolve_capacity(request.capacity)?;
+        // A repeat for a volume that exists is answered from its record: its content source
+        // may be gone by now (a snapshot deleted after the restore), and only has to be the
+        // recorded one (compared below). Only a new volume needs its source resolved.
+        let exists = self.store.volume_id_for_name(&request.name)?.is_some();
         let source = match &request.content_source {
-            Some(source) => {
+            Some(source) if !exists => {
                 let resolved = self
                     .resolve_source(source, &params.backend, request.capacity.limit_bytes)
                     .await?;
@@ -270,7 +274,7 @@ impl Engine {
                 capacity = capacity.max(resolved.size_bytes);
                 Some(resolved)
             }
-            None => None,
+            _ => None,
         };
         let mount_flags = mount_flags_of(&request.capabilities);
         if let Some(topology) = &request.topology
@@ -332,6 +336,11 @@ impl Engine {
                 self.store.commit(vec![], sync_dirs).await?;
             }
             return self.volume_from_record(&record);
+        }
+        if exists && request.content_source.is_some() {
+            // Deleted between the look-up above and the lock, so its source was not resolved
+            // (nor locked): the CO's retry creates it anew.
+            return Err(Error::InProgress(format!("name:{name}")));
         }
 
         let sync_dirs = backend.sync_dirs();
