@@ -271,6 +271,10 @@ impl Backend for LoopBackend {
         FsType::Ext4.min_bytes()
     }
 
+    fn default_volume_bytes(&self) -> u64 {
+        DEFAULT_BYTES
+    }
+
     fn check_capability(&self, capability: &Capability) -> Result<(), String> {
         if !capability.access_mode.is_single_node() {
             return Err(format!(

@@ -221,6 +221,13 @@ pub trait Backend: Send + Sync + 'static {
         0
     }
 
+    /// The size of a volume created without a capacity range (0: none, the volume has no
+    /// size of its own). The engine records and reports it, and checks it against the
+    /// filesystem's space, as if the CO had asked for it.
+    fn default_volume_bytes(&self) -> u64 {
+        0
+    }
+
     /// Whether a volume lives on one node (and is reported with that node's topology); `false`
     /// for storage every node can reach.
     fn node_local(&self) -> bool {

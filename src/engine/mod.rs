@@ -276,6 +276,13 @@ impl Engine {
             }
             _ => None,
         };
+        if capacity == 0 {
+            // No size asked for (no range, or a restore of a source without one): the size
+            // the backend gives such a volume (a loop image's 1 GiB), so that the record, the
+            // answer, snapshots, restores and expansion all know the real size. A range with
+            // only a limit took the limit above, never more than the CO allows.
+            capacity = backend.default_volume_bytes();
+        }
         let mount_flags = mount_flags_of(&request.capabilities);
         if let Some(topology) = &request.topology
             && backend.node_local()
