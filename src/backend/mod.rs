@@ -275,6 +275,20 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether volumes of this backend can be used with `capability`; `Err` says why not.
     fn check_capability(&self, capability: &Capability) -> Result<(), String>;
 
+    /// Whether the existing volume `id` is what `capability` asks for: raw block or a
+    /// filesystem, and which filesystem; `Err` says why not. Checked for a repeated
+    /// CreateVolume and ValidateVolumeCapabilities, after [`Backend::check_capability`].
+    /// By default every volume of a backend is alike; a volume whose storage is missing
+    /// cannot be told apart either.
+    fn check_volume_capability(
+        &self,
+        id: &VolumeId,
+        capability: &Capability,
+    ) -> Result<(), String> {
+        let _ = (id, capability);
+        Ok(())
+    }
+
     /// Creates the storage for `id` and says how its size is enforced. Must be idempotent:
     /// storage left by an interrupted earlier attempt for the same ID is adopted.
     fn create(&self, id: &VolumeId, options: &VolumeOptions) -> Result<Enforcement, BackendError>;

@@ -135,9 +135,10 @@ impl Controller for ControllerService {
             let capabilities =
                 convert::capabilities("volume_capabilities", r.volume_capabilities.clone())?;
             let parameters = sorted(r.parameters.clone());
-            let verdict =
-                self.engine
-                    .validate_capabilities(&r.volume_id, &capabilities, &parameters)?;
+            let verdict = self
+                .engine
+                .validate_capabilities(&r.volume_id, &capabilities, &parameters)
+                .await?;
             Ok(match verdict {
                 Ok(()) => proto::ValidateVolumeCapabilitiesResponse {
                     confirmed: Some(proto::validate_volume_capabilities_response::Confirmed {

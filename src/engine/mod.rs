@@ -322,9 +322,27 @@ impl Engine {
                     what: "content source".into(),
                 });
             }
+            // The share's mount flags are part of a shared volume's ID (the parameters were
+            // compared above): other flags would be another volume.
+            if record.id != new_id.as_str() {
+                return Err(Error::AlreadyExists {
+                    name: record.name.clone(),
+                    what: "set of mount flags".into(),
+                });
+            }
             let id = VolumeId::parse(&record.id)
                 .map_err(|e| Error::Internal(format!("stored volume ID: {e}")))?;
             let backend = self.backend_of(&id)?;
+            // Block or filesystem, and which filesystem, as the volume's storage says.
+            if let Err(reason) = self
+                .check_volume_capabilities(&backend, &id, &request.capabilities)
+                .await?
+            {
+                return Err(Error::AlreadyExists {
+                    name: record.name.clone(),
+                    what: format!("volume capability ({reason})"),
+                });
+            }
             // Bounded: a retry must not block a request thread on a hung filesystem over the
             // volume's storage (it answers UNAVAILABLE, and the CO retries).
             if !self.storage_exists(&backend, &id).await? {
@@ -665,9 +683,27 @@ impl Engine {
         })
     }
 
+    /// Whether the existing volume `id` is what each capability asks for (see
+    /// [`Backend::check_volume_capability`]); `Ok(Err(reason))` when not. Bounded: it looks
+    /// at the volume's storage.
+    async fn check_volume_capabilities(
+        &self,
+        backend: &Arc<dyn Backend>,
+        id: &VolumeId,
+        capabilities: &[Capability],
+    ) -> Result<std::result::Result<(), String>> {
+        let (b, i, caps) = (backend.clone(), id.clone(), capabilities.to_vec());
+        Ok(self
+            .bounded("inspect", backend.volume_path(id), move || {
+                caps.iter()
+                    .try_for_each(|c| b.check_volume_capability(&i, c))
+            })
+            .await??)
+    }
+
     /// ValidateVolumeCapabilities: `Ok(Ok(()))` when every capability (and the parameters) fit
     /// the volume, `Ok(Err(reason))` when not.
-    pub fn validate_capabilities(
+    pub async fn validate_capabilities(
         &self,
         raw_id: &str,
         capabilities: &[Capability],
@@ -686,6 +722,12 @@ impl Engine {
             if let Err(reason) = backend.check_capability(capability) {
                 return Ok(Err(reason));
             }
+        }
+        if let Err(reason) = self
+            .check_volume_capabilities(&backend, &id, capabilities)
+            .await?
+        {
+            return Ok(Err(reason));
         }
         if !parameters.is_empty() {
             let params = params::parse(parameters)?;
