@@ -731,7 +731,9 @@ impl Engine {
         }
         if !parameters.is_empty() {
             let params = params::parse(parameters)?;
-            if params.defining != record.parameters {
+            if params::without_defaults(&params.defining)
+                != params::without_defaults(&record.parameters)
+            {
                 return Ok(Err("parameters differ from the volume's".into()));
             }
         }
@@ -875,7 +877,7 @@ fn check_compatible(
     if !fits {
         return Err(conflict("capacity"));
     }
-    if &record.parameters != defining {
+    if params::without_defaults(&record.parameters) != params::without_defaults(defining) {
         return Err(conflict("set of parameters"));
     }
     let modes: Vec<&str> = request
