@@ -555,6 +555,45 @@ async fn create_volume_is_idempotent_by_name() {
     assert_eq!(list_all_ids(&mut c).await.len(), 2);
 }
 
+/// Parameters that only spell out a default (`type: dir`, `allocation: sparse`) are the same
+/// volume as leaving them out, on a repeated CreateVolume and in ValidateVolumeCapabilities.
+#[tokio::test]
+async fn explicit_default_parameters_are_the_same_volume() {
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let first = create(&mut c, "defaults", MIB).await;
+    let mut explicit = create_request("defaults", MIB);
+    explicit.parameters.extend([
+        ("type".to_string(), "dir".to_string()),
+        ("allocation".to_string(), "sparse".to_string()),
+    ]);
+    let again = common::create_ok(&mut c, explicit.clone()).await;
+    assert_eq!(again.volume_id, first.volume_id);
+    // And the other way round: made explicit, repeated without them.
+    let mut other = explicit.clone();
+    other.name = "defaults-explicit".into();
+    let made = common::create_ok(&mut c, other).await;
+    let again = create(&mut c, "defaults-explicit", MIB).await;
+    assert_eq!(again.volume_id, made.volume_id);
+    let answer = c
+        .validate_volume_capabilities(proto::ValidateVolumeCapabilitiesRequest {
+            volume_id: first.volume_id.clone(),
+            volume_capabilities: explicit.volume_capabilities.clone(),
+            parameters: explicit.parameters.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.confirmed.is_some(), "{answer:?}");
+    // A parameter that is not the default still differs.
+    let mut preallocated = create_request("defaults", MIB);
+    preallocated
+        .parameters
+        .insert("allocation".to_string(), "preallocate".to_string());
+    expect_code(c.create_volume(preallocated).await, Code::AlreadyExists);
+}
+
 #[tokio::test]
 async fn create_volume_rejects_invalid_arguments() {
     let d = Driver::start();

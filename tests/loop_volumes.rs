@@ -568,3 +568,106 @@ async fn a_create_whose_mkfs_fails_leaves_no_image() {
         entries(&images)
     );
 }
+
+/// What a loop volume holds (raw block, or which filesystem) is part of it: a repeated
+/// CreateVolume asking for another kind is ALREADY_EXISTS, and ValidateVolumeCapabilities
+/// confirms only capabilities of the volume's kind.
+#[tokio::test]
+async fn the_kind_of_a_loop_volume_is_compared_on_repeat_and_validate() {
+    skip_unless_ready!(skip_reason());
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let fs = create(&mut c, "kind-fs", 32 * MIB, fs_capability("ext4")).await;
+    let block = create(&mut c, "kind-block", 16 * MIB, block_capability()).await;
+    let repeat =
+        |name: &str, capability: VolumeCapability, bytes: i64| proto::CreateVolumeRequest {
+            name: name.to_string(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: bytes,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![capability],
+            parameters: loop_params(),
+            ..Default::default()
+        };
+    for (what, name, capability, bytes, ok) in [
+        (
+            "fs as ext4",
+            "kind-fs",
+            fs_capability("ext4"),
+            32 * MIB,
+            true,
+        ),
+        (
+            "fs with the default type",
+            "kind-fs",
+            fs_capability(""),
+            32 * MIB,
+            true,
+        ),
+        (
+            "fs as block",
+            "kind-fs",
+            block_capability(),
+            32 * MIB,
+            false,
+        ),
+        (
+            "fs as xfs",
+            "kind-fs",
+            fs_capability("xfs"),
+            32 * MIB,
+            false,
+        ),
+        (
+            "block as block",
+            "kind-block",
+            block_capability(),
+            16 * MIB,
+            true,
+        ),
+        (
+            "block as ext4",
+            "kind-block",
+            fs_capability("ext4"),
+            16 * MIB,
+            false,
+        ),
+    ] {
+        let got = c.create_volume(repeat(name, capability, bytes)).await;
+        if ok {
+            let id = got.unwrap_or_else(|e| panic!("{what}: {e:?}")).into_inner();
+            let expected = if name == "kind-fs" { &fs } else { &block };
+            assert_eq!(id.volume.unwrap().volume_id, expected.volume_id, "{what}");
+        } else {
+            let err = got.expect_err(what);
+            assert_eq!(err.code(), Code::AlreadyExists, "{what}: {err:?}");
+        }
+    }
+    for (what, id, capability, confirmed) in [
+        ("fs as ext4", &fs.volume_id, fs_capability("ext4"), true),
+        ("fs as block", &fs.volume_id, block_capability(), false),
+        ("fs as xfs", &fs.volume_id, fs_capability("xfs"), false),
+        ("block as block", &block.volume_id, block_capability(), true),
+        (
+            "block as ext4",
+            &block.volume_id,
+            fs_capability("ext4"),
+            false,
+        ),
+    ] {
+        let answer = c
+            .validate_volume_capabilities(proto::ValidateVolumeCapabilitiesRequest {
+                volume_id: id.clone(),
+                volume_capabilities: vec![capability],
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e:?}"))
+            .into_inner();
+        assert_eq!(answer.confirmed.is_some(), confirmed, "{what}: {answer:?}");
+        if !confirmed {
+            assert!(!answer.message.is_empty(), "{what}: says why not");
+        }
+    }
+}

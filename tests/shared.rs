@@ -973,3 +973,41 @@ async fn snapshots_restores_and_clones_stay_on_the_share_and_survive_the_control
         drop(second);
     }
 }
+
+/// The share's mount flags are part of a shared volume: a repeated CreateVolume with other
+/// flags is ALREADY_EXISTS, not the volume made with the first ones.
+#[tokio::test]
+async fn a_repeated_create_with_other_mount_flags_already_exists() {
+    skip_unless_ready!(skip_reason());
+    let share = Share::new();
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let params = share.params(&[]);
+    let first = create(
+        &mut c,
+        "flags",
+        params.clone(),
+        mount_capability(Mode::MultiNodeMultiWriter, vec!["noatime".into()]),
+    )
+    .await
+    .unwrap();
+    let same = create(
+        &mut c,
+        "flags",
+        params.clone(),
+        mount_capability(Mode::MultiNodeMultiWriter, vec!["noatime".into()]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(same.volume_id, first.volume_id);
+    let err = create(
+        &mut c,
+        "flags",
+        params,
+        mount_capability(Mode::MultiNodeMultiWriter, vec!["ro".into()]),
+    )
+    .await
+    .expect_err("other mount flags");
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    delete(&mut c, &first.volume_id).await;
+}

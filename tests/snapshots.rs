@@ -1378,3 +1378,108 @@ async fn a_snapshot_delete_killed_part_way_leaves_no_partial_snapshot() {
         .collect();
     assert!(left.is_empty(), "snapshot storage left: {left:?}");
 }
+
+/// A CreateVolume retried for a restore that already happened answers with the existing volume
+/// even after its source snapshot was deleted (the provisioner retries after a lost answer),
+/// as long as it names the recorded source; another source is still ALREADY_EXISTS.
+#[tokio::test]
+async fn a_retried_restore_succeeds_after_its_snapshot_was_deleted() {
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let source = create(&mut c, create_request("retry-src", MIB), None)
+        .await
+        .unwrap();
+    let snap = snapshot(&mut c, "retry-snap", &source.volume_id).await;
+    let restored = create(
+        &mut c,
+        create_request("retry-restored", MIB),
+        Some(snap_source(&snap.snapshot_id)),
+    )
+    .await
+    .unwrap();
+    c.delete_snapshot(proto::DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let again = create(
+        &mut c,
+        create_request("retry-restored", MIB),
+        Some(snap_source(&snap.snapshot_id)),
+    )
+    .await
+    .expect("the retried restore answers with the existing volume");
+    assert_eq!(again.volume_id, restored.volume_id);
+    let other = create(
+        &mut c,
+        create_request("retry-restored", MIB),
+        Some(volume_source(&source.volume_id)),
+    )
+    .await
+    .expect_err("another content source");
+    assert_eq!(other.code(), Code::AlreadyExists, "{other:?}");
+}
+
+/// A loop volume created without a capacity range gets the backend's default image size
+/// (1 GiB), and that is the size recorded and reported: CreateVolume's answer, its
+/// snapshots' size, a restore's limit check and ControllerExpandVolume all see it.
+#[tokio::test]
+async fn a_loop_volume_without_a_capacity_range_reports_its_real_size() {
+    skip_unless_ready!(tool_missing(&["mkfs.ext4"]));
+    const GIB: i64 = 1 << 30;
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let mut request = loop_request("default-size", 0, "ext4");
+    request.capacity_range = None;
+    let volume = create(&mut c, request, None).await.unwrap();
+    assert_eq!(volume.capacity_bytes, GIB, "CreateVolume answer");
+    let image = d
+        .data_dir()
+        .join("images")
+        .join(format!("{}.ext4", volume.volume_id));
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), GIB as u64);
+    let got = c
+        .controller_get_volume(proto::ControllerGetVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(got.capacity_bytes, GIB, "recorded size");
+    let snap = snapshot(&mut c, "default-size-snap", &volume.volume_id).await;
+    assert_eq!(snap.size_bytes, GIB, "snapshot size");
+    // A restore that may be at most 16 MiB cannot hold a 1 GiB image.
+    let mut small = loop_request("default-size-restore", 16 * MIB, "ext4");
+    small.capacity_range = Some(proto::CapacityRange {
+        required_bytes: 16 * MIB,
+        limit_bytes: 16 * MIB,
+    });
+    let err = create(&mut c, small, Some(snap_source(&snap.snapshot_id)))
+        .await
+        .expect_err("a 16 MiB restore of a 1 GiB snapshot");
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    // 100 MiB would shrink it: OUT_OF_RANGE from the recorded size, not the image's refusal.
+    let err = c
+        .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: 100 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect_err("shrinking to 100 MiB");
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    // A limit below the default with nothing required: a volume of the limit's size.
+    let mut limited = loop_request("default-size-limited", 0, "ext4");
+    limited.capacity_range = Some(proto::CapacityRange {
+        required_bytes: 0,
+        limit_bytes: 16 * MIB,
+    });
+    let limited = create(&mut c, limited, None).await.unwrap();
+    assert_eq!(limited.capacity_bytes, 16 * MIB);
+}

@@ -335,6 +335,10 @@ impl Backend for LoopBackend {
         FsType::Ext4.min_bytes()
     }
 
+    fn default_volume_bytes(&self) -> u64 {
+        DEFAULT_BYTES
+    }
+
     fn check_capability(&self, capability: &Capability) -> Result<(), String> {
         if !capability.access_mode.is_single_node() {
             return Err(format!(
@@ -351,6 +355,31 @@ impl Backend for LoopBackend {
             MountOptions::from_flags(mount_flags, false)?;
         }
         Ok(())
+    }
+
+    fn check_volume_capability(
+        &self,
+        id: &VolumeId,
+        capability: &Capability,
+    ) -> Result<(), String> {
+        // The image's name says what it holds; an empty fs_type takes whatever filesystem.
+        let Some((_, kind)) = self.find(id) else {
+            return Ok(());
+        };
+        match (&capability.access_type, kind) {
+            (AccessType::Block, Kind::Filesystem(fs)) => Err(format!(
+                "volume {id} holds {fs}; it is not a raw block volume"
+            )),
+            (AccessType::Mount { .. }, Kind::Block) => Err(format!(
+                "volume {id} is a raw block volume; it holds no filesystem"
+            )),
+            (AccessType::Mount { fs_type, .. }, Kind::Filesystem(fs))
+                if !fs_type.is_empty() && fs_type != fs.name() =>
+            {
+                Err(format!("volume {id} holds {fs}, not {fs_type}"))
+            }
+            _ => Ok(()),
+        }
     }
 
     fn create(&self, id: &VolumeId, options: &VolumeOptions) -> Result<Enforcement, BackendError> {

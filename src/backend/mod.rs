@@ -221,6 +221,13 @@ pub trait Backend: Send + Sync + 'static {
         0
     }
 
+    /// The size of a volume created without a capacity range (0: none, the volume has no
+    /// size of its own). The engine records and reports it, and checks it against the
+    /// filesystem's space, as if the CO had asked for it.
+    fn default_volume_bytes(&self) -> u64 {
+        0
+    }
+
     /// Whether a volume lives on one node (and is reported with that node's topology); `false`
     /// for storage every node can reach.
     fn node_local(&self) -> bool {
@@ -267,6 +274,20 @@ pub trait Backend: Send + Sync + 'static {
 
     /// Whether volumes of this backend can be used with `capability`; `Err` says why not.
     fn check_capability(&self, capability: &Capability) -> Result<(), String>;
+
+    /// Whether the existing volume `id` is what `capability` asks for: raw block or a
+    /// filesystem, and which filesystem; `Err` says why not. Checked for a repeated
+    /// CreateVolume and ValidateVolumeCapabilities, after [`Backend::check_capability`].
+    /// By default every volume of a backend is alike; a volume whose storage is missing
+    /// cannot be told apart either.
+    fn check_volume_capability(
+        &self,
+        id: &VolumeId,
+        capability: &Capability,
+    ) -> Result<(), String> {
+        let _ = (id, capability);
+        Ok(())
+    }
 
     /// Creates the storage for `id` and says how its size is enforced. Must be idempotent:
     /// storage left by an interrupted earlier attempt for the same ID is adopted.

@@ -97,6 +97,7 @@ impl Controller for ControllerService {
     ) -> Result<Response<proto::DeleteVolumeResponse>, Status> {
         let r = request.into_inner();
         handle("DeleteVolume", &r.volume_id, async {
+            crate::engine::params::check_map("secrets", &sorted(r.secrets.clone()))?;
             self.engine.delete_volume(&r.volume_id).await?;
             Ok(proto::DeleteVolumeResponse {})
         })
@@ -129,12 +130,15 @@ impl Controller for ControllerService {
             if r.volume_capabilities.is_empty() {
                 return Err(Error::Missing("volume_capabilities"));
             }
+            crate::engine::params::check_map("volume_context", &sorted(r.volume_context.clone()))?;
+            crate::engine::params::check_map("secrets", &sorted(r.secrets.clone()))?;
             let capabilities =
                 convert::capabilities("volume_capabilities", r.volume_capabilities.clone())?;
             let parameters = sorted(r.parameters.clone());
-            let verdict =
-                self.engine
-                    .validate_capabilities(&r.volume_id, &capabilities, &parameters)?;
+            let verdict = self
+                .engine
+                .validate_capabilities(&r.volume_id, &capabilities, &parameters)
+                .await?;
             Ok(match verdict {
                 Ok(()) => proto::ValidateVolumeCapabilitiesResponse {
                     confirmed: Some(proto::validate_volume_capabilities_response::Confirmed {
@@ -318,6 +322,7 @@ impl Controller for ControllerService {
             if r.capacity_range.is_none() {
                 return Err(Error::Missing("capacity_range"));
             }
+            crate::engine::params::check_map("secrets", &sorted(r.secrets.clone()))?;
             let (capacity, node_expansion_required) = self
                 .engine
                 .expand_volume(&r.volume_id, convert::capacity_range(r.capacity_range)?)

@@ -177,6 +177,7 @@ impl Node for NodeService {
             if r.volume_path.is_empty() {
                 return Err(Error::Missing("volume_path"));
             }
+            crate::engine::params::check_map("secrets", &convert::sorted(r.secrets.clone()))?;
             let capacity = self
                 .engine
                 .node_expand(&r.volume_id, &r.volume_path)

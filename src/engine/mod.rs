@@ -220,16 +220,22 @@ impl Engine {
         })
     }
 
-    /// Parses a volume ID from a request. Malformed IDs (oversized, control characters) are
-    /// refused; well-formed IDs we could never have issued are "not found".
+    /// Parses a volume ID from a request's `volume_id`. Malformed IDs (oversized, control
+    /// characters) are refused; well-formed IDs we could never have issued are "not found".
     fn parse_id(raw: &str) -> Result<Option<VolumeId>> {
+        Self::parse_id_in("volume_id", raw)
+    }
+
+    /// [`Engine::parse_id`] of a volume ID carried in the request field `field` (named in
+    /// INVALID_ARGUMENT), e.g. `source_volume_id`.
+    fn parse_id_in(field: &'static str, raw: &str) -> Result<Option<VolumeId>> {
         if raw.is_empty() {
-            return Err(Error::Missing("volume_id"));
+            return Err(Error::Missing(field));
         }
         match VolumeId::parse(raw) {
             Ok(id) => Ok(Some(id)),
             Err(IdError::Foreign(_)) => Ok(None),
-            Err(IdError::Malformed(reason)) => Err(Error::invalid("volume_id", reason)),
+            Err(IdError::Malformed(reason)) => Err(Error::invalid(field, reason)),
         }
     }
 
@@ -254,8 +260,12 @@ impl Engine {
                 .map_err(|reason| Error::invalid("volume_capabilities", reason))?;
         }
         let mut capacity = resolve_capacity(request.capacity)?;
+        // A repeat for a volume that exists is answered from its record: its content source
+        // may be gone by now (a snapshot deleted after the restore), and only has to be the
+        // recorded one (compared below). Only a new volume needs its source resolved.
+        let exists = self.store.volume_id_for_name(&request.name)?.is_some();
         let source = match &request.content_source {
-            Some(source) => {
+            Some(source) if !exists => {
                 let resolved = self
                     .resolve_source(source, &params.backend, request.capacity.limit_bytes)
                     .await?;
@@ -264,8 +274,15 @@ impl Engine {
                 capacity = capacity.max(resolved.size_bytes);
                 Some(resolved)
             }
-            None => None,
+            _ => None,
         };
+        if capacity == 0 {
+            // No size asked for (no range, or a restore of a source without one): the size
+            // the backend gives such a volume (a loop image's 1 GiB), so that the record, the
+            // answer, snapshots, restores and expansion all know the real size. A range with
+            // only a limit took the limit above, never more than the CO allows.
+            capacity = backend.default_volume_bytes();
+        }
         let mount_flags = mount_flags_of(&request.capabilities);
         if let Some(topology) = &request.topology
             && backend.node_local()
@@ -305,9 +322,27 @@ impl Engine {
                     what: "content source".into(),
                 });
             }
+            // The share's mount flags are part of a shared volume's ID (the parameters were
+            // compared above): other flags would be another volume.
+            if record.id != new_id.as_str() {
+                return Err(Error::AlreadyExists {
+                    name: record.name.clone(),
+                    what: "set of mount flags".into(),
+                });
+            }
             let id = VolumeId::parse(&record.id)
                 .map_err(|e| Error::Internal(format!("stored volume ID: {e}")))?;
             let backend = self.backend_of(&id)?;
+            // Block or filesystem, and which filesystem, as the volume's storage says.
+            if let Err(reason) = self
+                .check_volume_capabilities(&backend, &id, &request.capabilities)
+                .await?
+            {
+                return Err(Error::AlreadyExists {
+                    name: record.name.clone(),
+                    what: format!("volume capability ({reason})"),
+                });
+            }
             // Bounded: a retry must not block a request thread on a hung filesystem over the
             // volume's storage (it answers UNAVAILABLE, and the CO retries).
             if !self.storage_exists(&backend, &id).await? {
@@ -326,6 +361,11 @@ impl Engine {
                 self.store.commit(vec![], sync_dirs).await?;
             }
             return self.volume_from_record(&record);
+        }
+        if exists && request.content_source.is_some() {
+            // Deleted between the look-up above and the lock, so its source was not resolved
+            // (nor locked): the CO's retry creates it anew.
+            return Err(Error::InProgress(format!("name:{name}")));
         }
 
         let sync_dirs = backend.sync_dirs();
@@ -643,9 +683,27 @@ impl Engine {
         })
     }
 
+    /// Whether the existing volume `id` is what each capability asks for (see
+    /// [`Backend::check_volume_capability`]); `Ok(Err(reason))` when not. Bounded: it looks
+    /// at the volume's storage.
+    async fn check_volume_capabilities(
+        &self,
+        backend: &Arc<dyn Backend>,
+        id: &VolumeId,
+        capabilities: &[Capability],
+    ) -> Result<std::result::Result<(), String>> {
+        let (b, i, caps) = (backend.clone(), id.clone(), capabilities.to_vec());
+        Ok(self
+            .bounded("inspect", backend.volume_path(id), move || {
+                caps.iter()
+                    .try_for_each(|c| b.check_volume_capability(&i, c))
+            })
+            .await??)
+    }
+
     /// ValidateVolumeCapabilities: `Ok(Ok(()))` when every capability (and the parameters) fit
     /// the volume, `Ok(Err(reason))` when not.
-    pub fn validate_capabilities(
+    pub async fn validate_capabilities(
         &self,
         raw_id: &str,
         capabilities: &[Capability],
@@ -665,9 +723,17 @@ impl Engine {
                 return Ok(Err(reason));
             }
         }
+        if let Err(reason) = self
+            .check_volume_capabilities(&backend, &id, capabilities)
+            .await?
+        {
+            return Ok(Err(reason));
+        }
         if !parameters.is_empty() {
             let params = params::parse(parameters)?;
-            if params.defining != record.parameters {
+            if params::without_defaults(&params.defining)
+                != params::without_defaults(&record.parameters)
+            {
                 return Ok(Err("parameters differ from the volume's".into()));
             }
         }
@@ -811,7 +877,7 @@ fn check_compatible(
     if !fits {
         return Err(conflict("capacity"));
     }
-    if &record.parameters != defining {
+    if params::without_defaults(&record.parameters) != params::without_defaults(defining) {
         return Err(conflict("set of parameters"));
     }
     let modes: Vec<&str> = request

@@ -60,6 +60,30 @@ pub fn check_map(field: &'static str, map: &BTreeMap<String, String>) -> Result<
     Ok(())
 }
 
+/// The defining parameters without the entries that only spell out a default (`type: dir`,
+/// `allocation: sparse`, `enforceCapacity: "true"`, or `"false"` for shared volumes, which
+/// never enforce; `onDelete: delete`; `fsType: nfs` for `server` + `share`), so that a
+/// parameter given explicitly and one left out compare equal.
+pub fn without_defaults(defining: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let shared_volume = defining.get(TYPE).is_some_and(|t| t == shared::BACKEND);
+    defining
+        .iter()
+        .filter(|(key, value)| {
+            let default = match key.as_str() {
+                TYPE => Some("dir"),
+                ALLOCATION => Some("sparse"),
+                ENFORCE_CAPACITY if shared_volume => Some("false"),
+                ENFORCE_CAPACITY => Some("true"),
+                shared::ON_DELETE => Some("delete"),
+                shared::FS_TYPE if defining.contains_key(shared::SERVER) => Some("nfs"),
+                _ => None,
+            };
+            default != Some(value.as_str())
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 /// Parses CreateVolume / GetCapacity parameters.
 pub fn parse(raw: &BTreeMap<String, String>) -> Result<Parameters> {
     check_map("parameters", raw)?;

@@ -232,7 +232,7 @@ impl Engine {
                 return Err(Error::UnknownParameter(key.clone()));
             }
         }
-        let source = match Self::parse_id(&request.source_volume_id)? {
+        let source = match Self::parse_id_in("source_volume_id", &request.source_volume_id)? {
             Some(id) => id,
             None => return Err(Error::VolumeNotFound(request.source_volume_id)),
         };
@@ -503,7 +503,8 @@ impl Engine {
                 if raw.is_empty() {
                     return Err(Error::Missing("volume_content_source.volume.volume_id"));
                 }
-                let id = Self::parse_id(raw)?.ok_or_else(|| Error::VolumeNotFound(raw.clone()))?;
+                let id = Self::parse_id_in("volume_content_source.volume.volume_id", raw)?
+                    .ok_or_else(|| Error::VolumeNotFound(raw.clone()))?;
                 let record = self
                     .store
                     .volume(id.as_str())?
@@ -644,7 +645,8 @@ impl Engine {
         }
         let mut sources = Vec::new();
         for raw in source_volume_ids {
-            let id = Self::parse_id(raw)?.ok_or_else(|| Error::VolumeNotFound(raw.clone()))?;
+            let id = Self::parse_id_in("source_volume_ids", raw)?
+                .ok_or_else(|| Error::VolumeNotFound(raw.clone()))?;
             if !sources.contains(&id) {
                 sources.push(id);
             }
