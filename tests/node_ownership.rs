@@ -3,7 +3,10 @@
 //! volume's (or the kubelet's) mount for its own, an unpublish never removes a file or directory
 //! it did not publish, two volumes published at one target at the same moment never stack, and
 //! a publication whose filesystem died (a FUSE daemon gone) can still be unpublished, and a
-//! read-only publication of a raw block volume cannot write the volume. Mounting
+//! read-only publication of a raw block volume cannot write the volume; and none of these
+//! checks refuses what is legitimately the volume's: a shared volume whose share is a new
+//! superblock at every mount, or a volume staged again after a reboot with edited mount
+//! options. Mounting
 //! needs root, loop volumes also mkfs.ext4; each test skips with a printed reason otherwise.
 
 mod common;
@@ -457,4 +460,105 @@ async fn a_read_only_block_publication_cannot_write_the_volume() {
         common::loop_devices_under(driver.dir.path()).is_empty(),
         "a loop device outlived the staging"
     );
+}
+
+#[tokio::test]
+async fn a_volume_staged_again_after_a_reboot_takes_the_new_mount_options() {
+    skip_unless_ready!(loop_skip_reason());
+    let mut driver = Driver::start();
+    let id = create_loop_volume(&driver, "v").await;
+    let staging = driver.target("stage");
+    stage(&driver, &id, &staging, Mode::SingleNodeWriter)
+        .await
+        .unwrap();
+    // A reboot: the process, the mount and the loop device go; the records stay.
+    driver.kill();
+    rustix::mount::unmount(staging.as_str(), rustix::mount::UnmountFlags::empty()).unwrap();
+    for device in common::loop_devices_under(driver.dir.path()) {
+        let detached = std::process::Command::new("losetup")
+            .args(["-d", &device])
+            .status()
+            .unwrap();
+        assert!(detached.success(), "losetup -d {device}");
+    }
+    driver.restart();
+    // The PV's mount options were edited meanwhile: the kubelet stages with the new ones.
+    let mut capability = ext4(Mode::SingleNodeWriter);
+    if let Some(AccessType::Mount(mount)) = capability.access_type.as_mut() {
+        mount.mount_flags = vec!["noatime".to_string()];
+    }
+    let request = proto::NodeStageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(capability),
+        ..Default::default()
+    };
+    driver
+        .node()
+        .await
+        .node_stage_volume(request)
+        .await
+        .expect("staging again after a reboot");
+    assert!(common::is_mounted(Path::new(&staging)));
+    unstage(&driver, &id, &staging).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_shared_volume_on_a_share_mounted_as_a_new_superblock_each_time_publishes() {
+    use std::os::unix::fs::PermissionsExt;
+    require_root!();
+    // An overlay over a directory of the test's share stands in for a FUSE share or NFS with
+    // `nosharecache`: every mount of it is a new superblock with a new device number.
+    let share = common::share::Share::new();
+    let scratch = tempfile::tempdir().unwrap();
+    let lower = scratch.path().join("lower");
+    std::fs::create_dir(&lower).unwrap();
+    let (upper, work) = (share.view().join("upper"), share.view().join("work"));
+    std::fs::create_dir(&upper).unwrap();
+    std::fs::create_dir(&work).unwrap();
+    let program = scratch.path().join("mount-share");
+    let script = format!(
+        "#!/bin/sh\nfor last; do :; done\nexec mount -t overlay overlay -o \
+         lowerdir={},upperdir={},workdir={},index=off,nosuid,nodev \"$last\"\n",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    std::fs::write(&program, script).unwrap();
+    std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let driver = Driver::start_with(&["--mount-program", &program.to_string_lossy()]);
+    let capability = mount_capability(Mode::MultiNodeMultiWriter, vec![]);
+    let mut controller = driver.controller().await;
+    let request = proto::CreateVolumeRequest {
+        name: "shared".to_string(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: 16 * MIB,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![capability.clone()],
+        parameters: share.params(&[]),
+        ..Default::default()
+    };
+    let id = common::create_ok(&mut controller, request).await.volume_id;
+    let staging = driver.target("stage");
+    let mut node = driver.node().await;
+    node.node_stage_volume(proto::NodeStageVolumeRequest {
+        volume_id: id.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(capability.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    std::fs::write(Path::new(&staging).join("hello"), b"x").unwrap();
+    let target = driver.target("pod");
+    let mut request = publish_request(&id, &target, false);
+    request.volume_capability = Some(capability);
+    request.staging_target_path = staging.clone();
+    node.node_publish_volume(request)
+        .await
+        .expect("publish of a staged shared volume");
+    assert!(Path::new(&target).join("hello").exists());
+    unpublish(&driver, &id, &target).await.unwrap();
+    unstage(&driver, &id, &staging).await.unwrap();
 }

@@ -681,7 +681,12 @@ impl Backend for LoopBackend {
         Ok(())
     }
 
-    fn shows_staged(&self, id: &VolumeId, state: &PathState) -> Result<bool, BackendError> {
+    fn shows_staged(
+        &self,
+        id: &VolumeId,
+        _staging: &ConfinedPath,
+        state: &PathState,
+    ) -> Result<bool, BackendError> {
         // A staged filesystem volume is its loop device's filesystem mounted at the staging
         // path; block volumes mount nothing there.
         let Some((image, Kind::Filesystem(_))) = self.find(id) else {

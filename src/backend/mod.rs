@@ -381,11 +381,16 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
-    /// Whether the mount found at a staging path (`state`, its root's device and inode) is
-    /// this volume's staged mount. Backends that stage mounts answer from the volume's own
-    /// device or directory, so a mount of anything else (another volume, a kubelet tmpfs) is
-    /// never mistaken for this volume's.
-    fn shows_staged(&self, _id: &VolumeId, _state: &PathState) -> Result<bool, BackendError> {
+    /// Whether the mount found at `staging` (`state`, its root's device and inode) is this
+    /// volume's staged mount. Backends that stage mounts answer from the volume's own device or
+    /// directory, so a mount of anything else (another volume, a kubelet tmpfs) is never
+    /// mistaken for this volume's.
+    fn shows_staged(
+        &self,
+        _id: &VolumeId,
+        _staging: &ConfinedPath,
+        _state: &PathState,
+    ) -> Result<bool, BackendError> {
         Ok(false)
     }
 

@@ -101,10 +101,10 @@ impl Engine {
         state: &PathState,
     ) -> Result<bool> {
         let backend = self.backend_of(id)?;
-        let (i, state) = (id.clone(), *state);
+        let (i, s, state) = (id.clone(), staging.clone(), *state);
         Ok(self
             .bounded("stat", staging.absolute(), move || {
-                backend.shows_staged(&i, &state)
+                backend.shows_staged(&i, &s, &state)
             })
             .await???)
     }
@@ -220,25 +220,37 @@ impl Engine {
             },
             staging: true,
         };
-        if let Some(existing) = publications.get(&wanted.path)
-            && existing != &wanted
-        {
-            return Err(Error::PublishedDifferently(format!(
-                "volume {id} is already staged at {staging} with a different capability \
-                 (mode={}, flags={:?})",
-                existing.access_mode, existing.mount_flags
-            )));
-        }
-        if backend.stages_mounts() && !publications.contains_key(&wanted.path) {
-            // A mount already there is this volume's only if it shows the volume (a stage that
-            // crashed before its record was written); anything else (another volume, a
-            // kubelet tmpfs) must not be taken for it.
-            if let Some(state) = self.inspect_bounded(&staging).await??.ok().flatten()
-                && state.is_mount_point
-                && !self.shows_staged_async(&id, &staging, &state).await?
+        if backend.stages_mounts() {
+            // A mount already there is this volume's only if it shows the volume (a repeated
+            // stage, or one that crashed before its record was written); anything else
+            // (another volume, a kubelet tmpfs) must not be taken for it.
+            let mounted = match self.inspect_bounded(&staging).await??.ok().flatten() {
+                Some(state) if state.is_mount_point => {
+                    if !self.shows_staged_async(&id, &staging, &state).await? {
+                        return Err(Error::Precondition(format!(
+                            "something other than volume {id} is mounted at {staging}"
+                        )));
+                    }
+                    true
+                }
+                _ => false,
+            };
+            // Staged now (its mount, or a raw block volume's device) with another capability
+            // is a conflict. A record left from before a reboot, with nothing staged any more,
+            // is not: the volume is staged again as asked (the PV's mount options may have
+            // been edited meanwhile) and the record rewritten.
+            let staged_now = mounted
+                || backend
+                    .publish_source(&id, Some(&staging), false)
+                    .is_ok_and(|source| matches!(source, PublishSource::Device(_)));
+            if let Some(existing) = publications.get(&wanted.path)
+                && existing != &wanted
+                && staged_now
             {
-                return Err(Error::Precondition(format!(
-                    "something other than volume {id} is mounted at {staging}"
+                return Err(Error::PublishedDifferently(format!(
+                    "volume {id} is already staged at {staging} with a different capability \
+                     (mode={}, flags={:?})",
+                    existing.access_mode, existing.mount_flags
                 )));
             }
         }

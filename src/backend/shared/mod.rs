@@ -803,10 +803,27 @@ impl Backend for SharedBackend {
         Ok(())
     }
 
-    fn shows_staged(&self, id: &VolumeId, state: &PathState) -> Result<bool, BackendError> {
-        // The staged mount is a bind of the volume's directory on the share: same device and
-        // inode as the directory its marker names.
+    fn shows_staged(
+        &self,
+        id: &VolumeId,
+        staging: &ConfinedPath,
+        state: &PathState,
+    ) -> Result<bool, BackendError> {
+        // The staged mount is a bind of the volume's directory on the share: the same inode, on
+        // a filesystem of the same type, as the directory its marker names. Not the same
+        // device number: a FUSE share, or NFS with `nosharecache` or other options than the
+        // node's, is a new superblock (a new device) each time it is mounted.
         let share = share_of(id)?;
+        let io = |path: &Path, e: rustix::io::Errno| {
+            BackendError::io(
+                "stat",
+                path,
+                std::io::Error::from_raw_os_error(e.raw_os_error()),
+            )
+        };
+        let staged_type = rustix::fs::statfs(staging.absolute())
+            .map_err(|e| io(&staging.absolute(), e))?
+            .f_type;
         self.with_share_ref(&share, false, |root, markers, at| {
             let Some(markers) = markers else {
                 return Ok(false);
@@ -814,14 +831,9 @@ impl Backend for SharedBackend {
             let Some((_, Some(dir))) = Self::open_volume(root, markers, id, at)? else {
                 return Ok(false);
             };
-            let stat = rustix::fs::fstat(&dir).map_err(|e| {
-                BackendError::io(
-                    "stat",
-                    at,
-                    std::io::Error::from_raw_os_error(e.raw_os_error()),
-                )
-            })?;
-            Ok(stat.st_dev == state.dev && stat.st_ino == state.ino)
+            let stat = rustix::fs::fstat(&dir).map_err(|e| io(at, e))?;
+            let fs_type = rustix::fs::fstatfs(&dir).map_err(|e| io(at, e))?.f_type;
+            Ok(stat.st_ino == state.ino && fs_type == staged_type)
         })
     }
 
