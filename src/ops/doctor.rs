@@ -632,35 +632,48 @@ fn check_consistency(report: &mut Report, store: &StateDump, dirs: &NodeDirs) {
 }
 
 /// A scratch directory for probe images, removed on drop.
+///
+/// Doctor runs as root, so the directory must not be one another user can predict or prepare:
+/// it gets a random name and mode 0700, and creating it fails if the name exists. Files and mount
+/// points inside it are created exclusively, never following a symlink, so that nothing planted
+/// there can redirect `set_len`, `mkfs`, `losetup` or `mount` onto another file.
 struct Scratch {
-    dir: PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl Scratch {
     fn new() -> std::io::Result<Scratch> {
-        let dir = std::env::temp_dir().join(format!("k8scsi-doctor-{}", std::process::id()));
-        std::fs::create_dir_all(&dir)?;
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("k8scsi-doctor-")
+            .permissions(std::fs::Permissions::from_mode(0o700))
+            .tempdir()?;
         Ok(Scratch { dir })
     }
 
-    /// A sparse image file of `bytes`.
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A new sparse image file of `bytes` (fails if `name` exists, even as a symlink).
     fn image(&self, name: &str, bytes: u64) -> std::io::Result<PathBuf> {
-        let path = self.dir.join(name);
-        let file = std::fs::File::create(&path)?;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.path().join(name);
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .mode(0o600)
+            .open(&path)?;
         file.set_len(bytes)?;
         Ok(path)
     }
 
+    /// A new, empty directory to mount on (fails if `name` exists, even as a symlink).
     fn mount_point(&self, name: &str) -> std::io::Result<PathBuf> {
-        let path = self.dir.join(name);
-        std::fs::create_dir_all(&path)?;
+        let path = self.path().join(name);
+        std::fs::create_dir(&path)?;
         Ok(path)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -983,5 +996,81 @@ fn probe_ext4_quota(report: &mut Report, scratch: &Scratch) {
             "formatted with quota,project and mounted with -o prjquota",
         ),
         Err(e) => report.missing(Feature::ProjectQuota, "ext4 project quota", e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    #[test]
+    fn scratch_is_private_random_and_new() {
+        let a = Scratch::new().unwrap();
+        let b = Scratch::new().unwrap();
+        assert_ne!(a.path(), b.path());
+        let name = a.path().file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.starts_with("k8scsi-doctor-"), "{name}");
+        assert_ne!(name, format!("k8scsi-doctor-{}", std::process::id()));
+        let meta = std::fs::symlink_metadata(a.path()).unwrap();
+        assert!(meta.is_dir());
+        assert_eq!(meta.permissions().mode() & 0o7777, 0o700);
+        assert_eq!(meta.uid(), rustix::process::geteuid().as_raw());
+
+        let path = a.path().to_path_buf();
+        drop(a);
+        assert!(!path.exists(), "removed on drop");
+    }
+
+    /// Symlinks planted at the names doctor uses are refused, and their targets untouched.
+    #[test]
+    fn scratch_never_follows_a_planted_symlink() {
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let victim_dir = outside.path().join("victim-dir");
+        std::fs::create_dir(&victim_dir).unwrap();
+
+        let scratch = Scratch::new().unwrap();
+        std::os::unix::fs::symlink(&victim, scratch.path().join("loop.img")).unwrap();
+        std::os::unix::fs::symlink(&victim_dir, scratch.path().join("ext4")).unwrap();
+        assert!(scratch.image("loop.img", 16 << 20).is_err());
+        assert!(scratch.mount_point("ext4").is_err());
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+
+        // An existing regular file is not reused (nor truncated) either.
+        std::fs::write(scratch.path().join("xfs.img"), b"x").unwrap();
+        assert!(scratch.image("xfs.img", 1 << 20).is_err());
+        assert_eq!(std::fs::read(scratch.path().join("xfs.img")).unwrap(), b"x");
+
+        // What doctor itself asks for works.
+        let img = scratch.image("btrfs.img", 1 << 20).unwrap();
+        assert_eq!(std::fs::metadata(&img).unwrap().len(), 1 << 20);
+        assert!(scratch.mount_point("btrfs").unwrap().is_dir());
+
+        drop(scratch);
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(victim_dir.is_dir());
+    }
+
+    /// The attack that worked against the old `/tmp/k8scsi-doctor-<pid>`: another user prepares
+    /// that directory with a symlink at `loop.img`; doctor must not write through it.
+    #[test]
+    fn scratch_ignores_a_prepared_predictable_directory() {
+        let outside = tempfile::tempdir().unwrap();
+        let victim = outside.path().join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let predictable =
+            std::env::temp_dir().join(format!("k8scsi-doctor-{}", std::process::id()));
+        std::fs::create_dir_all(&predictable).unwrap();
+        let planted = predictable.join("loop.img");
+        let _ = std::fs::remove_file(&planted);
+        std::os::unix::fs::symlink(&victim, &planted).unwrap();
+
+        let result = Scratch::new().and_then(|s| s.image("loop.img", 16 << 20).map(|_| s));
+        let _ = std::fs::remove_dir_all(&predictable);
+        let scratch = result.unwrap();
+        assert_ne!(scratch.path(), predictable);
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
     }
 }

@@ -533,7 +533,8 @@ impl SharedBackend {
     /// same name was archived within the same second (a re-created volume deleted again), which
     /// a plain rename would fail on (`ENOTEMPTY`) or, for an empty directory, silently replace.
     /// Checked with a lookup rather than `RENAME_NOREPLACE`, which NFS does not support; only
-    /// the caller, holding the volume's key, archives this volume's directories.
+    /// the caller, holding the volume's key, archives this volume's directories. A leaf too
+    /// long for that to fit in a file name (see [`archive_leaf`]) is shortened.
     fn archive_name(
         parent: BorrowedFd<'_>,
         leaf: &str,
@@ -542,9 +543,10 @@ impl SharedBackend {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
-            .unwrap_or_default();
-        let base = format!("archived-{leaf}-{now}");
-        for n in 0..10_000u32 {
+            .unwrap_or_default()
+            .to_string();
+        let base = format!("archived-{}-{now}", archive_leaf(leaf, &now));
+        for n in 0..ARCHIVE_COPIES {
             let candidate = if n == 0 {
                 base.clone()
             } else {
@@ -561,6 +563,35 @@ impl SharedBackend {
             shown.display()
         )))
     }
+}
+
+/// How many copies [`SharedBackend::archive_name`] numbers within one second (`.1` to `.9999`).
+const ARCHIVE_COPIES: u32 = 10_000;
+
+/// `leaf` as it appears in `archived-<leaf>-<now>[.<n>]`: unchanged when that name fits in
+/// `NAME_MAX` (255 bytes) whatever the copy number, which is every leaf of up to 230 bytes;
+/// otherwise its first bytes (at a character boundary), `~` and the first 8 hex digits of its
+/// SHA-256, so that the name fits and two long leaves with the same beginning do not share
+/// archive names. A volume's leaf may be 255 bytes (`subDir: ${pvc.metadata.name}` with a PVC
+/// name of up to 253), and the rename to a longer name failed with `ENAMETOOLONG` on every retry
+/// of DeleteVolume. `~` cannot occur in a leaf, so a shortened name is never one of a whole leaf.
+fn archive_leaf<'a>(leaf: &'a str, now: &str) -> std::borrow::Cow<'a, str> {
+    use sha2::{Digest, Sha256};
+    const NAME_MAX: usize = 255;
+    let suffix = (ARCHIVE_COPIES - 1).to_string().len() + 1; // ".9999"
+    let fixed = "archived-".len() + 1 + now.len() + suffix;
+    if fixed + leaf.len() <= NAME_MAX {
+        return std::borrow::Cow::Borrowed(leaf);
+    }
+    let hash: String = Sha256::digest(leaf.as_bytes())[..4]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let mut keep = NAME_MAX.saturating_sub(fixed + 1 + hash.len());
+    while !leaf.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}~{hash}", &leaf[..keep]))
 }
 
 impl Backend for SharedBackend {

@@ -525,7 +525,8 @@ pub enum OnDelete {
     Delete,
     /// Leave the directory as it is.
     Retain,
-    /// Rename it to `archived-<name>-<unix time>` next to where it was.
+    /// Rename it to `archived-<name>-<unix time>` next to where it was (a `<name>` too long for
+    /// that to fit in 255 bytes is shortened: `SharedBackend::archive_name`).
     Archive,
 }
 

@@ -227,6 +227,69 @@ fn archiving_a_recreated_volume_again_keeps_every_copy() {
 }
 
 #[test]
+fn archiving_a_volume_with_a_long_leaf_keeps_the_name_within_name_max() {
+    if !root_or_skip() {
+        return;
+    }
+    // A 240-byte leaf (`subDir: ${pvc.metadata.name}`, PVC names may have 253 characters)
+    // made `archived-<leaf>-<unix time>` 260 bytes: DeleteVolume failed with "File name too
+    // long" on every retry.
+    let s = setup();
+    let tpl = [("subDir", "${pvc.metadata.name}"), ("onDelete", "archive")];
+    let pvc_a = format!("{}a", "p".repeat(239));
+    let pvc_b = format!("{}b", "p".repeat(239));
+    for (name, pvc) in [("pv-long-a", &pvc_a), ("pv-long-b", &pvc_b)] {
+        let id = create(&s, name, &tpl, pvc).unwrap();
+        std::fs::write(s.share.join(pvc).join("f"), name).unwrap();
+        s.backend.delete(&id).unwrap();
+        s.backend.delete(&id).unwrap(); // idempotent
+        assert!(!s.share.join(pvc).exists());
+        assert!(!s.backend.exists(&id).unwrap());
+    }
+    let archived = root_entries(&s, "archived-");
+    assert_eq!(archived.len(), 2, "{archived:?}");
+    let mut contents = Vec::new();
+    for n in &archived {
+        assert!(n.len() <= 255, "{} bytes: {n}", n.len());
+        assert!(
+            n.starts_with(&format!("archived-{}", "p".repeat(200))),
+            "{n}"
+        );
+        contents.push(std::fs::read_to_string(s.share.join(n).join("f")).unwrap());
+    }
+    contents.sort();
+    assert_eq!(contents, ["pv-long-a", "pv-long-b"]);
+}
+
+#[test]
+fn archive_leaf_shortens_only_what_does_not_fit() {
+    let now = "1796000000";
+    for len in [1, 100, 230] {
+        let leaf = "x".repeat(len);
+        assert_eq!(archive_leaf(&leaf, now), leaf.as_str());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for len in 231..=255 {
+        for last in ['a', 'b'] {
+            let leaf = format!("{}{last}", "x".repeat(len - 1));
+            let short = archive_leaf(&leaf, now);
+            let name = format!("archived-{short}-{now}.9999");
+            assert!(name.len() <= 255, "{len}: {} bytes", name.len());
+            assert!(
+                short.starts_with(&"x".repeat(200)) && short.contains('~'),
+                "{short}"
+            );
+            assert!(seen.insert(short.into_owned()), "{len} {last}: collides");
+        }
+    }
+    // Cut at a character boundary, never inside one.
+    let leaf = "é".repeat(127);
+    let short = archive_leaf(&leaf, now);
+    assert!(format!("archived-{short}-{now}.9999").len() <= 255);
+    assert!(short.starts_with("éé"));
+}
+
+#[test]
 fn discarding_an_unrecorded_restore_ignores_the_retention_policy() {
     if !root_or_skip() {
         return;
