@@ -434,12 +434,11 @@ fn copy_dir(
                 attributes.push(st);
             }
             FileType::RegularFile => {
-                let s = rustix::fs::openat(
-                    src,
-                    name,
-                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )?;
+                let Some(s) = open_regular(src, name, &st)? else {
+                    tracing::warn!(name = ?name, "not copying a file replaced while copying");
+                    stats.skipped += 1;
+                    continue;
+                };
                 let d = rustix::fs::openat(
                     dst,
                     name,
@@ -501,6 +500,33 @@ fn copy_dir(
             }
         }
     }
+}
+
+/// Opens `name` in `dir` for reading if it is still the regular file `st` describes. Opened
+/// without blocking (a FIFO swapped in after the stat would block a plain open for ever) and
+/// without following a symlink; `None` if it was replaced or removed meanwhile.
+fn open_regular(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    st: &rustix::fs::Stat,
+) -> io::Result<Option<OwnedFd>> {
+    let fd = match rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT | Errno::LOOP | Errno::NXIO) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let opened = rustix::fs::fstat(&fd)?;
+    if FileType::from_raw_mode(opened.st_mode) != FileType::RegularFile
+        || (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino)
+    {
+        return Ok(None);
+    }
+    Ok(Some(fd))
 }
 
 /// Copies the data extents of `src` into `dst` (holes stay holes) and sets the length.
@@ -754,6 +780,99 @@ mod tests {
         assert!(std::fs::read_dir(root.path()).unwrap().next().is_none());
         let fds_after = std::fs::read_dir("/proc/self/fd").unwrap().count();
         assert!(fds_after <= fds_before + 2, "{fds_before} -> {fds_after}");
+    }
+
+    #[test]
+    fn a_fifo_swapped_in_for_a_file_is_not_opened_blockingly() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("file"), b"data").unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.path().join("fifo").as_path(),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let dir = open(root.path());
+        let st = rustix::fs::statat(&dir, "file", AtFlags::SYMLINK_NOFOLLOW).unwrap();
+        // What copy_tree sees when a tenant swaps the two names between its stat and its open.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = root.path().to_path_buf();
+        std::thread::spawn(move || {
+            let dir = open(&path);
+            let r = open_regular(dir.as_fd(), c"fifo", &st).map(|fd| fd.is_some());
+            tx.send(r.map_err(|e| e.to_string())).unwrap();
+        });
+        let r = rx.recv_timeout(std::time::Duration::from_secs(5));
+        if r.is_err() {
+            // Unblock the stuck opener before failing.
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .open(root.path().join("fifo"));
+        }
+        assert_eq!(r.expect("the open must not block"), Ok(false));
+        assert!(open_regular(dir.as_fd(), c"file", &st).unwrap().is_some());
+        assert!(open_regular(dir.as_fd(), c"gone", &st).unwrap().is_none());
+    }
+
+    #[test]
+    fn copy_tree_survives_a_file_and_fifo_swapped_in_a_loop() {
+        let root = tempfile::tempdir().unwrap();
+        let src = root.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("a"), b"data").unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            src.join("b").as_path(),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (stop, src) = (stop.clone(), open(&src));
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = rustix::fs::renameat_with(
+                        &src,
+                        "a",
+                        &src,
+                        "b",
+                        rustix::fs::RenameFlags::EXCHANGE,
+                    );
+                }
+            })
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let base = root.path().to_path_buf();
+        std::thread::spawn(move || {
+            for i in 0..300 {
+                let dst = base.join(format!("dst{i}"));
+                std::fs::create_dir(&dst).unwrap();
+                let r = copy_tree(open(&base.join("src")).as_fd(), open(&dst).as_fd());
+                if let Err(e) = r {
+                    tx.send(Err(e.to_string())).unwrap();
+                    return;
+                }
+            }
+            tx.send(Ok(())).unwrap();
+        });
+        let r = rx.recv_timeout(std::time::Duration::from_secs(30));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swapper.join().unwrap();
+        if r.is_err() {
+            // Unblock a stuck copy before failing.
+            for name in ["a", "b"] {
+                let _ = rustix::fs::open(
+                    src.join(name).as_path(),
+                    OFlags::WRONLY | OFlags::NONBLOCK,
+                    Mode::empty(),
+                );
+            }
+        }
+        assert_eq!(r.expect("the copies must finish"), Ok(()));
     }
 
     #[test]
