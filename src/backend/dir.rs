@@ -7,8 +7,7 @@
 //! unenforced volumes is measured by walking the tree without crossing into other filesystems or
 //! following symlinks.
 
-use std::collections::HashSet;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -330,38 +329,7 @@ impl Backend for DirBackend {
                 used_inodes: count_inodes(&root)?,
             });
         }
-        let root_meta =
-            std::fs::symlink_metadata(&root).map_err(|e| BackendError::io("stat", &root, e))?;
-        let device = root_meta.dev();
-        let mut usage = Usage {
-            used_bytes: root_meta.blocks() * 512,
-            used_inodes: 1,
-        };
-        let mut seen_links: HashSet<u64> = HashSet::new();
-        let mut pending = vec![root];
-        while let Some(dir) = pending.pop() {
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(entries) => entries,
-                // Entries may vanish while a pod works in the volume; count what is there.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(BackendError::io("readdir", &dir, e)),
-            };
-            for entry in entries.flatten() {
-                let Ok(meta) = entry.metadata() else { continue };
-                if meta.dev() != device {
-                    continue; // another filesystem mounted inside: not ours to count
-                }
-                if meta.nlink() > 1 && !meta.is_dir() && !seen_links.insert(meta.ino()) {
-                    continue; // a hard link we already counted
-                }
-                usage.used_bytes += meta.blocks() * 512;
-                usage.used_inodes += 1;
-                if meta.is_dir() {
-                    pending.push(entry.path());
-                }
-            }
-        }
-        Ok(usage)
+        measure(&root)
     }
 
     fn supports_snapshots(&self) -> bool {
@@ -595,27 +563,24 @@ fn set_volume_mode(path: &Path) -> Result<(), BackendError> {
 
 /// Counts inodes under `root` (itself included) on its own filesystem.
 fn count_inodes(root: &Path) -> Result<u64, BackendError> {
-    let device = std::fs::symlink_metadata(root)
-        .map_err(|e| BackendError::io("stat", root, e))?
-        .dev();
-    let mut count = 1;
-    let mut pending = vec![root.to_path_buf()];
-    while let Some(dir) = pending.pop() {
-        let Ok(entries) = std::fs::read_dir(&dir) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let Ok(meta) = entry.metadata() else { continue };
-            if meta.dev() != device {
-                continue;
-            }
-            count += 1;
-            if meta.is_dir() {
-                pending.push(entry.path());
-            }
-        }
-    }
-    Ok(count)
+    Ok(measure(root)?.used_inodes)
+}
+
+/// Bytes and inodes used under `root` (itself included) on its own filesystem, hard links
+/// counted once. The walk goes through directory descriptors and never follows a symlink, so a
+/// pod swapping a directory for a symlink while it runs cannot make it count anything outside.
+fn measure(root: &Path) -> Result<Usage, BackendError> {
+    let dir = rustix::fs::open(
+        root,
+        rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(|e| BackendError::io("open", root, e.into()))?;
+    super::shared::tree::usage(std::os::fd::AsFd::as_fd(&dir))
+        .map_err(|e| BackendError::io("measure", root, e))
 }
 
 #[cfg(test)]
@@ -664,5 +629,46 @@ mod tests {
         std::os::unix::fs::symlink("/etc", backend.volume_path(&id)).unwrap();
         assert!(backend.create(&id, &UNENFORCED).is_err());
         assert!(!backend.exists(&id).unwrap());
+    }
+
+    #[test]
+    fn usage_does_not_follow_a_directory_swapped_for_a_symlink() {
+        let data = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        for i in 0..1000 {
+            std::fs::write(outside.path().join(i.to_string()), b"").unwrap();
+        }
+        let backend = DirBackend::new(data.path()).unwrap();
+        let id = VolumeId::for_name(backend.name(), "pvc-3");
+        backend.create(&id, &UNENFORCED).unwrap();
+        let path = backend.volume_path(&id);
+        std::fs::create_dir(path.join("sub")).unwrap();
+        std::fs::write(path.join("sub/x"), b"").unwrap();
+        std::os::unix::fs::symlink(outside.path(), path.join("link")).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (stop, path) = (stop.clone(), path.clone());
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = rustix::fs::renameat_with(
+                        rustix::fs::CWD,
+                        path.join("sub").as_path(),
+                        rustix::fs::CWD,
+                        path.join("link").as_path(),
+                        rustix::fs::RenameFlags::EXCHANGE,
+                    );
+                }
+            })
+        };
+        let mut worst = 0;
+        for _ in 0..2000 {
+            if let Ok(usage) = backend.usage(&id) {
+                worst = worst.max(usage.used_inodes);
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swapper.join().unwrap();
+        // Root, the directory (at most twice, seen under both names), its file, the symlink.
+        assert!(worst <= 6, "counted {worst} inodes: followed the symlink");
     }
 }

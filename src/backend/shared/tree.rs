@@ -87,18 +87,168 @@ fn name_str(name: &CStr) -> Option<&str> {
     }
 }
 
-/// Names in a directory (except `.` and `..`), as raw C strings.
-fn entries(dir: BorrowedFd<'_>) -> io::Result<Vec<CString>> {
-    let mut out = Vec::new();
-    for entry in rustix::fs::Dir::read_from(dir)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        if matches!(name.to_bytes(), b"." | b"..") {
-            continue;
-        }
-        out.push(name.to_owned());
+/// How many directory descriptors one walk keeps open at most. Deeper levels are closed and
+/// re-opened through `..` (checked by device and inode) when the walk comes back up to them.
+const MAX_OPEN_DIRS: usize = 64;
+
+/// One directory level of a [`Walker`].
+struct Frame {
+    /// Its name in the parent directory (empty for the root of the walk).
+    name: CString,
+    dev: u64,
+    ino: u64,
+    /// The open stream, or `None` while the level is closed to bound the open descriptors.
+    dir: Option<rustix::fs::Dir>,
+    /// Position after the last entry read, to resume a closed level.
+    pos: i64,
+    /// Whether anything was found since the stream was last (re)started (for removal).
+    found: bool,
+}
+
+/// A depth-first walk of a directory tree without recursion: the levels are kept on the heap
+/// and at most [`MAX_OPEN_DIRS`] of them hold a descriptor, so neither the stack nor the
+/// descriptor table limits the depth. Entries are read as a stream, never collected.
+struct Walker {
+    frames: Vec<Frame>,
+    open: usize,
+}
+
+impl Walker {
+    /// Starts at (a duplicate of) `dir`.
+    fn new(dir: BorrowedFd<'_>) -> io::Result<Walker> {
+        let fd = rustix::fs::openat(dir, c".", dir_flags(), Mode::empty())?;
+        let st = rustix::fs::fstat(&fd)?;
+        Ok(Walker {
+            frames: vec![Frame {
+                name: CString::default(),
+                dev: st.st_dev,
+                ino: st.st_ino,
+                dir: Some(rustix::fs::Dir::new(fd)?),
+                pos: 0,
+                found: false,
+            }],
+            open: 1,
+        })
     }
-    Ok(out)
+
+    fn depth(&self) -> usize {
+        self.frames.len() - 1
+    }
+
+    fn top(&mut self) -> &mut Frame {
+        self.frames.last_mut().expect("a walk always has its root")
+    }
+
+    /// The directory the walk is in (always open).
+    fn fd(&self) -> BorrowedFd<'_> {
+        let frame = self.frames.last().expect("a walk always has its root");
+        frame
+            .dir
+            .as_ref()
+            .expect("the current level is open")
+            .fd()
+            .expect("linux Dir has a descriptor")
+    }
+
+    /// The next name in the current directory (except `.` and `..`), `None` at its end.
+    fn next_name(&mut self) -> io::Result<Option<CString>> {
+        let frame = self.top();
+        let dir = frame.dir.as_mut().expect("the current level is open");
+        loop {
+            match dir.read() {
+                None => return Ok(None),
+                Some(Err(e)) => return Err(e.into()),
+                Some(Ok(entry)) => {
+                    frame.pos = entry.offset();
+                    let name = entry.file_name();
+                    if matches!(name.to_bytes(), b"." | b"..") {
+                        continue;
+                    }
+                    frame.found = true;
+                    return Ok(Some(name.to_owned()));
+                }
+            }
+        }
+    }
+
+    /// Starts the current directory over (for removal: to see what was missed or added).
+    fn restart(&mut self) {
+        let frame = self.top();
+        frame.found = false;
+        frame.pos = 0;
+        if let Some(dir) = frame.dir.as_mut() {
+            dir.rewind();
+        }
+    }
+
+    /// Enters the directory `name` of the current one, which must be on `dev` (the walk's
+    /// filesystem). Symlinks are never followed.
+    fn descend(&mut self, name: &CStr, dev: u64) -> io::Result<()> {
+        let fd = rustix::fs::openat(self.fd(), name, dir_flags(), Mode::empty())?;
+        let st = rustix::fs::fstat(&fd)?;
+        if st.st_dev != dev {
+            return Err(io::Error::other(format!(
+                "{name:?} is a different filesystem mounted inside the volume"
+            )));
+        }
+        self.frames.push(Frame {
+            name: name.to_owned(),
+            dev: st.st_dev,
+            ino: st.st_ino,
+            dir: Some(rustix::fs::Dir::new(fd)?),
+            pos: 0,
+            found: false,
+        });
+        self.open += 1;
+        if self.open > MAX_OPEN_DIRS {
+            // Close the shallowest open level except the root; it is re-opened on the way up.
+            if let Some(frame) = self.frames[1..].iter_mut().find(|f| f.dir.is_some()) {
+                frame.dir = None;
+                self.open -= 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Leaves the current directory for its parent, which is re-opened through `..` if it was
+    /// closed (and must still be the same directory). Returns the level left, still open, so
+    /// the caller can finish with it (set attributes, remove it by name).
+    fn ascend(&mut self) -> io::Result<Frame> {
+        let child = self.frames.pop().expect("not above the root");
+        self.open -= 1;
+        let parent = self.frames.last_mut().expect("not above the root");
+        if parent.dir.is_none() {
+            let child_fd = child
+                .dir
+                .as_ref()
+                .expect("the current level is open")
+                .fd()?;
+            let fd = rustix::fs::openat(child_fd, c"..", dir_flags(), Mode::empty())?;
+            let st = rustix::fs::fstat(&fd)?;
+            if (st.st_dev, st.st_ino) != (parent.dev, parent.ino) {
+                return Err(io::Error::other(
+                    "a directory was moved while the tree was being walked",
+                ));
+            }
+            let mut dir = rustix::fs::Dir::new(fd)?;
+            if parent.pos != 0 {
+                dir.seek(parent.pos)?;
+            }
+            parent.dir = Some(dir);
+            self.open += 1;
+        }
+        Ok(child)
+    }
+}
+
+impl Frame {
+    fn fd(&self) -> BorrowedFd<'_> {
+        self.dir
+            .as_ref()
+            .expect("a level just left is open")
+            .fd()
+            .expect("linux Dir has a descriptor")
+    }
 }
 
 /// Removes `name` in `parent` and everything below it. Symlinks are removed, never followed;
@@ -118,58 +268,70 @@ pub fn remove_tree(parent: BorrowedFd<'_>, name: &str) -> io::Result<()> {
 }
 
 fn empty_dir(dir: BorrowedFd<'_>, dev: u64) -> io::Result<()> {
-    for name in entries(dir)? {
-        let st = rustix::fs::statat(dir, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)?;
+    let mut walk = Walker::new(dir)?;
+    loop {
+        let Some(name) = walk.next_name()? else {
+            if walk.top().found {
+                // Entries were removed while reading: read again until nothing is left.
+                walk.restart();
+                continue;
+            }
+            if walk.depth() == 0 {
+                return Ok(());
+            }
+            let done = walk.ascend()?;
+            drop(done.dir);
+            rustix::fs::unlinkat(walk.fd(), done.name.as_c_str(), AtFlags::REMOVEDIR)?;
+            continue;
+        };
+        let st = rustix::fs::statat(walk.fd(), name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)?;
         if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
             if st.st_dev != dev {
                 return Err(io::Error::other(format!(
                     "{name:?} is a different filesystem mounted inside the volume; not removing it"
                 )));
             }
-            let child = rustix::fs::openat(dir, name.as_c_str(), dir_flags(), Mode::empty())?;
-            empty_dir(child.as_fd(), dev)?;
-            rustix::fs::unlinkat(dir, name.as_c_str(), AtFlags::REMOVEDIR)?;
+            walk.descend(name.as_c_str(), dev)?;
         } else {
-            rustix::fs::unlinkat(dir, name.as_c_str(), AtFlags::empty())?;
+            rustix::fs::unlinkat(walk.fd(), name.as_c_str(), AtFlags::empty())?;
         }
     }
-    Ok(())
 }
 
-/// Bytes allocated and inodes used below `dir` (counted once per inode, not crossing mounts).
+/// Bytes allocated and inodes used below `dir`, `dir` itself included (counted once per inode,
+/// not crossing mounts, never following symlinks).
 pub fn usage(dir: BorrowedFd<'_>) -> io::Result<Usage> {
     let st = rustix::fs::fstat(dir)?;
+    let dev = st.st_dev;
     let mut usage = Usage {
         used_bytes: st.st_blocks as u64 * 512,
         used_inodes: 1,
     };
     let mut seen = std::collections::HashSet::new();
-    walk(dir, st.st_dev, &mut usage, &mut seen)?;
-    Ok(usage)
-}
-
-fn walk(
-    dir: BorrowedFd<'_>,
-    dev: u64,
-    usage: &mut Usage,
-    seen: &mut std::collections::HashSet<u64>,
-) -> io::Result<()> {
-    for name in entries(dir)? {
-        let Ok(st) = rustix::fs::statat(dir, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) else {
+    let mut walk = Walker::new(dir)?;
+    loop {
+        let Some(name) = walk.next_name()? else {
+            if walk.depth() == 0 {
+                return Ok(usage);
+            }
+            walk.ascend()?;
+            continue;
+        };
+        let Ok(st) = rustix::fs::statat(walk.fd(), name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW)
+        else {
             continue; // removed meanwhile
         };
-        if st.st_dev != dev || (st.st_nlink > 1 && !seen.insert(st.st_ino)) {
+        let is_dir = FileType::from_raw_mode(st.st_mode) == FileType::Directory;
+        if st.st_dev != dev || (!is_dir && st.st_nlink > 1 && !seen.insert(st.st_ino)) {
             continue;
         }
         usage.used_bytes += st.st_blocks as u64 * 512;
         usage.used_inodes += 1;
-        if FileType::from_raw_mode(st.st_mode) == FileType::Directory
-            && let Ok(child) = rustix::fs::openat(dir, name.as_c_str(), dir_flags(), Mode::empty())
-        {
-            walk(child.as_fd(), dev, usage, seen)?;
+        if is_dir {
+            // Gone or replaced meanwhile: counted as what it was, not entered.
+            let _ = walk.descend(name.as_c_str(), dev);
         }
     }
-    Ok(())
 }
 
 /// What [`copy_tree`] did.
@@ -240,8 +402,25 @@ fn copy_dir(
     dev: u64,
     stats: &mut CopyStats,
 ) -> io::Result<()> {
-    for name in entries(src)? {
+    let dst_dev = rustix::fs::fstat(dst)?.st_dev;
+    let mut from = Walker::new(src)?;
+    let mut to = Walker::new(dst)?;
+    // The source attributes of the directories being copied, one per level below the root.
+    let mut attributes: Vec<rustix::fs::Stat> = Vec::new();
+    loop {
+        let Some(name) = from.next_name()? else {
+            if from.depth() == 0 {
+                return Ok(());
+            }
+            from.ascend()?;
+            let done = to.ascend()?;
+            let st = attributes.pop().expect("one per level");
+            set_attributes(done.fd(), &st)?;
+            stats.dirs += 1;
+            continue;
+        };
         let name = name.as_c_str();
+        let (src, dst) = (from.fd(), to.fd());
         let st = rustix::fs::statat(src, name, AtFlags::SYMLINK_NOFOLLOW)?;
         if st.st_dev != dev {
             stats.skipped += 1;
@@ -250,19 +429,16 @@ fn copy_dir(
         match FileType::from_raw_mode(st.st_mode) {
             FileType::Directory => {
                 rustix::fs::mkdirat(dst, name, Mode::from_raw_mode(0o700))?;
-                let s = rustix::fs::openat(src, name, dir_flags(), Mode::empty())?;
-                let d = rustix::fs::openat(dst, name, dir_flags(), Mode::empty())?;
-                copy_dir(s.as_fd(), d.as_fd(), dev, stats)?;
-                set_attributes(d.as_fd(), &st)?;
-                stats.dirs += 1;
+                from.descend(name, dev)?;
+                to.descend(name, dst_dev)?;
+                attributes.push(st);
             }
             FileType::RegularFile => {
-                let s = rustix::fs::openat(
-                    src,
-                    name,
-                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )?;
+                let Some(s) = open_regular(src, name, &st)? else {
+                    tracing::warn!(name = ?name, "not copying a file replaced while copying");
+                    stats.skipped += 1;
+                    continue;
+                };
                 let d = rustix::fs::openat(
                     dst,
                     name,
@@ -324,7 +500,33 @@ fn copy_dir(
             }
         }
     }
-    Ok(())
+}
+
+/// Opens `name` in `dir` for reading if it is still the regular file `st` describes. Opened
+/// without blocking (a FIFO swapped in after the stat would block a plain open for ever) and
+/// without following a symlink; `None` if it was replaced or removed meanwhile.
+fn open_regular(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    st: &rustix::fs::Stat,
+) -> io::Result<Option<OwnedFd>> {
+    let fd = match rustix::fs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    ) {
+        Ok(fd) => fd,
+        Err(Errno::NOENT | Errno::LOOP | Errno::NXIO) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let opened = rustix::fs::fstat(&fd)?;
+    if FileType::from_raw_mode(opened.st_mode) != FileType::RegularFile
+        || (opened.st_dev, opened.st_ino) != (st.st_dev, st.st_ino)
+    {
+        return Ok(None);
+    }
+    Ok(Some(fd))
 }
 
 /// Copies the data extents of `src` into `dst` (holes stay holes) and sets the length.
@@ -358,10 +560,13 @@ fn copy_data(src: BorrowedFd<'_>, dst: BorrowedFd<'_>, size: u64) -> io::Result<
 
 /// The names directly inside `dir` that are valid UTF-8 (for listing markers).
 pub fn names(dir: BorrowedFd<'_>) -> io::Result<Vec<String>> {
-    Ok(entries(dir)?
-        .iter()
-        .filter_map(|n| name_str(n.as_c_str()).map(str::to_string))
-        .collect())
+    let mut out = Vec::new();
+    for entry in rustix::fs::Dir::read_from(dir)? {
+        if let Some(name) = name_str(entry?.file_name()) {
+            out.push(name.to_string());
+        }
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -505,6 +710,169 @@ mod tests {
             .read_exact_at(&mut tail, 64 << 20)
             .unwrap();
         assert_eq!(tail, b"tail");
+    }
+
+    /// Nests `depth` directories named "d" below `root` by descriptor (no PATH_MAX), with a
+    /// file at the bottom; returns the bottom directory.
+    fn nest(root: &std::path::Path, depth: usize) -> OwnedFd {
+        let mut cur = open(root);
+        for _ in 0..depth {
+            rustix::fs::mkdirat(&cur, "d", Mode::from_raw_mode(0o755)).unwrap();
+            cur = rustix::fs::openat(&cur, "d", dir_flags(), Mode::empty()).unwrap();
+        }
+        let f = rustix::fs::openat(
+            &cur,
+            "bottom",
+            OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )
+        .unwrap();
+        rustix::io::write(&f, b"deep").unwrap();
+        cur
+    }
+
+    #[test]
+    fn deep_trees_are_measured_copied_and_removed() {
+        // Far deeper than a recursive walk survives on a 2 MiB thread, and than 1024 fds.
+        const DEPTH: usize = 10_000;
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("src")).unwrap();
+        std::fs::create_dir(root.path().join("dst")).unwrap();
+        drop(nest(&root.path().join("src"), DEPTH));
+        let (s, d) = (
+            open(&root.path().join("src")),
+            open(&root.path().join("dst")),
+        );
+        let fds_before = std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let (u, stats) = std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || {
+                let u = usage(s.as_fd()).unwrap();
+                let stats = copy_tree(s.as_fd(), d.as_fd()).unwrap();
+                (u, stats)
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(u.used_inodes, DEPTH as u64 + 2);
+        assert_eq!(stats.dirs, DEPTH as u64);
+        assert_eq!(stats.files, 1);
+        let copied = open(&root.path().join("dst"));
+        assert_eq!(usage(copied.as_fd()).unwrap().used_inodes, DEPTH as u64 + 2);
+        let bottom = (0..DEPTH).fold(copied, |fd, _| {
+            rustix::fs::openat(&fd, "d", dir_flags(), Mode::empty()).unwrap()
+        });
+        let f = rustix::fs::openat(&bottom, "bottom", OFlags::RDONLY, Mode::empty()).unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(rustix::io::read(&f, &mut buf).unwrap(), 4);
+        assert_eq!(&buf[..4], b"deep");
+        drop((bottom, f));
+        let top = open(root.path());
+        std::thread::Builder::new()
+            .stack_size(256 << 10)
+            .spawn(move || {
+                remove_tree(top.as_fd(), "src").unwrap();
+                remove_tree(top.as_fd(), "dst").unwrap();
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert!(std::fs::read_dir(root.path()).unwrap().next().is_none());
+        let fds_after = std::fs::read_dir("/proc/self/fd").unwrap().count();
+        assert!(fds_after <= fds_before + 2, "{fds_before} -> {fds_after}");
+    }
+
+    #[test]
+    fn a_fifo_swapped_in_for_a_file_is_not_opened_blockingly() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("file"), b"data").unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            root.path().join("fifo").as_path(),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let dir = open(root.path());
+        let st = rustix::fs::statat(&dir, "file", AtFlags::SYMLINK_NOFOLLOW).unwrap();
+        // What copy_tree sees when a tenant swaps the two names between its stat and its open.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = root.path().to_path_buf();
+        std::thread::spawn(move || {
+            let dir = open(&path);
+            let r = open_regular(dir.as_fd(), c"fifo", &st).map(|fd| fd.is_some());
+            tx.send(r.map_err(|e| e.to_string())).unwrap();
+        });
+        let r = rx.recv_timeout(std::time::Duration::from_secs(5));
+        if r.is_err() {
+            // Unblock the stuck opener before failing.
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .open(root.path().join("fifo"));
+        }
+        assert_eq!(r.expect("the open must not block"), Ok(false));
+        assert!(open_regular(dir.as_fd(), c"file", &st).unwrap().is_some());
+        assert!(open_regular(dir.as_fd(), c"gone", &st).unwrap().is_none());
+    }
+
+    #[test]
+    fn copy_tree_survives_a_file_and_fifo_swapped_in_a_loop() {
+        let root = tempfile::tempdir().unwrap();
+        let src = root.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("a"), b"data").unwrap();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            src.join("b").as_path(),
+            FileType::Fifo,
+            Mode::from_raw_mode(0o600),
+            0,
+        )
+        .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let swapper = {
+            let (stop, src) = (stop.clone(), open(&src));
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let _ = rustix::fs::renameat_with(
+                        &src,
+                        "a",
+                        &src,
+                        "b",
+                        rustix::fs::RenameFlags::EXCHANGE,
+                    );
+                }
+            })
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        let base = root.path().to_path_buf();
+        std::thread::spawn(move || {
+            for i in 0..300 {
+                let dst = base.join(format!("dst{i}"));
+                std::fs::create_dir(&dst).unwrap();
+                let r = copy_tree(open(&base.join("src")).as_fd(), open(&dst).as_fd());
+                if let Err(e) = r {
+                    tx.send(Err(e.to_string())).unwrap();
+                    return;
+                }
+            }
+            tx.send(Ok(())).unwrap();
+        });
+        let r = rx.recv_timeout(std::time::Duration::from_secs(30));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        swapper.join().unwrap();
+        if r.is_err() {
+            // Unblock a stuck copy before failing.
+            for name in ["a", "b"] {
+                let _ = rustix::fs::open(
+                    src.join(name).as_path(),
+                    OFlags::WRONLY | OFlags::NONBLOCK,
+                    Mode::empty(),
+                );
+            }
+        }
+        assert_eq!(r.expect("the copies must finish"), Ok(()));
     }
 
     #[test]
