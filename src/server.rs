@@ -167,16 +167,66 @@ fn claim_socket(path: &Path) -> Result<(), ServeError> {
     }
 }
 
-/// Builds the engine for a configuration (also used by tests and the bench).
+/// Device and inode of the file at `path` (not following a symlink), if any.
+fn socket_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Builds the engine for a configuration (also used by tests and the bench). The data
+/// directory's lock is held until the process exits.
 pub fn build_engine(config: &ServeConfig) -> Result<Arc<Engine>, ServeError> {
-    Ok(build_parts(config)?.0)
+    let (engine, _, lock) = build_parts(config)?;
+    std::mem::forget(lock);
+    Ok(engine)
+}
+
+/// Name of the lock file in the data directory.
+const DATA_DIR_LOCK: &str = ".k8scsi.lock";
+
+/// An exclusive `flock` on `<data-dir>/.k8scsi.lock`, held while the server runs: start-up
+/// recovery removes leftovers (partial copies, unrecorded snapshot storage, share mounts) in
+/// the data directory, which must never happen under another server still using it (one
+/// started with another `--state-dir`, or still draining its connections).
+struct DataDirLock {
+    _file: std::fs::File,
+}
+
+fn lock_data_dir(data_dir: &std::path::Path) -> Result<DataDirLock, ServeError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data_dir.join(DATA_DIR_LOCK);
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+        .open(&path)
+        .map_err(io_err(format!("opening {}", path.display())))?;
+    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => Ok(DataDirLock { _file: file }),
+        Err(rustix::io::Errno::WOULDBLOCK) => Err(ServeError::Config(format!(
+            "another k8scsi server is using the data directory {} (it holds {}); one data \
+             directory serves one server",
+            data_dir.display(),
+            path.display()
+        ))),
+        Err(e) => Err(ServeError::Config(format!(
+            "locking {}: {}",
+            path.display(),
+            std::io::Error::from(e)
+        ))),
+    }
 }
 
 /// The backends a server serves, in the engine's order.
 type Backends = Vec<Arc<dyn Backend>>;
 
 /// Builds the engine and returns it with its backends (which the usage sampler walks).
-fn build_parts(config: &ServeConfig) -> Result<(Arc<Engine>, Backends), ServeError> {
+fn build_parts(config: &ServeConfig) -> Result<(Arc<Engine>, Backends, DataDirLock), ServeError> {
     if config.node_id.is_empty() || config.node_id.len() > 256 {
         return Err(ServeError::Config(
             "--node-id must be 1-256 bytes".to_string(),
@@ -188,8 +238,16 @@ fn build_parts(config: &ServeConfig) -> Result<(Arc<Engine>, Backends), ServeErr
             "--topology-key must be a label key".to_string(),
         ));
     }
+    if config.share_timeout < std::time::Duration::from_millis(100) {
+        // It bounds every look at a volume and every unmount, not only shares: at zero each
+        // of them "times out" at once.
+        return Err(ServeError::Config(
+            "--share-timeout must be at least 100ms".to_string(),
+        ));
+    }
     let state_dir = prepare_dir(&config.state_dir, "state directory")?;
     let data_dir = prepare_dir(&config.data_dir, "data directory")?;
+    let lock = lock_data_dir(&data_dir)?;
     warn_about_durability(&state_dir, &data_dir);
     let kubelet_dir = prepare_dir(&config.kubelet_dir, "kubelet directory")?;
     let store = Store::open(&state_dir)?;
@@ -215,7 +273,7 @@ fn build_parts(config: &ServeConfig) -> Result<(Arc<Engine>, Backends), ServeErr
         backends.clone(),
         Arc::new(LinuxMounter),
     ));
-    Ok((engine, backends))
+    Ok((engine, backends, lock))
 }
 
 /// Logs what a power loss or a reboot could take from the data or state directory (see
@@ -336,7 +394,7 @@ pub async fn serve(
     config: ServeConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    let (engine, backends) = build_parts(&config)?;
+    let (engine, backends, _data_dir_lock) = build_parts(&config)?;
     let sampled = Arc::new(Sampled::default());
     {
         let engine = engine.clone();
@@ -407,11 +465,15 @@ pub async fn serve(
             claim_socket(path)?;
             let listener =
                 UnixListener::bind(path).map_err(io_err(format!("binding {}", path.display())))?;
+            let bound = socket_identity(path);
             let result = with_drain_deadline(shutdown, |shutdown| {
                 router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
             })
             .await;
-            let _ = std::fs::remove_file(path);
+            // Only our own socket: while we drained, a new server may have taken the path.
+            if bound.is_some() && socket_identity(path) == bound {
+                let _ = std::fs::remove_file(path);
+            }
             result?;
         }
         Endpoint::Tcp(addr) => {

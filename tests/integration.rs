@@ -779,7 +779,11 @@ async fn create_volume_checks_names() {
     // The trash of deleted plain directories exists where volumes are plain directories.
     names.retain(|n| n != "trash");
     names.sort();
-    assert_eq!(names, vec!["images", "shares", "snapshots", "volumes"]);
+    // `.k8scsi.lock` is the server's lock on its data directory.
+    assert_eq!(
+        names,
+        vec![".k8scsi.lock", "images", "shares", "snapshots", "volumes"]
+    );
     assert_eq!(volume_dirs(&d).len(), 3);
     for id in volume_dirs(&d) {
         assert!(id.starts_with("dir-") && id.len() == 36, "{id}");

@@ -671,3 +671,76 @@ async fn the_kind_of_a_loop_volume_is_compared_on_repeat_and_validate() {
         }
     }
 }
+
+/// A preallocated volume grows preallocated; when the data filesystem runs out of space
+/// half-way through that allocation, the growth fails and gives back what it took (it used to
+/// keep the image half-grown, the data filesystem full and the record at the old size).
+#[tokio::test]
+async fn a_preallocated_growth_that_runs_out_of_space_gives_the_space_back() {
+    skip_unless_ready!(skip_reason());
+    let driver =
+        Driver::start_on(|data| common::mount_image(data, 200, &["mkfs.ext4", "-q", "-m", "0"]));
+    let mut controller = driver.controller().await;
+    let mut params = loop_params();
+    params.insert("allocation".to_string(), "preallocate".to_string());
+    let volume = controller
+        .create_volume(proto::CreateVolumeRequest {
+            name: "prealloc".to_string(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: 16 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![block_capability()],
+            parameters: params.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let available = || {
+        rustix::fs::statvfs(driver.data_dir())
+            .map(|s| s.f_bavail * s.f_frsize)
+            .unwrap()
+    };
+    let before = available();
+    // As much as the filesystem says is free: the allocation's own metadata does not fit.
+    let grown = controller
+        .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: 16 * MIB + before as i64,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await;
+    assert!(
+        grown.is_err(),
+        "growth into every free byte succeeded: {grown:?}"
+    );
+    let images: Vec<_> = std::fs::read_dir(driver.data_dir().join("images"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .collect();
+    assert_eq!(images, vec![16 << 20], "the image kept a half-done growth");
+    assert!(
+        available() + (1 << 20) >= before,
+        "space not given back: {} of {before} bytes free",
+        available()
+    );
+    // A growth that fits still works.
+    controller
+        .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: 32 * MIB,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+}

@@ -696,7 +696,15 @@ pub fn grow_image(image: &Path, bytes: u64) -> Result<(), BackendError> {
     }
     let fully_allocated = len > 0 && meta.blocks().saturating_mul(512) >= len;
     if fully_allocated {
-        allocate(&file, image, len, bytes - len)?;
+        if let Err(e) = allocate(&file, image, len, bytes - len) {
+            // Allocation that ran out of space half-way keeps what it took (the whole data
+            // filesystem, at worst) while the volume keeps its old size: give it back.
+            if let Err(undo) = file.set_len(len).and_then(|()| file.sync_all()) {
+                tracing::warn!(image = %image.display(), error = %undo,
+                    "could not give back the space of a failed growth");
+            }
+            return Err(e);
+        }
     } else {
         file.set_len(bytes)
             .map_err(|e| BackendError::io("truncate", image, e))?;

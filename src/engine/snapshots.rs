@@ -558,10 +558,21 @@ impl Engine {
     pub fn recover_snapshots(&self) -> Result<()> {
         let records = self.store.all_snapshots()?;
         let recorded: BTreeSet<String> = records.iter().map(|s| s.id.clone()).collect();
+        // A store without a single record next to a data directory with snapshots is not the
+        // store those snapshots were made with (a lost or mistyped --state-dir, a state
+        // directory on tmpfs after a reboot): their storage is reported, never removed.
+        let fresh_store = records.is_empty() && self.store.all_volumes()?.is_empty();
         for backend in self.backends.values() {
             backend.recover_snapshots()?;
             for id in backend.list_snapshots()? {
-                if !recorded.contains(id.as_str()) {
+                if recorded.contains(id.as_str()) {
+                    continue;
+                }
+                if fresh_store {
+                    tracing::warn!(snapshot_id = %id,
+                        "snapshot storage without a record, and the state store is empty: is \
+                         --state-dir the store this data directory was used with? Keeping it");
+                } else {
                     tracing::warn!(snapshot_id = %id,
                         "removing snapshot storage without a record (interrupted CreateSnapshot)");
                     backend.delete_snapshot(&id)?;

@@ -1,0 +1,212 @@
+//! What a server may do to a data directory at start and at shutdown: a second server on the
+//! same data directory (with another state directory) is refused before its start-up recovery
+//! touches anything; a server whose state store is empty keeps snapshot storage it has no
+//! record of instead of deleting it as an interrupted snapshot; a server that drains at
+//! shutdown never removes a socket a newer server has put at its path; and a mount timeout
+//! that would make every call time out at once is refused.
+
+mod common;
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{Driver, create_request};
+use k8scsi::csi::proto;
+
+const MIB: i64 = 1 << 20;
+
+/// A dir volume with a file in it and a ready snapshot of it: the snapshot's storage directory.
+async fn volume_with_snapshot(driver: &Driver) -> std::path::PathBuf {
+    let mut controller = driver.controller().await;
+    let volume = common::create_ok(&mut controller, create_request("v", MIB))
+        .await
+        .volume_id;
+    std::fs::write(
+        driver.data_dir().join("volumes").join(&volume).join("f"),
+        b"data",
+    )
+    .unwrap();
+    let snapshot = controller
+        .create_snapshot(proto::CreateSnapshotRequest {
+            source_volume_id: volume,
+            name: "s".to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = controller
+            .list_snapshots(proto::ListSnapshotsRequest {
+                snapshot_id: snapshot.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let ready = listed
+            .entries
+            .iter()
+            .any(|e| e.snapshot.as_ref().is_some_and(|s| s.ready_to_use));
+        if ready {
+            break;
+        }
+        assert!(Instant::now() < deadline, "snapshot never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let storage = driver
+        .data_dir()
+        .join("snapshots")
+        .join(&snapshot.snapshot_id);
+    assert!(storage.exists(), "{} missing", storage.display());
+    storage
+}
+
+/// Runs `k8scsi serve` on `driver`'s data and kubelet directories with `state_dir` and
+/// `socket`, and returns its exit status and log once it exits (or kills it after 20 s).
+fn serve_beside(
+    driver: &Driver,
+    state_dir: &Path,
+    socket: &Path,
+    extra: &[&str],
+) -> (Option<std::process::ExitStatus>, String) {
+    let log = driver.dir.path().join("second.log");
+    let mut child = std::process::Command::new(common::BINARY)
+        .arg("serve")
+        .arg("--endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .args(["--node-id", "node-2", "--state-dir"])
+        .arg(state_dir)
+        .arg("--data-dir")
+        .arg(driver.data_dir())
+        .arg("--kubelet-dir")
+        .arg(driver.kubelet_dir())
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status, std::fs::read_to_string(&log).unwrap_or_default())
+}
+
+#[tokio::test]
+async fn a_second_server_on_the_same_data_directory_is_refused_before_it_touches_it() {
+    let driver = Driver::start();
+    let storage = volume_with_snapshot(&driver).await;
+    let other_state = driver.dir.path().join("other-state");
+    let (status, log) = serve_beside(
+        &driver,
+        &other_state,
+        &driver.dir.path().join("other.sock"),
+        &[],
+    );
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "the second server started: {log}"
+    );
+    assert!(
+        log.contains("another k8scsi server is using the data directory"),
+        "{log}"
+    );
+    assert!(
+        storage.join("f").exists(),
+        "the live server's snapshot was removed: {log}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_with_an_empty_state_store_keeps_snapshots_it_has_no_record_of() {
+    let mut driver = Driver::start();
+    let storage = volume_with_snapshot(&driver).await;
+    driver.stop();
+    // The same data directory with a lost (empty) state directory, e.g. one on tmpfs after a
+    // reboot, or a mistyped --state-dir.
+    let empty_state = driver.dir.path().join("empty-state");
+    let socket = driver.dir.path().join("other.sock");
+    let log = driver.dir.path().join("second.log");
+    let mut child = std::process::Command::new(common::BINARY)
+        .arg("serve")
+        .arg("--endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .args(["--node-id", "node-1", "--state-dir"])
+        .arg(&empty_state)
+        .arg("--data-dir")
+        .arg(driver.data_dir())
+        .arg("--kubelet-dir")
+        .arg(driver.kubelet_dir())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        assert!(Instant::now() < deadline, "the server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        storage.join("f").exists(),
+        "snapshot storage was deleted: {}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+}
+
+#[tokio::test]
+async fn a_draining_server_leaves_a_newer_servers_socket_alone() {
+    let mut driver = Driver::start();
+    // An open connection keeps the first server draining for its full deadline.
+    let held = std::os::unix::net::UnixStream::connect(driver.socket()).unwrap();
+    let pid = rustix::process::Pid::from_raw(driver.pid() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    // Once the first server stopped listening, a newer one (a restarted DaemonSet pod) takes
+    // the socket path: a socket of the test's own stands in for it.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while std::os::unix::net::UnixStream::connect(driver.socket()).is_ok() {
+        assert!(Instant::now() < deadline, "the first server kept listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::fs::remove_file(driver.socket()).unwrap();
+    let listener = std::os::unix::net::UnixListener::bind(driver.socket()).unwrap();
+    drop(held);
+    driver.stop();
+    assert!(
+        driver.socket().exists(),
+        "the draining server removed the newer server's socket"
+    );
+    drop(listener);
+}
+
+#[tokio::test]
+async fn a_mount_timeout_of_zero_is_refused() {
+    let driver = Driver::start();
+    let (status, log) = serve_beside(
+        &driver,
+        &driver.dir.path().join("other-state"),
+        &driver.dir.path().join("other.sock"),
+        &["--share-timeout", "0s"],
+    );
+    assert!(status.is_some_and(|s| !s.success()), "{log}");
+    assert!(log.contains("--share-timeout"), "{log}");
+}
