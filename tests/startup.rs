@@ -66,16 +66,15 @@ async fn volume_with_snapshot(driver: &Driver) -> std::path::PathBuf {
     storage
 }
 
-/// Runs `k8scsi serve` on `driver`'s data and kubelet directories with `state_dir` and
-/// `socket`, and returns its exit status and log once it exits (or kills it after 20 s).
-fn serve_beside(
+/// Starts `k8scsi serve` on `driver`'s data and kubelet directories with `state_dir` and
+/// `socket`, logging to `<test dir>/second.log`.
+fn spawn_beside(
     driver: &Driver,
     state_dir: &Path,
     socket: &Path,
     extra: &[&str],
-) -> (Option<std::process::ExitStatus>, String) {
-    let log = driver.dir.path().join("second.log");
-    let mut child = std::process::Command::new(common::BINARY)
+) -> std::process::Child {
+    std::process::Command::new(common::BINARY)
         .arg("serve")
         .arg("--endpoint")
         .arg(format!("unix://{}", socket.display()))
@@ -87,9 +86,23 @@ fn serve_beside(
         .arg(driver.kubelet_dir())
         .args(extra)
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(second_log(driver)).unwrap())
         .spawn()
-        .unwrap();
+        .unwrap()
+}
+
+fn second_log(driver: &Driver) -> std::path::PathBuf {
+    driver.dir.path().join("second.log")
+}
+
+/// [`spawn_beside`], then its exit status and log once it exits (or kills it after 20 s).
+fn serve_beside(
+    driver: &Driver,
+    state_dir: &Path,
+    socket: &Path,
+    extra: &[&str],
+) -> (Option<std::process::ExitStatus>, String) {
+    let mut child = spawn_beside(driver, state_dir, socket, extra);
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -102,7 +115,10 @@ fn serve_beside(
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    (status, std::fs::read_to_string(&log).unwrap_or_default())
+    (
+        status,
+        std::fs::read_to_string(second_log(driver)).unwrap_or_default(),
+    )
 }
 
 #[tokio::test]
@@ -139,21 +155,8 @@ async fn a_server_with_an_empty_state_store_keeps_snapshots_it_has_no_record_of(
     // reboot, or a mistyped --state-dir.
     let empty_state = driver.dir.path().join("empty-state");
     let socket = driver.dir.path().join("other.sock");
-    let log = driver.dir.path().join("second.log");
-    let mut child = std::process::Command::new(common::BINARY)
-        .arg("serve")
-        .arg("--endpoint")
-        .arg(format!("unix://{}", socket.display()))
-        .args(["--node-id", "node-1", "--state-dir"])
-        .arg(&empty_state)
-        .arg("--data-dir")
-        .arg(driver.data_dir())
-        .arg("--kubelet-dir")
-        .arg(driver.kubelet_dir())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let log = second_log(&driver);
+    let mut child = spawn_beside(&driver, &empty_state, &socket, &[]);
     let deadline = Instant::now() + Duration::from_secs(20);
     while std::os::unix::net::UnixStream::connect(&socket).is_err() {
         assert!(

@@ -561,7 +561,7 @@ impl Engine {
         // A store without a single record next to a data directory with snapshots is not the
         // store those snapshots were made with (a lost or mistyped --state-dir, a state
         // directory on tmpfs after a reboot): their storage is reported, never removed.
-        let fresh_store = records.is_empty() && self.store.all_volumes()?.is_empty();
+        let fresh_store = records.is_empty() && self.store.list_volumes(0, 1)?.0.is_empty();
         for backend in self.backends.values() {
             backend.recover_snapshots()?;
             for id in backend.list_snapshots()? {
