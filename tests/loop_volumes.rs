@@ -744,3 +744,200 @@ async fn a_preallocated_growth_that_runs_out_of_space_gives_the_space_back() {
         .await
         .unwrap();
 }
+
+/// Allocated bytes of the one image file of each volume, by volume ID.
+fn image_allocation(data_dir: &Path, volume_id: &str) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    let image = std::fs::read_dir(data_dir.join("images"))
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(volume_id))
+        .unwrap_or_else(|| panic!("no image for {volume_id}"))
+        .path();
+    let meta = std::fs::metadata(&image).unwrap();
+    (meta.len(), meta.blocks() * 512)
+}
+
+/// A preallocated volume keeps its space: `fstrim` inside its filesystem, and `blkdiscard` on a
+/// raw block volume (before and after an expansion), used to punch holes into the image
+/// through the loop device and hand the space back to the data filesystem. A sparse volume
+/// still gives freed space back on `fstrim`.
+#[tokio::test]
+async fn discards_do_not_undo_preallocation_but_still_thin_sparse_volumes() {
+    skip_unless_ready!(skip_reason());
+    for tool in ["fstrim", "blkdiscard"] {
+        if find_tool(tool).is_none() {
+            eprintln!("skipping: {tool} is not installed");
+            return;
+        }
+    }
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let request = |name: &str, capability: VolumeCapability, preallocate: bool| {
+        let mut parameters = loop_params();
+        if preallocate {
+            parameters.insert("allocation".to_string(), "preallocate".to_string());
+        }
+        proto::CreateVolumeRequest {
+            name: name.to_string(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: 64 * MIB,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![capability],
+            parameters,
+            ..Default::default()
+        }
+    };
+    let run = |tool: &str, arg: &str| std::process::Command::new(tool).arg(arg).output().unwrap();
+    let stage =
+        |id: &str, staging: &str, capability: VolumeCapability| proto::NodeStageVolumeRequest {
+            volume_id: id.to_string(),
+            staging_target_path: staging.to_string(),
+            volume_capability: Some(capability),
+            ..Default::default()
+        };
+
+    // A preallocated filesystem volume.
+    let fs = common::create_ok(&mut c, request("prealloc-fs", fs_capability("ext4"), true)).await;
+    let staging = d.target("prealloc-fs-staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    n.node_stage_volume(stage(&fs.volume_id, &staging, fs_capability("ext4")))
+        .await
+        .unwrap();
+    let (len, allocated) = image_allocation(&d.data_dir(), &fs.volume_id);
+    assert!(allocated >= len, "not preallocated: {allocated} of {len}");
+    let trim = run("fstrim", &staging);
+    let (len, allocated) = image_allocation(&d.data_dir(), &fs.volume_id);
+    assert!(
+        allocated >= len,
+        "fstrim gave back {} of {len} bytes ({trim:?})",
+        len - allocated
+    );
+    // Unstaged, its device (which keeps refusing discards after a detach, and cannot be
+    // changed back) is removed, so no later attachment inherits the setting.
+    let devices = common::loop_devices_under(d.dir.path());
+    assert_eq!(devices.len(), 1, "{devices:?}");
+    n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: fs.volume_id.clone(),
+        staging_target_path: staging.clone(),
+    })
+    .await
+    .unwrap();
+    let queue = Path::new("/sys/block")
+        .join(Path::new(&devices[0]).file_name().unwrap())
+        .join("queue/discard_max_bytes");
+    // Gone, or made afresh for someone else since.
+    if let Ok(limit) = std::fs::read_to_string(&queue) {
+        assert_ne!(limit.trim(), "0", "{} left refusing discards", devices[0]);
+    }
+
+    // A preallocated raw block volume, discarded through the device a pod gets.
+    let block =
+        common::create_ok(&mut c, request("prealloc-block", block_capability(), true)).await;
+    let block_staging = d.target("prealloc-block-staging");
+    std::fs::create_dir_all(&block_staging).unwrap();
+    n.node_stage_volume(stage(&block.volume_id, &block_staging, block_capability()))
+        .await
+        .unwrap();
+    let target = d.target("prealloc-block-pod");
+    let mut publish = publish_request(&block.volume_id, &target, false);
+    publish.volume_capability = Some(block_capability());
+    publish.staging_target_path = block_staging.clone();
+    n.node_publish_volume(publish).await.unwrap();
+    let discard = run("blkdiscard", &target);
+    assert!(
+        !discard.status.success(),
+        "blkdiscard succeeded: {discard:?}"
+    );
+    let (len, allocated) = image_allocation(&d.data_dir(), &block.volume_id);
+    assert!(
+        allocated >= len,
+        "blkdiscard gave back {} of {len} bytes",
+        len - allocated
+    );
+    // Grown while staged and published, it stays preallocated and still refuses discards.
+    c.controller_expand_volume(proto::ControllerExpandVolumeRequest {
+        volume_id: block.volume_id.clone(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: 96 * MIB,
+            limit_bytes: 0,
+        }),
+        volume_capability: Some(block_capability()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    n.node_expand_volume(proto::NodeExpandVolumeRequest {
+        volume_id: block.volume_id.clone(),
+        volume_path: target.clone(),
+        staging_target_path: block_staging.clone(),
+        volume_capability: Some(block_capability()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let discard = run("blkdiscard", &target);
+    assert!(
+        !discard.status.success(),
+        "blkdiscard after growth succeeded: {discard:?}"
+    );
+    let (len, allocated) = image_allocation(&d.data_dir(), &block.volume_id);
+    assert_eq!(len, 96 << 20);
+    assert!(
+        allocated >= len,
+        "blkdiscard after growth gave back {} of {len} bytes",
+        len - allocated
+    );
+
+    // A sparse volume: space written and freed inside it goes back on fstrim, as before.
+    let sparse =
+        common::create_ok(&mut c, request("sparse-fs", fs_capability("ext4"), false)).await;
+    let sparse_staging = d.target("sparse-fs-staging");
+    std::fs::create_dir_all(&sparse_staging).unwrap();
+    n.node_stage_volume(stage(
+        &sparse.volume_id,
+        &sparse_staging,
+        fs_capability("ext4"),
+    ))
+    .await
+    .unwrap();
+    let filler = Path::new(&sparse_staging).join("filler");
+    write_mib(&filler, 32).unwrap();
+    let (_, written) = image_allocation(&d.data_dir(), &sparse.volume_id);
+    std::fs::remove_file(&filler).unwrap();
+    // ext4 can trim freed blocks only once the journal has committed their release.
+    rustix::fs::syncfs(std::fs::File::open(&sparse_staging).unwrap()).unwrap();
+    let trim = run("fstrim", &sparse_staging);
+    assert!(trim.status.success(), "{trim:?}");
+    let (_, trimmed) = image_allocation(&d.data_dir(), &sparse.volume_id);
+    assert!(
+        trimmed + (24 << 20) <= written,
+        "fstrim did not thin the sparse image: {written} -> {trimmed}"
+    );
+
+    for (id, staging) in [
+        (&block.volume_id, &block_staging),
+        (&sparse.volume_id, &sparse_staging),
+    ] {
+        if id == &block.volume_id {
+            n.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                target_path: target.clone(),
+            })
+            .await
+            .unwrap();
+        }
+        n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: staging.clone(),
+        })
+        .await
+        .unwrap();
+    }
+    assert!(
+        common::loop_devices_under(d.dir.path()).is_empty(),
+        "loop device leaked"
+    );
+}

@@ -544,9 +544,40 @@ pub fn attach_read_only(image: &Path) -> Result<PathBuf, BackendError> {
 
 fn attach_in_mode(image: &Path, read_only: bool) -> Result<PathBuf, BackendError> {
     let _lock = loop_lock();
+    let (device, fresh) = attach_locked(image, read_only)?;
+    if read_only {
+        return Ok(device);
+    }
+    if is_fully_allocated(image)? {
+        // Before anything mounts or opens the device.
+        if let Err(e) = refuse_discards(&device) {
+            tracing::warn!(image = %image.display(), device = %device.display(), error = %e,
+                "could not turn discards off for a preallocated image: fstrim or a discard \
+                 mount inside it would give its space back");
+        }
+        return Ok(device);
+    }
+    if !fresh || !refuses_discards(&device) {
+        return Ok(device);
+    }
+    // A sparse image on a device that a preallocated one left refusing discards (the kernel
+    // keeps the setting after a detach and will not raise it again): trade the device for a
+    // fresh one, or freed space inside this volume would never go back to the data filesystem.
+    run("losetup", &["-d"], &device)?;
+    retire_if_discards_refused(&device);
+    let (device, _) = attach_locked(image, read_only)?;
+    if refuses_discards(&device) {
+        tracing::warn!(image = %image.display(), device = %device.display(),
+            "loop device refuses discards: space freed inside this volume stays allocated");
+    }
+    Ok(device)
+}
+
+/// [`attach_in_mode`] under the loop lock: the device, and whether this call attached it.
+fn attach_locked(image: &Path, read_only: bool) -> Result<(PathBuf, bool), BackendError> {
     let find = |image: &Path| find_in_mode(Path::new(SYS_BLOCK), image, read_only);
     if let Some(device) = find(image)? {
-        return Ok(device);
+        return Ok((device, false));
     }
     let (path, exists) = resolve(image)?;
     if !exists {
@@ -575,7 +606,7 @@ fn attach_in_mode(image: &Path, read_only: bool) -> Result<PathBuf, BackendError
             if let Some(device) = find(image)? {
                 tracing::warn!(image = %path.display(), device = %device.display(),
                     error = %dio_error, "loop device attached without direct I/O");
-                return Ok(device);
+                return Ok((device, true));
             }
             let out = run("losetup", base, &path)?;
             tracing::warn!(image = %path.display(), error = %dio_error,
@@ -598,7 +629,7 @@ fn attach_in_mode(image: &Path, read_only: bool) -> Result<PathBuf, BackendError
         _ => tracing::info!(image = %path.display(), device = %device.display(),
             "attached with buffered I/O: the backing filesystem does not allow direct I/O"),
     }
-    Ok(device)
+    Ok((device, true))
 }
 
 /// Detaches every loop device backed by `image`, including devices whose backing file was
@@ -637,6 +668,7 @@ pub fn detach(image: &Path) -> Result<(), BackendError> {
             .map(|a| a.device)
             .collect();
         let Some(device) = remaining.into_iter().next() else {
+            devices.iter().for_each(|d| retire_if_discards_refused(d));
             return Ok(());
         };
         if Instant::now() >= deadline {
@@ -673,6 +705,86 @@ pub fn is_autoclear(device: &Path) -> bool {
         .is_some_and(|v| v.trim() == "1")
 }
 
+/// Whether every byte of `image` has a block behind it: a preallocated image (or one whose
+/// every block was written, which then counts as preallocated too).
+pub fn is_fully_allocated(image: &Path) -> Result<bool, BackendError> {
+    let meta = std::fs::metadata(image).map_err(|e| BackendError::io("stat", image, e))?;
+    Ok(fully_allocated(&meta))
+}
+
+fn fully_allocated(meta: &std::fs::Metadata) -> bool {
+    meta.len() > 0 && meta.blocks().saturating_mul(512) >= meta.len()
+}
+
+/// Stops the loop `device` from accepting discards, so nothing above it (`fstrim`, a
+/// filesystem mounted with `discard`, `blkdiscard` on a raw block volume) can punch holes into
+/// a preallocated image: the loop driver turns a discard into a hole in the backing file, and
+/// the space the volume was promised would go back to the data filesystem for anyone to take.
+/// Discards then fail with EOPNOTSUPP, which filesystems and `fstrim` treat as "not supported".
+/// The setting lives with the attachment; every attach of a preallocated image sets it again.
+pub fn refuse_discards(device: &Path) -> Result<(), BackendError> {
+    let name = device
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| loop_index(n).is_some())
+        .ok_or_else(|| {
+            BackendError::io(
+                "refuse discards",
+                device,
+                std::io::Error::other("not a loop device"),
+            )
+        })?;
+    let attr = Path::new(SYS_BLOCK)
+        .join(name)
+        .join("queue/discard_max_bytes");
+    std::fs::write(&attr, b"0").map_err(|e| BackendError::io("write", &attr, e))
+}
+
+/// Whether `device` refuses discards although its backing could take them: what
+/// [`refuse_discards`] leaves, on the device and (the kernel keeps it) after a detach too.
+fn refuses_discards(device: &Path) -> bool {
+    let Some(queue) = device
+        .file_name()
+        .map(|name| Path::new(SYS_BLOCK).join(name).join("queue"))
+    else {
+        return false;
+    };
+    let read = |attr: &str| {
+        std::fs::read_to_string(queue.join(attr))
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    read("discard_max_bytes") == Some(0) && read("discard_max_hw_bytes").is_some_and(|hw| hw > 0)
+}
+
+/// Removes the loop `device` if it is free and refuses discards, so no later attachment (a
+/// sparse image, or anyone else's use of loop devices on the node) inherits that: a zero
+/// `discard_max_bytes` cannot be raised again while the device has no discard granularity,
+/// which a detached one has not. The next attach makes a fresh device. Best effort: a device
+/// attached again in the meantime is busy and stays.
+pub fn retire_if_discards_refused(device: &Path) {
+    let Some(index) = device
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(loop_index)
+    else {
+        return;
+    };
+    let attached = Path::new(SYS_BLOCK)
+        .join(format!("loop{index}"))
+        .join("loop");
+    if attached.exists() || !refuses_discards(device) {
+        return;
+    }
+    match super::loopctl::remove_device(index) {
+        Ok(()) => {
+            tracing::debug!(device = %device.display(), "removed a loop device left refusing discards")
+        }
+        Err(e) => tracing::info!(device = %device.display(), error = %e,
+            "could not remove a loop device left refusing discards"),
+    }
+}
+
 /// Grows the image file to `bytes`; never shrinks ([`BackendError::Unsupported`]). The same
 /// size is success. An attached device sees the new size after [`refresh_capacity`].
 ///
@@ -694,8 +806,7 @@ pub fn grow_image(image: &Path, bytes: u64) -> Result<(), BackendError> {
     if bytes == len {
         return Ok(());
     }
-    let fully_allocated = len > 0 && meta.blocks().saturating_mul(512) >= len;
-    if fully_allocated {
+    if fully_allocated(&meta) {
         if let Err(e) = allocate(&file, image, len, bytes - len) {
             // Allocation that ran out of space half-way keeps what it took (the whole data
             // filesystem, at worst) while the volume keeps its old size: give it back.

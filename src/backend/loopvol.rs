@@ -630,6 +630,7 @@ impl Backend for LoopBackend {
             }
             _ => {}
         }
+        // A preallocated image's device refuses discards (see `loopdev::refuse_discards`).
         let device = loopdev::attach(&image)?;
         if let Kind::Filesystem(fs) = kind {
             let mounted = mounter.inspect(staging)?.is_some_and(|s| s.is_mount_point);
@@ -672,11 +673,20 @@ impl Backend for LoopBackend {
         staging: &ConfinedPath,
         mounter: &dyn Mounter,
     ) -> Result<(), BackendError> {
+        // Unmounting a staged filesystem detaches its device (autoclear) before `detach` can
+        // see it: note it first, so a device left refusing discards is still retired.
+        let image = self.find(id).map(|(image, _)| image);
+        let device = image
+            .as_ref()
+            .and_then(|image| loopdev::find_attached(image).ok().flatten());
         if mounter.inspect(staging)?.is_some_and(|s| s.is_mount_point) {
             mounter.unmount(staging)?;
         }
-        if let Some((image, _)) = self.find(id) {
-            loopdev::detach(&image)?;
+        if let Some(image) = &image {
+            loopdev::detach(image)?;
+        }
+        if let Some(device) = device {
+            loopdev::retire_if_discards_refused(&device);
         }
         Ok(())
     }

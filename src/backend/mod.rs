@@ -4,6 +4,7 @@
 pub mod btrfs;
 pub mod dir;
 pub mod freeze;
+pub mod loopctl;
 pub mod loopdev;
 pub mod loopvol;
 pub mod projquota;

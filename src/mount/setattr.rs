@@ -1,4 +1,5 @@
-//! `mount_setattr(2)` (Linux 5.12+) on a mount descriptor: the one `unsafe` call in k8scsi.
+//! `mount_setattr(2)` (Linux 5.12+) on a mount descriptor: one of the two `unsafe` calls in
+//! k8scsi (with `backend::loopctl`).
 //!
 //! A bind mount's per-mount flags (read-only, nosuid, nodev, noexec, access times) must be set
 //! on the detached tree from `open_tree(OPEN_TREE_CLONE)` *before* it is attached: the copies
