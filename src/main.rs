@@ -27,8 +27,28 @@ struct LogArgs {
     #[arg(long, env = "K8SCSI_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
     /// Log level (error, warn, info, debug) or a tracing filter.
-    #[arg(long, env = "K8SCSI_LOG_LEVEL", default_value = "info")]
+    #[arg(long, env = "K8SCSI_LOG_LEVEL", default_value = "info", value_parser = parse_log_level)]
     log_level: String,
+}
+
+/// Checks a `--log-level`: a level, or a tracing filter whose every directive names its level
+/// (`target=level`). tracing reads a bare word that is not a level as a target to log at every
+/// level, so a typo (`inof`) used to turn the driver's own logging off without a word.
+fn parse_log_level(raw: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for directive in raw.split(',').map(str::trim) {
+        let level = directive
+            .rsplit_once('=')
+            .map_or(directive, |(_, level)| level);
+        if !LEVELS.contains(&level.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{directive:?} names no level: expected one of {} or target=level",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(raw).map_err(|e| e.to_string())?;
+    Ok(raw.to_string())
 }
 
 #[derive(Debug, Subcommand)]

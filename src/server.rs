@@ -439,14 +439,17 @@ pub async fn serve(
         .add_optional_service(
             serves_node.then(|| NodeServer::new(NodeService::new(engine.clone()))),
         );
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        driver = %config.driver_name,
-        node_id = %config.node_id,
-        mode = ?config.mode,
-        endpoint = ?config.endpoint,
-        "k8scsi serving"
-    );
+    // Logged once the endpoint is bound, with the address it got (`tcp://host:0` picks a port).
+    let serving = |endpoint: &str| {
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            driver = %config.driver_name,
+            node_id = %config.node_id,
+            mode = ?config.mode,
+            endpoint,
+            "k8scsi serving"
+        )
+    };
     // Background snapshot copies stop as soon as shutdown starts, not after the connections
     // have drained: they keep their snapshots, and the next start copies them again.
     let shutdown = {
@@ -466,6 +469,7 @@ pub async fn serve(
             let listener =
                 UnixListener::bind(path).map_err(io_err(format!("binding {}", path.display())))?;
             let bound = socket_identity(path);
+            serving(&format!("unix://{}", path.display()));
             let result = with_drain_deadline(shutdown, |shutdown| {
                 router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
             })
@@ -480,6 +484,10 @@ pub async fn serve(
             let listener = tokio::net::TcpListener::bind(addr)
                 .await
                 .map_err(io_err(format!("binding {addr}")))?;
+            match listener.local_addr() {
+                Ok(local) => serving(&format!("tcp://{local}")),
+                Err(_) => serving(&format!("tcp://{addr}")),
+            }
             with_drain_deadline(shutdown, |shutdown| {
                 router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
             })

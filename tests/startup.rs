@@ -2,8 +2,9 @@
 //! same data directory (with another state directory) is refused before its start-up recovery
 //! touches anything; a server whose state store is empty keeps snapshot storage it has no
 //! record of instead of deleting it as an interrupted snapshot; a server that drains at
-//! shutdown never removes a socket a newer server has put at its path; and a mount timeout
-//! that would make every call time out at once is refused.
+//! shutdown never removes a socket a newer server has put at its path; a mount timeout
+//! that would make every call time out at once is refused; so is a log level that names no
+//! level; and a debugging TCP endpoint on port 0 logs the port it got.
 
 mod common;
 
@@ -203,4 +204,78 @@ async fn a_mount_timeout_of_zero_is_refused() {
     );
     assert!(status.is_some_and(|s| !s.success()), "{log}");
     assert!(log.contains("--share-timeout"), "{log}");
+}
+
+/// A log level that names no level (a typo) is refused at start, naming the flag, instead of
+/// being read as a target filter that silently turns the driver's logging off.
+#[tokio::test]
+async fn a_log_level_that_names_no_level_is_refused() {
+    let driver = Driver::start();
+    for level in ["inof", "k8scsi=verbose", ""] {
+        let (status, log) = serve_beside(
+            &driver,
+            &driver.dir.path().join("other-state"),
+            &driver.dir.path().join("other.sock"),
+            &["--log-level", level],
+        );
+        assert!(status.is_some_and(|s| !s.success()), "{level:?}: {log}");
+        assert!(log.contains("--log-level"), "{level:?}: {log}");
+        assert!(
+            !driver.dir.path().join("other-state").exists(),
+            "{level:?}: started before refusing"
+        );
+    }
+}
+
+/// `tcp://host:0` (for debugging) lets the kernel pick the port; the start-up log names the
+/// port the server got, not `:0`, and the server answers there.
+#[tokio::test]
+async fn a_tcp_endpoint_on_port_zero_logs_the_port_it_got() {
+    let driver = Driver::start();
+    let log_path = driver.dir.path().join("tcp.log");
+    let mut child = std::process::Command::new(common::BINARY)
+        .args(["serve", "--endpoint", "tcp://127.0.0.1:0", "--node-id", "n"])
+        .arg("--state-dir")
+        .arg(driver.dir.path().join("tcp-state"))
+        .arg("--data-dir")
+        .arg(driver.dir.path().join("tcp-data"))
+        .arg("--kubelet-dir")
+        .arg(driver.kubelet_dir())
+        .args(["--log-format", "json"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let endpoint = loop {
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let serving = log
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|l| l["message"] == "k8scsi serving");
+        if let Some(line) = serving {
+            break line["endpoint"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline, "never served: {log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let port: u16 = endpoint
+        .strip_prefix("tcp://127.0.0.1:")
+        .unwrap_or_else(|| panic!("{endpoint}"))
+        .parse()
+        .unwrap();
+    assert_ne!(port, 0, "{endpoint}");
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let info = proto::identity_client::IdentityClient::new(channel)
+        .get_plugin_info(proto::GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, "k8scsi");
+    let _ = child.kill();
+    let _ = child.wait();
 }
