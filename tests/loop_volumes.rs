@@ -941,3 +941,42 @@ async fn discards_do_not_undo_preallocation_but_still_thin_sparse_volumes() {
         "loop device leaked"
     );
 }
+
+/// An xfs volume asked for below the 300 MiB that mkfs.xfs needs is made at 300 MiB when the
+/// request's limit allows it (a volume may be larger than required), answers the same on a
+/// repeat, and is OUT_OF_RANGE when the limit is below (it used to be INVALID_ARGUMENT in
+/// both cases).
+#[tokio::test]
+async fn a_small_xfs_request_grows_to_the_smallest_xfs_or_is_out_of_range() {
+    skip_unless_ready!(skip_reason());
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let small = loop_request("small-xfs", 16 * MIB, "xfs");
+    let volume = common::create_ok(&mut c, small.clone()).await;
+    assert_eq!(volume.capacity_bytes, 300 * MIB);
+    let image = std::fs::read_dir(d.data_dir().join("images"))
+        .unwrap()
+        .flatten()
+        .find(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&volume.volume_id)
+        })
+        .unwrap();
+    assert_eq!(image.metadata().unwrap().len(), 300 << 20);
+    let again = common::create_ok(&mut c, small).await;
+    assert_eq!(again.volume_id, volume.volume_id);
+    assert_eq!(again.capacity_bytes, 300 * MIB);
+
+    let mut capped = loop_request("capped-xfs", 16 * MIB, "xfs");
+    capped.capacity_range.as_mut().unwrap().limit_bytes = 100 * MIB;
+    let status = c.create_volume(capped).await.unwrap_err();
+    assert_eq!(status.code(), Code::OutOfRange, "{status:?}");
+    assert_eq!(
+        std::fs::read_dir(d.data_dir().join("images"))
+            .unwrap()
+            .count(),
+        1,
+        "the refused request left an image"
+    );
+}

@@ -339,6 +339,14 @@ impl Backend for LoopBackend {
         DEFAULT_BYTES
     }
 
+    fn smallest_volume_bytes(&self, options: &VolumeOptions) -> u64 {
+        if options.block {
+            return 0;
+        }
+        // An unknown filesystem is refused by `create`, naming it.
+        FsType::parse(&options.fs_type).map_or(0, FsType::min_bytes)
+    }
+
     fn check_capability(&self, capability: &Capability) -> Result<(), String> {
         if !capability.access_mode.is_single_node() {
             return Err(format!(

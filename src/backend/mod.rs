@@ -222,6 +222,13 @@ pub trait Backend: Send + Sync + 'static {
         0
     }
 
+    /// The smallest volume of the kind `options` asks for that this backend can make (an xfs
+    /// loop image needs 300 MiB). The engine grows a smaller request to it when the request's
+    /// limit allows, and answers OUT_OF_RANGE when it does not.
+    fn smallest_volume_bytes(&self, _options: &VolumeOptions) -> u64 {
+        0
+    }
+
     /// The size of a volume created without a capacity range (0: none, the volume has no
     /// size of its own). The engine records and reports it, and checks it against the
     /// filesystem's space, as if the CO had asked for it.

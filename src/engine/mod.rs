@@ -283,6 +283,19 @@ impl Engine {
             // only a limit took the limit above, never more than the CO allows.
             capacity = backend.default_volume_bytes();
         }
+        // A volume may be larger than required, never larger than the limit: a request below
+        // the smallest volume of its kind grows to it, or is out of range.
+        let smallest = backend.smallest_volume_bytes(&volume_options(&request, &params)?);
+        if capacity < smallest {
+            let limit = request.capacity.limit_bytes;
+            if limit > 0 && limit < smallest {
+                return Err(Error::CapacityOutOfRange(format!(
+                    "the smallest volume of this kind is {smallest} bytes, above limit_bytes \
+                     {limit}"
+                )));
+            }
+            capacity = smallest;
+        }
         let mount_flags = mount_flags_of(&request.capabilities);
         if let Some(topology) = &request.topology
             && backend.node_local()
