@@ -980,3 +980,54 @@ async fn a_small_xfs_request_grows_to_the_smallest_xfs_or_is_out_of_range() {
         "the refused request left an image"
     );
 }
+
+/// NodeStageVolume and NodePublishVolume compare the capability's filesystem with what the
+/// volume holds: an ext4 volume staged as xfs used to be mounted as ext4 without a word.
+#[tokio::test]
+async fn a_stage_or_publish_naming_another_filesystem_is_refused() {
+    skip_unless_ready!(skip_reason());
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let volume = create(&mut c, "pvc-ext4-only", 16 * MIB, fs_capability("ext4")).await;
+    let staging = d.target("ext4-only-staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let stage = |fs_type: &str| proto::NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(fs_capability(fs_type)),
+        ..Default::default()
+    };
+    let status = n.node_stage_volume(stage("xfs")).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("ext4"), "{status:?}");
+    assert!(
+        common::loop_devices_under(d.dir.path()).is_empty(),
+        "the refused stage attached the image"
+    );
+    n.node_stage_volume(stage("ext4")).await.unwrap();
+    let target = d.target("ext4-only-pod");
+    let mut publish = publish_request(&volume.volume_id, &target, false);
+    publish.staging_target_path = staging.clone();
+    publish.volume_capability = Some(fs_capability("xfs"));
+    let status = n.node_publish_volume(publish.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(
+        !Path::new(&target).exists(),
+        "the refused publish made its target"
+    );
+    publish.volume_capability = Some(fs_capability("ext4"));
+    n.node_publish_volume(publish).await.unwrap();
+    n.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        target_path: target.clone(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+    })
+    .await
+    .unwrap();
+}
