@@ -301,3 +301,34 @@ async fn a_btrfs_create_whose_limit_fails_leaves_no_subvolume() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// `btrfs quota disable` (an operator's, or a tool's) drops every qgroup limit, and turning
+/// quota on again brings none back: the volumes' sizes went unenforced without a word. The
+/// server's start, which enables quota, now also sets each recorded limit that is gone, logs
+/// it and counts it; writes past the size fail again.
+#[tokio::test]
+async fn size_limits_lost_to_a_quota_disable_are_set_again_at_start() {
+    skip_unless_ready!(skip_reason());
+    let mut d = Driver::start_on(mount_btrfs);
+    let mut c = d.controller().await;
+    let mut request = create_request("pvc-requota", 16 * MIB);
+    request.parameters.clear();
+    let volume = common::create_ok(&mut c, request).await;
+    let dir = d.data_dir().join("volumes").join(&volume.volume_id);
+    d.stop();
+
+    let disabled = Command::new("btrfs")
+        .args(["quota", "disable"])
+        .arg(d.data_dir())
+        .output()
+        .unwrap();
+    assert!(disabled.status.success(), "{disabled:?}");
+    d.restart();
+    let err = write_bytes(&dir.join("big"), 32 << 20).unwrap_err();
+    assert!(is_quota_error(&err), "expected EDQUOT/ENOSPC, got {err:?}");
+    assert!(
+        d.log().contains("size limit was gone"),
+        "not reported: {}",
+        d.log()
+    );
+}

@@ -249,6 +249,31 @@ impl Backend for DirBackend {
         Ok(())
     }
 
+    fn restore_limit(
+        &self,
+        id: &VolumeId,
+        enforcement: &str,
+        capacity_bytes: u64,
+    ) -> Result<bool, BackendError> {
+        let path = self.volume_path(id);
+        if enforcement != Enforcement::BtrfsQgroup.name()
+            || capacity_bytes == 0
+            || !btrfs::is_subvolume(&path)
+        {
+            return Ok(false);
+        }
+        if self.enforcement != Enforcement::BtrfsQgroup {
+            return Err(BackendError::Unenforceable(
+                self.unenforceable_reason.clone(),
+            ));
+        }
+        if btrfs::usage(&path)?.1.is_some() {
+            return Ok(false);
+        }
+        btrfs::set_limit(&path, capacity_bytes)?;
+        Ok(true)
+    }
+
     fn delete(&self, id: &VolumeId) -> Result<(), BackendError> {
         let path = self.volume_path(id);
         if btrfs::is_subvolume(&path) {

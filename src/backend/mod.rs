@@ -304,6 +304,19 @@ pub trait Backend: Send + Sync + 'static {
     /// Grows the volume's storage to `capacity_bytes` (never shrinks).
     fn expand(&self, id: &VolumeId, capacity_bytes: u64) -> Result<(), BackendError>;
 
+    /// Puts back the size limit of a volume recorded as enforced by `enforcement` when the
+    /// filesystem has lost it (turning btrfs quota off and on again drops every qgroup limit);
+    /// `Ok(true)` when it had to. An error means the size is not enforced now. A limit that is
+    /// there is left alone, even if it differs (an expansion whose record did not commit).
+    fn restore_limit(
+        &self,
+        _id: &VolumeId,
+        _enforcement: &str,
+        _capacity_bytes: u64,
+    ) -> Result<bool, BackendError> {
+        Ok(false)
+    }
+
     /// Whether a grown volume also needs NodeExpandVolume (device and filesystem).
     fn node_expansion_required(&self) -> bool {
         false

@@ -10,6 +10,7 @@ use crate::mount::{ConfinedPath, mountinfo};
 use super::Engine;
 use super::error::Result;
 use super::ids::VolumeId;
+use crate::store::VolumeRecord;
 
 /// What reconciliation found.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -25,6 +26,12 @@ pub struct ReconcileReport {
     /// Recorded staging and publish paths (or their volumes' sources) whose filesystem did not
     /// answer within the mount timeout (a dead server): neither lost nor confirmed.
     pub unresponsive: Vec<String>,
+    /// Volumes whose size limit the filesystem had lost (btrfs quota turned off and on again)
+    /// and that got it back.
+    pub limits_restored: Vec<String>,
+    /// Volumes recorded as size-enforced whose limit is gone and could not be put back (btrfs
+    /// quota cannot be enabled): their size is not enforced.
+    pub unenforced: Vec<String>,
 }
 
 impl ReconcileReport {
@@ -37,12 +44,9 @@ impl Engine {
     /// Compares records, storage and mounts, logs each finding and returns them.
     pub fn reconcile(&self) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
-        let recorded: BTreeSet<String> = self
-            .store
-            .all_volumes()?
-            .into_iter()
-            .map(|v| v.id)
-            .collect();
+        let records = self.store.all_volumes()?;
+        self.restore_limits(&records, &mut report);
+        let recorded: BTreeSet<String> = records.into_iter().map(|v| v.id).collect();
         let mut on_disk: BTreeMap<String, PathBuf> = BTreeMap::new();
         for backend in self.backends.values() {
             for id in backend.list()? {
@@ -157,8 +161,38 @@ impl Engine {
             lost_publications = report.lost_publications.len(),
             leftover_mounts = report.leftover_mounts.len(),
             unresponsive = report.unresponsive.len(),
+            limits_restored = report.limits_restored.len(),
+            unenforced = report.unenforced.len(),
             "reconcile finished"
         );
         Ok(report)
+    }
+
+    /// Puts back size limits the filesystem lost while the server was down: `btrfs quota
+    /// disable` drops every qgroup limit, and this server's start enables quota again, but
+    /// with no limits the volumes' sizes would go unenforced without a word.
+    fn restore_limits(&self, records: &[VolumeRecord], report: &mut ReconcileReport) {
+        for record in records {
+            let Ok(id) = VolumeId::parse(&record.id) else {
+                continue;
+            };
+            let Ok(backend) = self.backend_of(&id) else {
+                continue;
+            };
+            match backend.restore_limit(&id, &record.enforcement, record.capacity_bytes) {
+                Ok(false) => {}
+                Ok(true) => {
+                    tracing::warn!(volume_id = %id, capacity_bytes = record.capacity_bytes,
+                        enforcement = %record.enforcement,
+                        "reconcile: the volume's size limit was gone (quota turned off and on?); set again");
+                    report.limits_restored.push(record.id.clone());
+                }
+                Err(e) => {
+                    tracing::error!(volume_id = %id, enforcement = %record.enforcement,
+                        error = %e, "reconcile: the volume's size is not enforced");
+                    report.unenforced.push(record.id.clone());
+                }
+            }
+        }
     }
 }

@@ -345,7 +345,8 @@ impl Collector for SampledCollector {
             let mut findings = encoder.encode_descriptor(
                 "reconcile_findings",
                 "Differences the last reconciliation found between the store, the disk and the \
-                 mount table, by kind (nothing is changed automatically).",
+                 mount table, by kind (nothing is deleted; only size limits the filesystem lost \
+                 are set again).",
                 None,
                 MetricType::Gauge,
             )?;
@@ -358,6 +359,8 @@ impl Collector for SampledCollector {
                 ),
                 ("leftover_mounts", reconcile.report.leftover_mounts.len()),
                 ("unresponsive", reconcile.report.unresponsive.len()),
+                ("limits_restored", reconcile.report.limits_restored.len()),
+                ("unenforced", reconcile.report.unenforced.len()),
             ] {
                 findings
                     .encode_family(&[("kind", kind)])?
