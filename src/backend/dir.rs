@@ -44,9 +44,7 @@ impl DirBackend {
     /// Prepares `<data_dir>/volumes` (mode 0700).
     pub fn new(data_dir: &Path) -> Result<DirBackend, BackendError> {
         let volumes = data_dir.join("volumes");
-        std::fs::create_dir_all(&volumes).map_err(|e| BackendError::io("mkdir", &volumes, e))?;
-        std::fs::set_permissions(&volumes, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| BackendError::io("chmod", &volumes, e))?;
+        super::private_dir(&volumes)?;
         let snapshots = prepare_snapshots_dir(data_dir)?;
         let (enforcement, unenforceable_reason) = detect_enforcement(&volumes);
         match enforcement {
@@ -113,9 +111,7 @@ pub const PARTIAL_SUFFIX: &str = ".partial";
 /// Prepares `<data_dir>/snapshots` (mode 0700).
 pub fn prepare_snapshots_dir(data_dir: &Path) -> Result<PathBuf, BackendError> {
     let dir = data_dir.join(SNAPSHOTS_DIR);
-    std::fs::create_dir_all(&dir).map_err(|e| BackendError::io("mkdir", &dir, e))?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| BackendError::io("chmod", &dir, e))?;
+    super::private_dir(&dir)?;
     Ok(dir)
 }
 

@@ -70,11 +70,8 @@ const KINDS: [Kind; 3] = [
 impl LoopBackend {
     /// Prepares `<data_dir>/images` (mode 0700).
     pub fn new(data_dir: &Path) -> Result<LoopBackend, BackendError> {
-        use std::os::unix::fs::PermissionsExt;
         let images = data_dir.join("images");
-        std::fs::create_dir_all(&images).map_err(|e| BackendError::io("mkdir", &images, e))?;
-        std::fs::set_permissions(&images, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| BackendError::io("chmod", &images, e))?;
+        super::private_dir(&images)?;
         let snapshots = prepare_snapshots_dir(data_dir)?;
         Ok(LoopBackend { images, snapshots })
     }

@@ -560,3 +560,63 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 }
+
+/// Makes `dir` (and its parents) if needed and sets it to mode 0700: the directories the driver
+/// keeps its volumes, images, snapshots and share mounts in are for root alone. Whatever is at
+/// `dir` must be a real directory: a symlink there (which the chmod would follow) or a file is
+/// refused, naming the path.
+pub fn private_dir(dir: &Path) -> Result<(), BackendError> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::symlink_metadata(dir) {
+        Ok(meta) if !meta.is_dir() => {
+            return Err(BackendError::io(
+                "prepare",
+                dir,
+                std::io::Error::other("exists and is not a directory (a symlink is refused too)"),
+            ));
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dir).map_err(|e| BackendError::io("mkdir", dir, e))?;
+        }
+        Err(e) => return Err(BackendError::io("stat", dir, e)),
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| BackendError::io("chmod", dir, e))
+}
+
+#[cfg(test)]
+mod private_dir_tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::private_dir;
+
+    #[test]
+    fn makes_and_tightens_directories_and_refuses_symlinks_and_files() {
+        let root = tempfile::tempdir().unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+
+        let made = root.path().join("a/b");
+        private_dir(&made).unwrap();
+        assert_eq!(mode(&made), 0o700);
+
+        let open = root.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        private_dir(&open).unwrap();
+        assert_eq!(mode(&open), 0o700);
+
+        let elsewhere = root.path().join("elsewhere");
+        std::fs::create_dir(&elsewhere).unwrap();
+        std::fs::set_permissions(&elsewhere, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&elsewhere, &link).unwrap();
+        let refused = private_dir(&link).unwrap_err().to_string();
+        assert!(refused.contains("not a directory"), "{refused}");
+        assert_eq!(mode(&elsewhere), 0o755, "the chmod followed the symlink");
+
+        let file = root.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        assert!(private_dir(&file).is_err());
+    }
+}

@@ -201,10 +201,7 @@ impl ShareMounts {
     /// Mounts go under `dir` (created 0700). Mounts left there by a previous process that
     /// died are detached first: nothing else mounts there.
     pub fn new(dir: &Path, timeout: Duration, program: &str) -> Result<ShareMounts, BackendError> {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(dir).map_err(|e| BackendError::io("mkdir", dir, e))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| BackendError::io("chmod", dir, e))?;
+        crate::backend::private_dir(dir)?;
         if let Ok(table) = mountinfo::read() {
             for entry in table.iter().filter(|e| e.mount_point.parent() == Some(dir)) {
                 tracing::warn!(path = %entry.mount_point.display(),
