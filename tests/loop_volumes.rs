@@ -1031,3 +1031,77 @@ async fn a_stage_or_publish_naming_another_filesystem_is_refused() {
     .await
     .unwrap();
 }
+
+/// The options of the mount at `path` in /proc/self/mounts.
+fn mount_options_at(path: &str) -> Option<String> {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .rfind(|f| f.get(1) == Some(&path))
+        .map(|f| f[3].to_string())
+}
+
+/// `sync` and `dirsync` belong to a whole filesystem: a loop volume's own filesystem is now
+/// mounted with them at NodeStageVolume (so every publication has them), and a directory
+/// volume, a bind mount of the data directory's filesystem, refuses them by name. Both used to
+/// be accepted and dropped without a word.
+#[tokio::test]
+async fn filesystem_wide_mount_flags_are_honoured_or_refused() {
+    skip_unless_ready!(skip_reason());
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let sync_capability = || {
+        let mut cap = fs_capability("ext4");
+        if let Some(AccessType::Mount(m)) = cap.access_type.as_mut() {
+            m.mount_flags = vec!["sync".to_string(), "dirsync".to_string()];
+        }
+        cap
+    };
+    let volume = create(&mut c, "pvc-sync", 16 * MIB, sync_capability()).await;
+    let staging = d.target("sync-staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    n.node_stage_volume(proto::NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(sync_capability()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let target = d.target("sync-pod");
+    let mut publish = publish_request(&volume.volume_id, &target, false);
+    publish.staging_target_path = staging.clone();
+    publish.volume_capability = Some(sync_capability());
+    n.node_publish_volume(publish).await.unwrap();
+    for path in [&staging, &target] {
+        let options = mount_options_at(path).unwrap_or_else(|| panic!("{path} not mounted"));
+        let flags: Vec<&str> = options.split(',').collect();
+        assert!(
+            flags.contains(&"sync") && flags.contains(&"dirsync"),
+            "{path}: {options}"
+        );
+    }
+    n.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        target_path: target.clone(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+    })
+    .await
+    .unwrap();
+
+    let mut dir_request = common::create_request("dir-sync", MIB);
+    dir_request.volume_capabilities = vec![k8scsi::client::mount_capability(
+        Mode::SingleNodeWriter,
+        vec!["sync".to_string()],
+    )];
+    let status = c.create_volume(dir_request).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("\"sync\""), "{status:?}");
+}

@@ -149,7 +149,14 @@ impl Backend for DirBackend {
             ));
         }
         if let AccessType::Mount { mount_flags, .. } = &capability.access_type {
-            crate::mount::MountOptions::from_flags(mount_flags, false)?;
+            let options = crate::mount::MountOptions::from_flags(mount_flags, false)?;
+            if let Some(flag) = options.filesystem_wide_flag() {
+                return Err(format!(
+                    "mount flag {flag:?} is not supported by directory volumes: it applies to a \
+                     whole filesystem, and a directory volume is a bind mount of the data \
+                     directory's (use type: loop for a filesystem of the volume's own)"
+                ));
+            }
         }
         Ok(())
     }

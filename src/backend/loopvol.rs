@@ -635,14 +635,20 @@ impl Backend for LoopBackend {
             }
             _ => {}
         }
+        // The volume's own filesystem: the flags that belong to a whole filesystem (sync,
+        // dirsync) are set on its mount here, since the publications' bind mounts cannot.
+        let options = match access {
+            AccessType::Mount { mount_flags, .. } => MountOptions::from_flags(mount_flags, false)
+                .map_err(BackendError::Unsupported)?
+                .filesystem_wide(),
+            AccessType::Block => MountOptions::default(),
+        };
         // A preallocated image's device refuses discards (see `loopdev::refuse_discards`).
         let device = loopdev::attach(&image)?;
         if let Kind::Filesystem(fs) = kind {
             let mounted = mounter.inspect(staging)?.is_some_and(|s| s.is_mount_point);
             if !mounted {
-                if let Err(e) =
-                    mounter.mount_device(&device, fs.name(), staging, &MountOptions::default())
-                {
+                if let Err(e) = mounter.mount_device(&device, fs.name(), staging, &options) {
                     // Nothing uses the device now: do not leave it attached (it would keep the
                     // image, and the data filesystem holding it, busy).
                     if let Err(d) = loopdev::detach(&image) {

@@ -115,6 +115,27 @@ impl MountOptions {
         Ok(o)
     }
 
+    /// The first flag here that belongs to a whole filesystem (`sync`, `dirsync`): a bind mount
+    /// cannot change it, so only a volume with a filesystem of its own can honour it.
+    pub fn filesystem_wide_flag(&self) -> Option<&'static str> {
+        if self.sync {
+            Some("sync")
+        } else if self.dirsync {
+            Some("dirsync")
+        } else {
+            None
+        }
+    }
+
+    /// The filesystem-wide flags of these options alone, for mounting a volume's own filesystem.
+    pub fn filesystem_wide(&self) -> MountOptions {
+        MountOptions {
+            sync: self.sync,
+            dirsync: self.dirsync,
+            ..MountOptions::default()
+        }
+    }
+
     /// Whether a bind mount needs its flags set to apply these options (on the detached tree
     /// before it is attached, or by a remount after it on kernels without `mount_setattr`).
     pub fn needs_remount(&self) -> bool {
