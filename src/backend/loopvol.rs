@@ -362,6 +362,10 @@ impl Backend for LoopBackend {
         Ok(())
     }
 
+    fn volumes_differ(&self) -> bool {
+        true
+    }
+
     fn check_volume_capability(
         &self,
         id: &VolumeId,

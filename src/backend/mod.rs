@@ -283,11 +283,18 @@ pub trait Backend: Send + Sync + 'static {
     /// Whether volumes of this backend can be used with `capability`; `Err` says why not.
     fn check_capability(&self, capability: &Capability) -> Result<(), String>;
 
+    /// Whether volumes of this backend differ in what capabilities they take (see
+    /// [`Backend::check_volume_capability`]); when not, the node calls skip that check and the
+    /// trip to a blocking thread it costs.
+    fn volumes_differ(&self) -> bool {
+        false
+    }
+
     /// Whether the existing volume `id` is what `capability` asks for: raw block or a
     /// filesystem, and which filesystem; `Err` says why not. Checked for a repeated
-    /// CreateVolume and ValidateVolumeCapabilities, after [`Backend::check_capability`].
-    /// By default every volume of a backend is alike; a volume whose storage is missing
-    /// cannot be told apart either.
+    /// CreateVolume, ValidateVolumeCapabilities, NodeStageVolume and NodePublishVolume, after
+    /// [`Backend::check_capability`]. By default every volume of a backend is alike; a volume
+    /// whose storage is missing cannot be told apart either.
     fn check_volume_capability(
         &self,
         id: &VolumeId,

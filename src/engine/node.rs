@@ -200,9 +200,11 @@ impl Engine {
         }
         // What the volume holds, as its storage says: an ext4 volume staged as xfs was mounted
         // as ext4 without a word.
-        self.check_volume_capabilities(&backend, &id, std::slice::from_ref(&capability))
-            .await?
-            .map_err(|reason| Error::invalid("volume_capability", reason))?;
+        if backend.volumes_differ() {
+            self.check_volume_capabilities(&backend, &id, std::slice::from_ref(&capability))
+                .await?
+                .map_err(|reason| Error::invalid("volume_capability", reason))?;
+        }
         let publications = self.store.publications(id.as_str())?;
         if let Some(other) = publications
             .values()
@@ -427,9 +429,11 @@ impl Engine {
         if !self.storage_exists(&backend, &id).await? {
             return Err(Error::VolumeNotFound(id.to_string()));
         }
-        self.check_volume_capabilities(&backend, &id, std::slice::from_ref(&capability))
-            .await?
-            .map_err(|reason| Error::invalid("volume_capability", reason))?;
+        if backend.volumes_differ() {
+            self.check_volume_capabilities(&backend, &id, std::slice::from_ref(&capability))
+                .await?
+                .map_err(|reason| Error::invalid("volume_capability", reason))?;
+        }
         if backend.stages_mounts() && staging.is_none() {
             return Err(Error::Missing("staging_target_path"));
         }
