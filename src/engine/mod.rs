@@ -516,6 +516,15 @@ impl Engine {
             let (b, i) = (backend.clone(), id.clone());
             blocking(move || Ok(b.capacity_of(&i)?)).await?
         };
+        // Larger than the whole filesystem can never fit, as for CreateVolume: the CO must fix
+        // the range (OUT_OF_RANGE), where RESOURCE_EXHAUSTED would have it retry for ever.
+        if requested > fs.total_bytes {
+            return Err(Error::CapacityOutOfRange(format!(
+                "requested {requested} bytes for volume {id} is larger than the whole \
+                 filesystem it grows in ({} bytes)",
+                fs.total_bytes
+            )));
+        }
         let growth = requested - record.capacity_bytes;
         if growth > fs.available_bytes {
             return Err(Error::Exhausted(format!(
