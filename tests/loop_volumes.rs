@@ -1105,3 +1105,110 @@ async fn filesystem_wide_mount_flags_are_honoured_or_refused() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("\"sync\""), "{status:?}");
 }
+
+/// The size of the block device published at `target`.
+fn device_bytes(target: &str) -> u64 {
+    let mut device = std::fs::File::open(target).unwrap();
+    device.seek(SeekFrom::End(0)).unwrap()
+}
+
+#[tokio::test]
+async fn a_block_volume_of_a_size_that_is_not_whole_sectors_is_never_smaller_than_asked() {
+    skip_unless_ready!(skip_reason());
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    // A PVC of `100M` (SI): 100,000,000 bytes, not a whole number of 512-byte sectors.
+    let asked: i64 = 100_000_000;
+    let volume = create(&mut c, "pvc-block-si", asked, block_capability()).await;
+    assert!(volume.capacity_bytes >= asked, "{volume:?}");
+    let staging = d.target("si-staging");
+    n.node_stage_volume(proto::NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(block_capability()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let target = d.target("si-pod");
+    let mut request = publish_request(&volume.volume_id, &target, false);
+    request.volume_capability = Some(block_capability());
+    request.staging_target_path = staging.clone();
+    n.node_publish_volume(request).await.unwrap();
+    // The device the pod gets holds at least what was asked for, and is the size answered
+    // (checked after teardown).
+    let size = device_bytes(&target);
+
+    // The same for a growth to 150M.
+    let grown_to: i64 = 150_000_000;
+    let expanded = c
+        .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: grown_to,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(expanded.capacity_bytes >= grown_to, "{expanded:?}");
+    let node = n
+        .node_expand_volume(proto::NodeExpandVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            volume_path: target.clone(),
+            staging_target_path: staging.clone(),
+            volume_capability: Some(block_capability()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let grown = device_bytes(&target);
+    // Teardown first, so a failed check leaves no device behind.
+    n.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        target_path: target.clone(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(size >= asked as u64, "device of {size} bytes for {asked}");
+    assert_eq!(size, volume.capacity_bytes as u64);
+    assert!(
+        grown >= grown_to as u64,
+        "device of {grown} bytes for {grown_to}"
+    );
+    assert_eq!(grown, expanded.capacity_bytes as u64);
+    assert_eq!(node.capacity_bytes, expanded.capacity_bytes);
+    // A repeat of either call with the size the CO asked for is answered the same.
+    let again = c
+        .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: grown_to,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.capacity_bytes, expanded.capacity_bytes);
+    // No device of whole sectors lies between 100M and a limit of 100M.
+    let mut exact = loop_request("pvc-block-exact", asked, "");
+    exact.volume_capabilities = vec![block_capability()];
+    exact.capacity_range = Some(proto::CapacityRange {
+        required_bytes: asked,
+        limit_bytes: asked,
+    });
+    let err = c.create_volume(exact).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+}

@@ -25,6 +25,9 @@ use crate::mount::{ConfinedPath, MountOptions, Mounter, PathState};
 /// Size of a volume created without a capacity range.
 pub const DEFAULT_BYTES: u64 = 1 << 30;
 
+/// The loop devices' logical sector size; image sizes are whole multiples of it.
+const SECTOR_BYTES: u64 = 512;
+
 /// What a loop volume holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -334,6 +337,13 @@ impl Backend for LoopBackend {
 
     fn default_volume_bytes(&self) -> u64 {
         DEFAULT_BYTES
+    }
+
+    fn size_unit(&self) -> u64 {
+        // A loop device holds whole 512-byte sectors (it is attached with `--sector-size 512`):
+        // an image of another size is cut down to the sector below, so a raw block volume of a
+        // `100M` PVC (100,000,000 bytes) would be a device 256 bytes smaller than asked.
+        SECTOR_BYTES
     }
 
     fn smallest_volume_bytes(&self, options: &VolumeOptions) -> u64 {

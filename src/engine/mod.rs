@@ -296,6 +296,9 @@ impl Engine {
             }
             capacity = smallest;
         }
+        // Refused only for a new volume (below): a repeat is answered from the record, which
+        // may predate rounding.
+        let rounded = round_to_unit(capacity, backend.size_unit(), request.capacity.limit_bytes);
         let mount_flags = mount_flags_of(&request.capabilities);
         if let Some(topology) = &request.topology
             && backend.node_local()
@@ -380,6 +383,7 @@ impl Engine {
             // (nor locked): the CO's retry creates it anew.
             return Err(Error::InProgress(format!("name:{name}")));
         }
+        let capacity = rounded?;
 
         let sync_dirs = backend.sync_dirs();
         let id = new_id.clone();
@@ -495,18 +499,28 @@ impl Engine {
         if requested == 0 {
             return Err(Error::Missing("capacity_range"));
         }
+        let backend = self.backend_of(&id)?;
+        // In the backend's unit, as at creation; a repeat asking for the same size finds it
+        // equal to the record.
+        let rounded = round_to_unit(requested, backend.size_unit(), range.limit_bytes);
         let _guard = self.lock(vec![format!("vol:{id}")])?;
         let mut record = self
             .store
             .volume(id.as_str())?
             .ok_or_else(|| Error::VolumeNotFound(raw_id.to_string()))?;
+        // A record from before sizes were rounded may hold exactly the size asked for: that is
+        // the same expansion again, whatever the rounding says.
+        let requested = if requested == record.capacity_bytes {
+            requested
+        } else {
+            rounded?
+        };
         if requested < record.capacity_bytes {
             return Err(Error::CapacityOutOfRange(format!(
                 "volume {id} is {} bytes; shrinking it to {requested} is not supported",
                 record.capacity_bytes
             )));
         }
-        let backend = self.backend_of(&id)?;
         let node_required = backend.node_expansion_required();
         if requested == record.capacity_bytes {
             // A repeated expansion that already happened.
@@ -881,6 +895,19 @@ fn resolve_capacity(range: CapacityRange) -> Result<u64> {
     } else {
         range.limit_bytes
     })
+}
+
+/// `bytes` rounded up to a multiple of `unit` (see [`Backend::size_unit`]): OUT_OF_RANGE when
+/// that passes `limit` (0: none), since no size of whole units lies in the range then.
+fn round_to_unit(bytes: u64, unit: u64, limit: u64) -> Result<u64> {
+    let rounded = bytes.checked_next_multiple_of(unit.max(1)).unwrap_or(bytes);
+    if limit > 0 && rounded > limit {
+        return Err(Error::CapacityOutOfRange(format!(
+            "volumes of this kind are whole multiples of {unit} bytes; none lies between \
+             {bytes} bytes and limit_bytes {limit}"
+        )));
+    }
+    Ok(rounded)
 }
 
 /// Whether an existing volume satisfies a repeated CreateVolume with the same name.
