@@ -1212,3 +1212,69 @@ async fn a_block_volume_of_a_size_that_is_not_whole_sectors_is_never_smaller_tha
     let err = c.create_volume(exact).await.unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
 }
+
+#[tokio::test]
+async fn stats_of_a_filesystem_volume_come_from_its_own_filesystem() {
+    skip_unless_ready!(skip_reason());
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let volume = create(&mut c, "pvc-stats", 64 * MIB, fs_capability("ext4")).await;
+    let staging = d.target("stats-staging");
+    n.node_stage_volume(proto::NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(fs_capability("ext4")),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let target = d.target("stats-pod");
+    let mut request = publish_request(&volume.volume_id, &target, false);
+    request.volume_capability = Some(fs_capability("ext4"));
+    request.staging_target_path = staging.clone();
+    n.node_publish_volume(request).await.unwrap();
+    write_mib(&Path::new(&target).join("a"), 8).unwrap();
+    for i in 0..100 {
+        std::fs::write(Path::new(&target).join(format!("f{i}")), b"x").unwrap();
+    }
+    let stats = n
+        .node_get_volume_stats(proto::NodeGetVolumeStatsRequest {
+            volume_id: volume.volume_id.clone(),
+            volume_path: target.clone(),
+            staging_target_path: staging.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let fs = rustix::fs::statvfs(Path::new(&target)).unwrap();
+    n.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        target_path: target.clone(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+    })
+    .await
+    .unwrap();
+    let usage = |unit: proto::volume_usage::Unit| {
+        *stats.usage.iter().find(|u| u.unit == unit as i32).unwrap()
+    };
+    // Inodes are the volume's filesystem's, not the data directory's.
+    let inodes = usage(proto::volume_usage::Unit::Inodes);
+    assert_eq!(inodes.total as u64, fs.f_files, "{inodes:?}");
+    assert_eq!(inodes.available as u64, fs.f_favail, "{inodes:?}");
+    assert_eq!(inodes.used as u64, fs.f_files - fs.f_ffree, "{inodes:?}");
+    // Available bytes are what the volume's filesystem still takes, not its size less use.
+    let bytes = usage(proto::volume_usage::Unit::Bytes);
+    assert_eq!(bytes.total, 64 * MIB, "{bytes:?}");
+    assert!(bytes.used >= 8 * MIB, "{bytes:?}");
+    assert!(
+        bytes.available as u64 <= fs.f_bavail * fs.f_frsize,
+        "{bytes:?} but the filesystem has {} bytes available",
+        fs.f_bavail * fs.f_frsize
+    );
+}

@@ -476,6 +476,15 @@ impl Backend for LoopBackend {
         })
     }
 
+    fn capacity_at(&self, id: &VolumeId, at: &Path) -> Result<FsCapacity, BackendError> {
+        // A filesystem volume's space and inodes are its own filesystem's; the data
+        // directory's (which holds the image) say nothing about them.
+        match self.existing(id)?.1 {
+            Kind::Filesystem(_) => FsCapacity::of(at),
+            Kind::Block => self.capacity(),
+        }
+    }
+
     fn usage_at(&self, id: &VolumeId, at: &Path) -> Result<Usage, BackendError> {
         let (_, kind) = self.existing(id)?;
         if kind == Kind::Block {

@@ -439,6 +439,14 @@ pub trait Backend: Send + Sync + 'static {
         Ok(PublishSource::Directory(self.volume_path(id)))
     }
 
+    /// Space and inodes of the filesystem the volume published at `at` lives on, for
+    /// NodeGetVolumeStats; by default [`Backend::capacity`] (a directory volume shares the data
+    /// directory's filesystem). A volume with a filesystem of its own (a loop image) or on
+    /// another one (a share) answers from the filesystem at `at`.
+    fn capacity_at(&self, _id: &VolumeId, _at: &Path) -> Result<FsCapacity, BackendError> {
+        self.capacity()
+    }
+
     /// Usage as seen where the volume is published (`at`); defaults to [`Backend::usage`].
     fn usage_at(&self, id: &VolumeId, _at: &Path) -> Result<Usage, BackendError> {
         self.usage(id)

@@ -713,7 +713,13 @@ impl Engine {
                     && !published_readonly
                     && rustix::fs::statvfs(&at)
                         .is_ok_and(|st| st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY));
-                let fs = backend.capacity()?;
+                // The filesystem the publication shows; one that no longer shows the volume
+                // (reported abnormal below) is not the volume's.
+                let fs = if shows {
+                    backend.capacity_at(&i, &at)?
+                } else {
+                    backend.capacity()?
+                };
                 let usage = if backing {
                     Some(backend.usage_at(&i, &at)?)
                 } else {
