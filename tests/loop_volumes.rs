@@ -1278,3 +1278,48 @@ async fn stats_of_a_filesystem_volume_come_from_its_own_filesystem() {
         fs.f_bavail * fs.f_frsize
     );
 }
+
+#[tokio::test]
+async fn get_capacity_reports_the_smallest_volume_of_the_filesystem_asked_for() {
+    skip_unless_ready!(skip_reason());
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let minimum = |fs_type: &str| proto::GetCapacityRequest {
+        volume_capabilities: vec![fs_capability(fs_type)],
+        parameters: loop_params(),
+        ..Default::default()
+    };
+    let xfs = c
+        .get_capacity(minimum("xfs"))
+        .await
+        .unwrap()
+        .into_inner()
+        .minimum_volume_size
+        .unwrap();
+    // The smallest limit_bytes a CreateVolume with these capabilities may use: a smaller one
+    // is OUT_OF_RANGE (mkfs.xfs needs 300 MiB).
+    let mut below = loop_request("below-minimum-xfs", 0, "xfs");
+    below.capacity_range = Some(proto::CapacityRange {
+        required_bytes: 0,
+        limit_bytes: xfs - 1,
+    });
+    let err = c.create_volume(below).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert_eq!(xfs, 300 * MIB);
+    let mut at = loop_request("at-minimum-xfs", 0, "xfs");
+    at.capacity_range = Some(proto::CapacityRange {
+        required_bytes: 0,
+        limit_bytes: xfs,
+    });
+    let volume = common::create_ok(&mut c, at).await;
+    assert_eq!(volume.capacity_bytes, xfs);
+    // ext4 is smaller.
+    let ext4 = c
+        .get_capacity(minimum("ext4"))
+        .await
+        .unwrap()
+        .into_inner()
+        .minimum_volume_size
+        .unwrap();
+    assert!(ext4 < xfs, "{ext4}");
+}

@@ -801,10 +801,28 @@ impl Engine {
             });
         }
         let fs = backend.capacity_for(&params.defining, &mount_flags_of(capabilities))?;
+        // The smallest limit_bytes a CreateVolume with these capabilities may use: the kind
+        // they ask for may need more than the backend's smallest volume (an xfs loop image
+        // needs 300 MiB; CreateVolume answers OUT_OF_RANGE below that).
+        let kind = VolumeOptions {
+            block: capabilities
+                .iter()
+                .any(|c| c.access_type == AccessType::Block),
+            fs_type: capabilities
+                .iter()
+                .find_map(|c| match &c.access_type {
+                    AccessType::Mount { fs_type, .. } => Some(fs_type.clone()),
+                    AccessType::Block => None,
+                })
+                .unwrap_or_default(),
+            ..VolumeOptions::default()
+        };
         Ok(CapacityReport {
             available_bytes: fs.available_bytes,
             maximum_volume_size: fs.available_bytes,
-            minimum_volume_size: backend.minimum_volume_bytes(),
+            minimum_volume_size: backend
+                .minimum_volume_bytes()
+                .max(backend.smallest_volume_bytes(&kind)),
         })
     }
 }
