@@ -1323,3 +1323,73 @@ async fn get_capacity_reports_the_smallest_volume_of_the_filesystem_asked_for() 
         .unwrap();
     assert!(ext4 < xfs, "{ext4}");
 }
+
+#[tokio::test]
+async fn a_node_expansion_naming_another_kind_of_volume_is_refused() {
+    skip_unless_ready!(skip_reason());
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let volume = create(&mut c, "pvc-expand-kind", 300 * MIB, fs_capability("xfs")).await;
+    let staging = d.target("expand-kind-staging");
+    n.node_stage_volume(proto::NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(fs_capability("xfs")),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let target = d.target("expand-kind-pod");
+    let mut request = publish_request(&volume.volume_id, &target, false);
+    request.volume_capability = Some(fs_capability("xfs"));
+    request.staging_target_path = staging.clone();
+    n.node_publish_volume(request).await.unwrap();
+    c.controller_expand_volume(proto::ControllerExpandVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: 400 * MIB,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let expand = |capability: VolumeCapability| proto::NodeExpandVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        volume_path: target.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(capability),
+        ..Default::default()
+    };
+    let blocks = |path: &str| {
+        let st = rustix::fs::statvfs(Path::new(path)).unwrap();
+        st.f_blocks * st.f_frsize
+    };
+    let before = blocks(&target);
+    // "Exceeds capabilities": the volume holds xfs, not a raw block device or ext4.
+    let as_block = n.node_expand_volume(expand(block_capability())).await;
+    let as_ext4 = n.node_expand_volume(expand(fs_capability("ext4"))).await;
+    let unchanged = blocks(&target);
+    let as_xfs = n.node_expand_volume(expand(fs_capability("xfs"))).await;
+    let after = blocks(&target);
+    n.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        target_path: target.clone(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+    })
+    .await
+    .unwrap();
+    for refused in [as_block, as_ext4] {
+        let err = refused.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    }
+    assert_eq!(unchanged, before, "a refused expansion grew the filesystem");
+    assert_eq!(as_xfs.unwrap().into_inner().capacity_bytes, 400 * MIB);
+    assert!(after > before + (50 << 20), "{before} -> {after}");
+}
