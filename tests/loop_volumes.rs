@@ -1393,3 +1393,54 @@ async fn a_node_expansion_naming_another_kind_of_volume_is_refused() {
     assert_eq!(as_xfs.unwrap().into_inner().capacity_bytes, 400 * MIB);
     assert!(after > before + (50 << 20), "{before} -> {after}");
 }
+
+#[tokio::test]
+async fn a_controller_expansion_naming_another_kind_of_volume_is_refused() {
+    skip_unless_ready!(skip_reason());
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let volume = create(&mut c, "pvc-cexpand-kind", 300 * MIB, fs_capability("xfs")).await;
+    let expand = |capability: Option<VolumeCapability>| proto::ControllerExpandVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: 400 * MIB,
+            limit_bytes: 0,
+        }),
+        volume_capability: capability,
+        ..Default::default()
+    };
+    let image_len = || {
+        std::fs::read_dir(d.data_dir().join("images"))
+            .unwrap()
+            .flatten()
+            .next()
+            .unwrap()
+            .metadata()
+            .unwrap()
+            .len()
+    };
+    // "Exceeds capabilities": the volume holds xfs, not a raw block device or ext4.
+    for wrong in [block_capability(), fs_capability("ext4")] {
+        let err = c
+            .controller_expand_volume(expand(Some(wrong)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert_eq!(image_len(), 300 << 20, "a refused expansion grew the image");
+    }
+    let got = c
+        .controller_get_volume(proto::ControllerGetVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.volume.unwrap().capacity_bytes, 300 * MIB);
+    let grown = c
+        .controller_expand_volume(expand(Some(fs_capability("xfs"))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 400 * MIB);
+    assert_eq!(image_len(), 400 << 20);
+}

@@ -492,14 +492,25 @@ impl Engine {
     }
 
     /// ControllerExpandVolume: grows the volume to the range's required (else limit) bytes and
-    /// returns the new capacity. Shrinking is refused.
-    pub async fn expand_volume(&self, raw_id: &str, range: CapacityRange) -> Result<(u64, bool)> {
+    /// returns the new capacity. Shrinking is refused. A capability, when given, must be what
+    /// the volume is (INVALID_ARGUMENT, "exceeds capabilities", otherwise).
+    pub async fn expand_volume(
+        &self,
+        raw_id: &str,
+        range: CapacityRange,
+        capability: Option<Capability>,
+    ) -> Result<(u64, bool)> {
         let id = Self::existing_id(raw_id)?;
         let requested = resolve_capacity(range)?;
         if requested == 0 {
             return Err(Error::Missing("capacity_range"));
         }
         let backend = self.backend_of(&id)?;
+        if let Some(capability) = &capability {
+            backend
+                .check_capability(capability)
+                .map_err(|reason| Error::invalid("volume_capability", reason))?;
+        }
         // In the backend's unit, as at creation; a repeat asking for the same size finds it
         // equal to the record.
         let rounded = round_to_unit(requested, backend.size_unit(), range.limit_bytes);
@@ -520,6 +531,13 @@ impl Engine {
                 "volume {id} is {} bytes; shrinking it to {requested} is not supported",
                 record.capacity_bytes
             )));
+        }
+        // Block or filesystem, and which filesystem, as the volume's storage says: a volume
+        // the CO takes for another kind is not to be grown as if it were.
+        if let Some(capability) = capability {
+            self.check_volume_capabilities(&backend, &id, std::slice::from_ref(&capability))
+                .await?
+                .map_err(|reason| Error::invalid("volume_capability", reason))?;
         }
         let node_required = backend.node_expansion_required();
         if requested == record.capacity_bytes {
