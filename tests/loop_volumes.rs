@@ -1444,3 +1444,62 @@ async fn a_controller_expansion_naming_another_kind_of_volume_is_refused() {
     assert_eq!(grown.capacity_bytes, 400 * MIB);
     assert_eq!(image_len(), 400 << 20);
 }
+
+#[tokio::test]
+async fn stats_of_a_block_volume_report_no_inodes_of_the_data_directory() {
+    skip_unless_ready!(skip_reason());
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let volume = create(&mut c, "pvc-block-stats", 32 * MIB, block_capability()).await;
+    let staging = d.target("block-stats-staging");
+    n.node_stage_volume(proto::NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(block_capability()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let target = d.target("block-stats-pod");
+    let mut request = publish_request(&volume.volume_id, &target, false);
+    request.volume_capability = Some(block_capability());
+    request.staging_target_path = staging.clone();
+    n.node_publish_volume(request).await.unwrap();
+    let stats = n
+        .node_get_volume_stats(proto::NodeGetVolumeStatsRequest {
+            volume_id: volume.volume_id.clone(),
+            volume_path: target.clone(),
+            staging_target_path: staging.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    n.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        target_path: target.clone(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+    })
+    .await
+    .unwrap();
+    let usage = |unit: proto::volume_usage::Unit| {
+        stats.usage.iter().find(|u| u.unit == unit as i32).copied()
+    };
+    let bytes = usage(proto::volume_usage::Unit::Bytes).unwrap();
+    assert_eq!(bytes.total, 32 * MIB, "{bytes:?}");
+    // A raw block device has no inodes: none are reported, rather than the data directory's
+    // (the filesystem holding the image).
+    if let Some(inodes) = usage(proto::volume_usage::Unit::Inodes) {
+        assert_eq!(
+            (inodes.total, inodes.available, inodes.used),
+            (0, 0, 0),
+            "{inodes:?}"
+        );
+    }
+    assert!(!stats.volume_condition.unwrap().abnormal);
+}

@@ -481,7 +481,13 @@ impl Backend for LoopBackend {
         // directory's (which holds the image) say nothing about them.
         match self.existing(id)?.1 {
             Kind::Filesystem(_) => FsCapacity::of(at),
-            Kind::Block => self.capacity(),
+            // A raw block device has bytes (the image's, bounded by the space left to grow
+            // into) but no inodes: the data directory's would be reported as the volume's.
+            Kind::Block => Ok(FsCapacity {
+                total_inodes: 0,
+                free_inodes: 0,
+                ..self.capacity()?
+            }),
         }
     }
 
