@@ -733,6 +733,49 @@ async fn create_volume_checks_capacity() {
 }
 
 #[tokio::test]
+async fn an_expansion_larger_than_the_whole_filesystem_is_out_of_range() {
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let volume = c
+        .create_volume(create_request("grow-huge", MIB))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let expand = |bytes: i64| proto::ControllerExpandVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    };
+    // Can never be satisfied, like a CreateVolume of that size: the CO must fix the range
+    // (OUT_OF_RANGE), not retry (RESOURCE_EXHAUSTED).
+    let status = expect_code(
+        c.controller_expand_volume(expand(i64::MAX)).await,
+        Code::OutOfRange,
+    );
+    assert_mentions(&status, "whole");
+    // The record is unchanged: the volume still answers with its old size.
+    let got = c
+        .controller_get_volume(proto::ControllerGetVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.volume.unwrap().capacity_bytes, MIB);
+    let grown = c
+        .controller_expand_volume(expand(2 * MIB))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 2 * MIB);
+}
+
+#[tokio::test]
 async fn create_volume_checks_names() {
     let d = Driver::start();
     let mut c = d.controller().await;

@@ -1105,3 +1105,401 @@ async fn filesystem_wide_mount_flags_are_honoured_or_refused() {
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("\"sync\""), "{status:?}");
 }
+
+/// The size of the block device published at `target`.
+fn device_bytes(target: &str) -> u64 {
+    let mut device = std::fs::File::open(target).unwrap();
+    device.seek(SeekFrom::End(0)).unwrap()
+}
+
+#[tokio::test]
+async fn a_block_volume_of_a_size_that_is_not_whole_sectors_is_never_smaller_than_asked() {
+    skip_unless_ready!(skip_reason());
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    // A PVC of `100M` (SI): 100,000,000 bytes, not a whole number of 512-byte sectors.
+    let asked: i64 = 100_000_000;
+    let volume = create(&mut c, "pvc-block-si", asked, block_capability()).await;
+    assert!(volume.capacity_bytes >= asked, "{volume:?}");
+    let staging = d.target("si-staging");
+    n.node_stage_volume(proto::NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(block_capability()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let target = d.target("si-pod");
+    let mut request = publish_request(&volume.volume_id, &target, false);
+    request.volume_capability = Some(block_capability());
+    request.staging_target_path = staging.clone();
+    n.node_publish_volume(request).await.unwrap();
+    // The device the pod gets holds at least what was asked for, and is the size answered
+    // (checked after teardown).
+    let size = device_bytes(&target);
+
+    // The same for a growth to 150M.
+    let grown_to: i64 = 150_000_000;
+    let expanded = c
+        .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: grown_to,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(expanded.capacity_bytes >= grown_to, "{expanded:?}");
+    let node = n
+        .node_expand_volume(proto::NodeExpandVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            volume_path: target.clone(),
+            staging_target_path: staging.clone(),
+            volume_capability: Some(block_capability()),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let grown = device_bytes(&target);
+    // Teardown first, so a failed check leaves no device behind.
+    n.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        target_path: target.clone(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+    })
+    .await
+    .unwrap();
+    assert!(size >= asked as u64, "device of {size} bytes for {asked}");
+    assert_eq!(size, volume.capacity_bytes as u64);
+    assert!(
+        grown >= grown_to as u64,
+        "device of {grown} bytes for {grown_to}"
+    );
+    assert_eq!(grown, expanded.capacity_bytes as u64);
+    assert_eq!(node.capacity_bytes, expanded.capacity_bytes);
+    // A repeat of either call with the size the CO asked for is answered the same.
+    let again = c
+        .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: grown_to,
+                limit_bytes: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.capacity_bytes, expanded.capacity_bytes);
+    // No device of whole sectors lies between 100M and a limit of 100M.
+    let mut exact = loop_request("pvc-block-exact", asked, "");
+    exact.volume_capabilities = vec![block_capability()];
+    exact.capacity_range = Some(proto::CapacityRange {
+        required_bytes: asked,
+        limit_bytes: asked,
+    });
+    let err = c.create_volume(exact).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+}
+
+#[tokio::test]
+async fn stats_of_a_filesystem_volume_come_from_its_own_filesystem() {
+    skip_unless_ready!(skip_reason());
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let volume = create(&mut c, "pvc-stats", 64 * MIB, fs_capability("ext4")).await;
+    let staging = d.target("stats-staging");
+    n.node_stage_volume(proto::NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(fs_capability("ext4")),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let target = d.target("stats-pod");
+    let mut request = publish_request(&volume.volume_id, &target, false);
+    request.volume_capability = Some(fs_capability("ext4"));
+    request.staging_target_path = staging.clone();
+    n.node_publish_volume(request).await.unwrap();
+    write_mib(&Path::new(&target).join("a"), 8).unwrap();
+    for i in 0..100 {
+        std::fs::write(Path::new(&target).join(format!("f{i}")), b"x").unwrap();
+    }
+    let stats = n
+        .node_get_volume_stats(proto::NodeGetVolumeStatsRequest {
+            volume_id: volume.volume_id.clone(),
+            volume_path: target.clone(),
+            staging_target_path: staging.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let fs = rustix::fs::statvfs(Path::new(&target)).unwrap();
+    n.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        target_path: target.clone(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+    })
+    .await
+    .unwrap();
+    let usage = |unit: proto::volume_usage::Unit| {
+        *stats.usage.iter().find(|u| u.unit == unit as i32).unwrap()
+    };
+    // Inodes are the volume's filesystem's, not the data directory's.
+    let inodes = usage(proto::volume_usage::Unit::Inodes);
+    assert_eq!(inodes.total as u64, fs.f_files, "{inodes:?}");
+    assert_eq!(inodes.available as u64, fs.f_favail, "{inodes:?}");
+    assert_eq!(inodes.used as u64, fs.f_files - fs.f_ffree, "{inodes:?}");
+    // Available bytes are what the volume's filesystem still takes, not its size less use.
+    let bytes = usage(proto::volume_usage::Unit::Bytes);
+    assert_eq!(bytes.total, 64 * MIB, "{bytes:?}");
+    assert!(bytes.used >= 8 * MIB, "{bytes:?}");
+    assert!(
+        bytes.available as u64 <= fs.f_bavail * fs.f_frsize,
+        "{bytes:?} but the filesystem has {} bytes available",
+        fs.f_bavail * fs.f_frsize
+    );
+}
+
+#[tokio::test]
+async fn get_capacity_reports_the_smallest_volume_of_the_filesystem_asked_for() {
+    skip_unless_ready!(skip_reason());
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let minimum = |fs_type: &str| proto::GetCapacityRequest {
+        volume_capabilities: vec![fs_capability(fs_type)],
+        parameters: loop_params(),
+        ..Default::default()
+    };
+    let xfs = c
+        .get_capacity(minimum("xfs"))
+        .await
+        .unwrap()
+        .into_inner()
+        .minimum_volume_size
+        .unwrap();
+    // The smallest limit_bytes a CreateVolume with these capabilities may use: a smaller one
+    // is OUT_OF_RANGE (mkfs.xfs needs 300 MiB).
+    let mut below = loop_request("below-minimum-xfs", 0, "xfs");
+    below.capacity_range = Some(proto::CapacityRange {
+        required_bytes: 0,
+        limit_bytes: xfs - 1,
+    });
+    let err = c.create_volume(below).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert_eq!(xfs, 300 * MIB);
+    let mut at = loop_request("at-minimum-xfs", 0, "xfs");
+    at.capacity_range = Some(proto::CapacityRange {
+        required_bytes: 0,
+        limit_bytes: xfs,
+    });
+    let volume = common::create_ok(&mut c, at).await;
+    assert_eq!(volume.capacity_bytes, xfs);
+    // ext4 is smaller.
+    let ext4 = c
+        .get_capacity(minimum("ext4"))
+        .await
+        .unwrap()
+        .into_inner()
+        .minimum_volume_size
+        .unwrap();
+    assert!(ext4 < xfs, "{ext4}");
+}
+
+#[tokio::test]
+async fn a_node_expansion_naming_another_kind_of_volume_is_refused() {
+    skip_unless_ready!(skip_reason());
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let volume = create(&mut c, "pvc-expand-kind", 300 * MIB, fs_capability("xfs")).await;
+    let staging = d.target("expand-kind-staging");
+    n.node_stage_volume(proto::NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(fs_capability("xfs")),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let target = d.target("expand-kind-pod");
+    let mut request = publish_request(&volume.volume_id, &target, false);
+    request.volume_capability = Some(fs_capability("xfs"));
+    request.staging_target_path = staging.clone();
+    n.node_publish_volume(request).await.unwrap();
+    c.controller_expand_volume(proto::ControllerExpandVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: 400 * MIB,
+            limit_bytes: 0,
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let expand = |capability: VolumeCapability| proto::NodeExpandVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        volume_path: target.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(capability),
+        ..Default::default()
+    };
+    let blocks = |path: &str| {
+        let st = rustix::fs::statvfs(Path::new(path)).unwrap();
+        st.f_blocks * st.f_frsize
+    };
+    let before = blocks(&target);
+    // "Exceeds capabilities": the volume holds xfs, not a raw block device or ext4.
+    let as_block = n.node_expand_volume(expand(block_capability())).await;
+    let as_ext4 = n.node_expand_volume(expand(fs_capability("ext4"))).await;
+    let unchanged = blocks(&target);
+    let as_xfs = n.node_expand_volume(expand(fs_capability("xfs"))).await;
+    let after = blocks(&target);
+    n.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        target_path: target.clone(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+    })
+    .await
+    .unwrap();
+    for refused in [as_block, as_ext4] {
+        let err = refused.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    }
+    assert_eq!(unchanged, before, "a refused expansion grew the filesystem");
+    assert_eq!(as_xfs.unwrap().into_inner().capacity_bytes, 400 * MIB);
+    assert!(after > before + (50 << 20), "{before} -> {after}");
+}
+
+#[tokio::test]
+async fn a_controller_expansion_naming_another_kind_of_volume_is_refused() {
+    skip_unless_ready!(skip_reason());
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let volume = create(&mut c, "pvc-cexpand-kind", 300 * MIB, fs_capability("xfs")).await;
+    let expand = |capability: Option<VolumeCapability>| proto::ControllerExpandVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        capacity_range: Some(proto::CapacityRange {
+            required_bytes: 400 * MIB,
+            limit_bytes: 0,
+        }),
+        volume_capability: capability,
+        ..Default::default()
+    };
+    let image_len = || {
+        std::fs::read_dir(d.data_dir().join("images"))
+            .unwrap()
+            .flatten()
+            .next()
+            .unwrap()
+            .metadata()
+            .unwrap()
+            .len()
+    };
+    // "Exceeds capabilities": the volume holds xfs, not a raw block device or ext4.
+    for wrong in [block_capability(), fs_capability("ext4")] {
+        let err = c
+            .controller_expand_volume(expand(Some(wrong)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert_eq!(image_len(), 300 << 20, "a refused expansion grew the image");
+    }
+    let got = c
+        .controller_get_volume(proto::ControllerGetVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.volume.unwrap().capacity_bytes, 300 * MIB);
+    let grown = c
+        .controller_expand_volume(expand(Some(fs_capability("xfs"))))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(grown.capacity_bytes, 400 * MIB);
+    assert_eq!(image_len(), 400 << 20);
+}
+
+#[tokio::test]
+async fn stats_of_a_block_volume_report_no_inodes_of_the_data_directory() {
+    skip_unless_ready!(skip_reason());
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    let volume = create(&mut c, "pvc-block-stats", 32 * MIB, block_capability()).await;
+    let staging = d.target("block-stats-staging");
+    n.node_stage_volume(proto::NodeStageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(block_capability()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let target = d.target("block-stats-pod");
+    let mut request = publish_request(&volume.volume_id, &target, false);
+    request.volume_capability = Some(block_capability());
+    request.staging_target_path = staging.clone();
+    n.node_publish_volume(request).await.unwrap();
+    let stats = n
+        .node_get_volume_stats(proto::NodeGetVolumeStatsRequest {
+            volume_id: volume.volume_id.clone(),
+            volume_path: target.clone(),
+            staging_target_path: staging.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    n.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        target_path: target.clone(),
+    })
+    .await
+    .unwrap();
+    n.node_unstage_volume(proto::NodeUnstageVolumeRequest {
+        volume_id: volume.volume_id.clone(),
+        staging_target_path: staging.clone(),
+    })
+    .await
+    .unwrap();
+    let usage = |unit: proto::volume_usage::Unit| {
+        stats.usage.iter().find(|u| u.unit == unit as i32).copied()
+    };
+    let bytes = usage(proto::volume_usage::Unit::Bytes).unwrap();
+    assert_eq!(bytes.total, 32 * MIB, "{bytes:?}");
+    // A raw block device has no inodes: none are reported, rather than the data directory's
+    // (the filesystem holding the image).
+    if let Some(inodes) = usage(proto::volume_usage::Unit::Inodes) {
+        assert_eq!(
+            (inodes.total, inodes.available, inodes.used),
+            (0, 0, 0),
+            "{inodes:?}"
+        );
+    }
+    assert!(!stats.volume_condition.unwrap().abnormal);
+}

@@ -482,7 +482,8 @@ async fn templates_collisions_and_on_delete_modes() {
         })
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    // 1 TiB is more than the whole 2 GiB share: it can never fit.
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
 
     for v in [&retained, &archived, &deleted] {
         delete(&mut c, &v.volume_id).await;
@@ -1010,4 +1011,72 @@ async fn a_repeated_create_with_other_mount_flags_already_exists() {
     .expect_err("other mount flags");
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     delete(&mut c, &first.volume_id).await;
+}
+
+#[tokio::test]
+async fn stats_of_a_shared_volume_come_from_the_share() {
+    skip_unless_ready!(skip_reason());
+    let share = Share::new();
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let mut n = d.node().await;
+    // As large as the share allows: its free space, not the volume's size, bounds it.
+    let free = {
+        let st = rustix::fs::statvfs(share.view()).unwrap();
+        (st.f_bavail * st.f_frsize) as i64
+    };
+    let id = c
+        .create_volume(proto::CreateVolumeRequest {
+            name: "pvc-stats".to_string(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: free,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![rwx()],
+            parameters: share.params(&[]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    // Something else on the share takes 64 MiB of it.
+    {
+        use std::io::Write;
+        let mut other = std::fs::File::create(share.view().join("other-data")).unwrap();
+        let chunk = vec![0x5au8; 1 << 20];
+        for _ in 0..64 {
+            other.write_all(&chunk).unwrap();
+        }
+        other.sync_all().unwrap();
+    }
+    let (staging, target) = stage_and_publish(&mut n, &d, &id, rwx(), false).await;
+    let stats = n
+        .node_get_volume_stats(proto::NodeGetVolumeStatsRequest {
+            volume_id: id.clone(),
+            volume_path: target.clone(),
+            staging_target_path: staging.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let fs = rustix::fs::statvfs(share.view()).unwrap();
+    unpublish_and_unstage(&mut n, &id, &staging, &target).await;
+    delete(&mut c, &id).await;
+    let usage = |unit: proto::volume_usage::Unit| {
+        *stats.usage.iter().find(|u| u.unit == unit as i32).unwrap()
+    };
+    // The share's inodes, not those of the node's directory where it is mounted.
+    let inodes = usage(proto::volume_usage::Unit::Inodes);
+    assert_eq!(inodes.total as u64, fs.f_files, "{inodes:?}");
+    assert_eq!(inodes.available as u64, fs.f_favail, "{inodes:?}");
+    // What the share still takes, not the volume's size less its use.
+    let bytes = usage(proto::volume_usage::Unit::Bytes);
+    assert!(
+        bytes.available as u64 <= fs.f_bavail * fs.f_frsize,
+        "{bytes:?} but the share has {} bytes available",
+        fs.f_bavail * fs.f_frsize
+    );
 }

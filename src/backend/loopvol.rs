@@ -25,6 +25,9 @@ use crate::mount::{ConfinedPath, MountOptions, Mounter, PathState};
 /// Size of a volume created without a capacity range.
 pub const DEFAULT_BYTES: u64 = 1 << 30;
 
+/// The loop devices' logical sector size; image sizes are whole multiples of it.
+const SECTOR_BYTES: u64 = 512;
+
 /// What a loop volume holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -336,6 +339,13 @@ impl Backend for LoopBackend {
         DEFAULT_BYTES
     }
 
+    fn size_unit(&self) -> u64 {
+        // A loop device holds whole 512-byte sectors (it is attached with `--sector-size 512`):
+        // an image of another size is cut down to the sector below, so a raw block volume of a
+        // `100M` PVC (100,000,000 bytes) would be a device 256 bytes smaller than asked.
+        SECTOR_BYTES
+    }
+
     fn smallest_volume_bytes(&self, options: &VolumeOptions) -> u64 {
         if options.block {
             return 0;
@@ -468,6 +478,21 @@ impl Backend for LoopBackend {
             used_bytes: meta.blocks() * 512,
             used_inodes: 0,
         })
+    }
+
+    fn capacity_at(&self, id: &VolumeId, at: &Path) -> Result<FsCapacity, BackendError> {
+        // A filesystem volume's space and inodes are its own filesystem's; the data
+        // directory's (which holds the image) say nothing about them.
+        match self.existing(id)?.1 {
+            Kind::Filesystem(_) => FsCapacity::of(at),
+            // A raw block device has bytes (the image's, bounded by the space left to grow
+            // into) but no inodes: the data directory's would be reported as the volume's.
+            Kind::Block => Ok(FsCapacity {
+                total_inodes: 0,
+                free_inodes: 0,
+                ..self.capacity()?
+            }),
+        }
     }
 
     fn usage_at(&self, id: &VolumeId, at: &Path) -> Result<Usage, BackendError> {

@@ -229,6 +229,13 @@ pub trait Backend: Send + Sync + 'static {
         0
     }
 
+    /// The unit volume sizes are made in: a volume's size is rounded up to a multiple of it
+    /// (within the request's limit) before it is made and recorded, so the storage is never
+    /// smaller than the recorded, answered size. 1 where any size is exact.
+    fn size_unit(&self) -> u64 {
+        1
+    }
+
     /// The size of a volume created without a capacity range (0: none, the volume has no
     /// size of its own). The engine records and reports it, and checks it against the
     /// filesystem's space, as if the CO had asked for it.
@@ -437,6 +444,14 @@ pub trait Backend: Send + Sync + 'static {
         _readonly: bool,
     ) -> Result<PublishSource, BackendError> {
         Ok(PublishSource::Directory(self.volume_path(id)))
+    }
+
+    /// Space and inodes of the filesystem the volume published at `at` lives on, for
+    /// NodeGetVolumeStats; by default [`Backend::capacity`] (a directory volume shares the data
+    /// directory's filesystem). A volume with a filesystem of its own (a loop image) or on
+    /// another one (a share) answers from the filesystem at `at`.
+    fn capacity_at(&self, _id: &VolumeId, _at: &Path) -> Result<FsCapacity, BackendError> {
+        self.capacity()
     }
 
     /// Usage as seen where the volume is published (`at`); defaults to [`Backend::usage`].

@@ -323,9 +323,17 @@ impl Controller for ControllerService {
                 return Err(Error::Missing("capacity_range"));
             }
             crate::engine::params::check_map("secrets", &sorted(r.secrets.clone()))?;
+            let capability = r
+                .volume_capability
+                .map(|c| convert::capability("volume_capability", c))
+                .transpose()?;
             let (capacity, node_expansion_required) = self
                 .engine
-                .expand_volume(&r.volume_id, convert::capacity_range(r.capacity_range)?)
+                .expand_volume(
+                    &r.volume_id,
+                    convert::capacity_range(r.capacity_range)?,
+                    capability,
+                )
                 .await?;
             Ok(proto::ControllerExpandVolumeResponse {
                 capacity_bytes: convert::int64(capacity),

@@ -178,9 +178,13 @@ impl Node for NodeService {
                 return Err(Error::Missing("volume_path"));
             }
             crate::engine::params::check_map("secrets", &convert::sorted(r.secrets.clone()))?;
+            let capability = r
+                .volume_capability
+                .map(|c| convert::capability("volume_capability", c))
+                .transpose()?;
             let capacity = self
                 .engine
-                .node_expand(&r.volume_id, &r.volume_path)
+                .node_expand(&r.volume_id, &r.volume_path, capability)
                 .await?;
             Ok(proto::NodeExpandVolumeResponse {
                 capacity_bytes: convert::int64(capacity),

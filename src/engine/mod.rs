@@ -296,6 +296,9 @@ impl Engine {
             }
             capacity = smallest;
         }
+        // Refused only for a new volume (below): a repeat is answered from the record, which
+        // may predate rounding.
+        let rounded = round_to_unit(capacity, backend.size_unit(), request.capacity.limit_bytes);
         let mount_flags = mount_flags_of(&request.capabilities);
         if let Some(topology) = &request.topology
             && backend.node_local()
@@ -380,6 +383,7 @@ impl Engine {
             // (nor locked): the CO's retry creates it anew.
             return Err(Error::InProgress(format!("name:{name}")));
         }
+        let capacity = rounded?;
 
         let sync_dirs = backend.sync_dirs();
         let id = new_id.clone();
@@ -488,25 +492,53 @@ impl Engine {
     }
 
     /// ControllerExpandVolume: grows the volume to the range's required (else limit) bytes and
-    /// returns the new capacity. Shrinking is refused.
-    pub async fn expand_volume(&self, raw_id: &str, range: CapacityRange) -> Result<(u64, bool)> {
+    /// returns the new capacity. Shrinking is refused. A capability, when given, must be what
+    /// the volume is (INVALID_ARGUMENT, "exceeds capabilities", otherwise).
+    pub async fn expand_volume(
+        &self,
+        raw_id: &str,
+        range: CapacityRange,
+        capability: Option<Capability>,
+    ) -> Result<(u64, bool)> {
         let id = Self::existing_id(raw_id)?;
         let requested = resolve_capacity(range)?;
         if requested == 0 {
             return Err(Error::Missing("capacity_range"));
         }
+        let backend = self.backend_of(&id)?;
+        if let Some(capability) = &capability {
+            backend
+                .check_capability(capability)
+                .map_err(|reason| Error::invalid("volume_capability", reason))?;
+        }
+        // In the backend's unit, as at creation; a repeat asking for the same size finds it
+        // equal to the record.
+        let rounded = round_to_unit(requested, backend.size_unit(), range.limit_bytes);
         let _guard = self.lock(vec![format!("vol:{id}")])?;
         let mut record = self
             .store
             .volume(id.as_str())?
             .ok_or_else(|| Error::VolumeNotFound(raw_id.to_string()))?;
+        // A record from before sizes were rounded may hold exactly the size asked for: that is
+        // the same expansion again, whatever the rounding says.
+        let requested = if requested == record.capacity_bytes {
+            requested
+        } else {
+            rounded?
+        };
         if requested < record.capacity_bytes {
             return Err(Error::CapacityOutOfRange(format!(
                 "volume {id} is {} bytes; shrinking it to {requested} is not supported",
                 record.capacity_bytes
             )));
         }
-        let backend = self.backend_of(&id)?;
+        // Block or filesystem, and which filesystem, as the volume's storage says: a volume
+        // the CO takes for another kind is not to be grown as if it were.
+        if let Some(capability) = capability {
+            self.check_volume_capabilities(&backend, &id, std::slice::from_ref(&capability))
+                .await?
+                .map_err(|reason| Error::invalid("volume_capability", reason))?;
+        }
         let node_required = backend.node_expansion_required();
         if requested == record.capacity_bytes {
             // A repeated expansion that already happened.
@@ -516,6 +548,15 @@ impl Engine {
             let (b, i) = (backend.clone(), id.clone());
             blocking(move || Ok(b.capacity_of(&i)?)).await?
         };
+        // Larger than the whole filesystem can never fit, as for CreateVolume: the CO must fix
+        // the range (OUT_OF_RANGE), where RESOURCE_EXHAUSTED would have it retry for ever.
+        if requested > fs.total_bytes {
+            return Err(Error::CapacityOutOfRange(format!(
+                "requested {requested} bytes for volume {id} is larger than the whole \
+                 filesystem it grows in ({} bytes)",
+                fs.total_bytes
+            )));
+        }
         let growth = requested - record.capacity_bytes;
         if growth > fs.available_bytes {
             return Err(Error::Exhausted(format!(
@@ -778,10 +819,28 @@ impl Engine {
             });
         }
         let fs = backend.capacity_for(&params.defining, &mount_flags_of(capabilities))?;
+        // The smallest limit_bytes a CreateVolume with these capabilities may use: the kind
+        // they ask for may need more than the backend's smallest volume (an xfs loop image
+        // needs 300 MiB; CreateVolume answers OUT_OF_RANGE below that).
+        let kind = VolumeOptions {
+            block: capabilities
+                .iter()
+                .any(|c| c.access_type == AccessType::Block),
+            fs_type: capabilities
+                .iter()
+                .find_map(|c| match &c.access_type {
+                    AccessType::Mount { fs_type, .. } => Some(fs_type.clone()),
+                    AccessType::Block => None,
+                })
+                .unwrap_or_default(),
+            ..VolumeOptions::default()
+        };
         Ok(CapacityReport {
             available_bytes: fs.available_bytes,
             maximum_volume_size: fs.available_bytes,
-            minimum_volume_size: backend.minimum_volume_bytes(),
+            minimum_volume_size: backend
+                .minimum_volume_bytes()
+                .max(backend.smallest_volume_bytes(&kind)),
         })
     }
 }
@@ -872,6 +931,19 @@ fn resolve_capacity(range: CapacityRange) -> Result<u64> {
     } else {
         range.limit_bytes
     })
+}
+
+/// `bytes` rounded up to a multiple of `unit` (see [`Backend::size_unit`]): OUT_OF_RANGE when
+/// that passes `limit` (0: none), since no size of whole units lies in the range then.
+fn round_to_unit(bytes: u64, unit: u64, limit: u64) -> Result<u64> {
+    let rounded = bytes.checked_next_multiple_of(unit.max(1)).unwrap_or(bytes);
+    if limit > 0 && rounded > limit {
+        return Err(Error::CapacityOutOfRange(format!(
+            "volumes of this kind are whole multiples of {unit} bytes; none lies between \
+             {bytes} bytes and limit_bytes {limit}"
+        )));
+    }
+    Ok(rounded)
 }
 
 /// Whether an existing volume satisfies a repeated CreateVolume with the same name.

@@ -360,19 +360,37 @@ impl Engine {
     }
 
     /// NodeExpandVolume: grows the device and filesystem the node sees; returns the size now
-    /// visible (the recorded capacity when the node has nothing to grow).
-    pub async fn node_expand(&self, raw_id: &str, raw_path: &str) -> Result<u64> {
+    /// visible (the recorded capacity when the node has nothing to grow). A capability, when
+    /// given, must be what the volume is (INVALID_ARGUMENT, "exceeds capabilities", otherwise).
+    pub async fn node_expand(
+        &self,
+        raw_id: &str,
+        raw_path: &str,
+        capability: Option<Capability>,
+    ) -> Result<u64> {
         let id = Self::existing_id(raw_id)?;
         if raw_path.is_empty() {
             return Err(Error::Missing("volume_path"));
         }
         self.confine("volume_path", raw_path)?;
         let backend = self.backend_of(&id)?;
+        if let Some(capability) = &capability {
+            backend
+                .check_capability(capability)
+                .map_err(|reason| Error::invalid("volume_capability", reason))?;
+        }
         let _guard = self.lock(vec![format!("vol:{id}")])?;
         let record = self
             .store
             .volume(id.as_str())?
             .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
+        // Block or filesystem, and which filesystem, as the volume's storage says: the
+        // filesystem of a volume the CO takes for a raw block device is not to be grown.
+        if let Some(capability) = capability {
+            self.check_volume_capabilities(&backend, &id, std::slice::from_ref(&capability))
+                .await?
+                .map_err(|reason| Error::invalid("volume_capability", reason))?;
+        }
         let staging = self.staging_of(&id)?;
         // Bounded like every look at the volume: growing a filesystem that hangs (a dead layer
         // over the staging path) answers UNAVAILABLE instead of holding a thread per kubelet
@@ -717,7 +735,13 @@ impl Engine {
                     && !published_readonly
                     && rustix::fs::statvfs(&at)
                         .is_ok_and(|st| st.f_flag.contains(rustix::fs::StatVfsMountFlags::RDONLY));
-                let fs = backend.capacity()?;
+                // The filesystem the publication shows; one that no longer shows the volume
+                // (reported abnormal below) is not the volume's.
+                let fs = if shows {
+                    backend.capacity_at(&i, &at)?
+                } else {
+                    backend.capacity()?
+                };
                 let usage = if backing {
                     Some(backend.usage_at(&i, &at)?)
                 } else {

@@ -453,11 +453,17 @@ async fn expansion_grows_and_never_shrinks() {
         limit_bytes: 0,
     };
     assert_eq!(
-        f.engine.expand_volume(v.id.as_str(), grow).await.unwrap(),
+        f.engine
+            .expand_volume(v.id.as_str(), grow, None)
+            .await
+            .unwrap(),
         (4 << 20, false)
     );
     assert_eq!(
-        f.engine.expand_volume(v.id.as_str(), grow).await.unwrap(),
+        f.engine
+            .expand_volume(v.id.as_str(), grow, None)
+            .await
+            .unwrap(),
         (4 << 20, false)
     );
     let shrink = CapacityRange {
@@ -465,14 +471,14 @@ async fn expansion_grows_and_never_shrinks() {
         limit_bytes: 0,
     };
     assert!(matches!(
-        f.engine.expand_volume(v.id.as_str(), shrink).await,
+        f.engine.expand_volume(v.id.as_str(), shrink, None).await,
         Err(Error::CapacityOutOfRange(_))
     ));
     let (volume, _) = f.engine.get_volume(v.id.as_str()).unwrap();
     assert_eq!(volume.capacity_bytes, 4 << 20);
     assert!(matches!(
         f.engine
-            .expand_volume("dir-00000000000000000000000000000000", grow)
+            .expand_volume("dir-00000000000000000000000000000000", grow, None)
             .await,
         Err(Error::VolumeNotFound(_))
     ));

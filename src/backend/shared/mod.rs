@@ -736,6 +736,12 @@ impl Backend for SharedBackend {
         })
     }
 
+    fn capacity_at(&self, _id: &VolumeId, at: &Path) -> Result<FsCapacity, BackendError> {
+        // The share's space and inodes (the volume is a directory on it), not those of the
+        // local directory where shares are mounted.
+        FsCapacity::of(at)
+    }
+
     fn usage_at(&self, _id: &VolumeId, at: &Path) -> Result<Usage, BackendError> {
         let dir = rustix::fs::open(
             at,
