@@ -1483,3 +1483,84 @@ async fn a_loop_volume_without_a_capacity_range_reports_its_real_size() {
     let limited = create(&mut c, limited, None).await.unwrap();
     assert_eq!(limited.capacity_bytes, 16 * MIB);
 }
+
+/// Builds `depth` nested directories `d` under `root` (through descriptors: far deeper than
+/// PATH_MAX allows as one path) with a file `bottom` at the end.
+fn nest_deep(root: &Path, depth: usize) {
+    use rustix::fs::{Mode, OFlags};
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let mut cur = rustix::fs::open(root, flags, Mode::empty()).unwrap();
+    for _ in 0..depth {
+        rustix::fs::mkdirat(&cur, "d", Mode::from_raw_mode(0o755)).unwrap();
+        cur = rustix::fs::openat(&cur, "d", flags, Mode::empty()).unwrap();
+    }
+    let f = rustix::fs::openat(
+        &cur,
+        "bottom",
+        OFlags::WRONLY | OFlags::CREATE | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o644),
+    )
+    .unwrap();
+    rustix::io::write(&f, b"deep").unwrap();
+}
+
+/// The content of `bottom` at the end of `depth` nested `d` directories under `root`.
+fn read_deep(root: &Path, depth: usize) -> Vec<u8> {
+    use rustix::fs::{Mode, OFlags};
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let top = rustix::fs::open(root, flags, Mode::empty()).unwrap();
+    let bottom = (0..depth).fold(top, |fd, _| {
+        rustix::fs::openat(&fd, "d", flags, Mode::empty()).unwrap()
+    });
+    let f = rustix::fs::openat(&bottom, "bottom", OFlags::RDONLY, Mode::empty()).unwrap();
+    let mut buf = [0u8; 16];
+    let n = rustix::io::read(&f, &mut buf).unwrap();
+    buf[..n].to_vec()
+}
+
+/// A pod can nest directories as deep as it likes (each `mkdir` is relative). Snapshotting,
+/// restoring and cloning such a directory volume copies the whole tree and the server keeps
+/// serving: the copy neither recurses once per level on its worker thread's stack nor holds
+/// two descriptors open per level.
+#[tokio::test]
+async fn a_very_deep_tree_is_snapshotted_restored_and_cloned() {
+    const DEPTH: usize = 6_000;
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let source = create(&mut c, create_request("deep-src", 8 * MIB), None)
+        .await
+        .unwrap();
+    nest_deep(&dir_volume(&d, &source.volume_id), DEPTH);
+    let snap = snapshot(&mut c, "deep-snap", &source.volume_id).await;
+    let restored = create(
+        &mut c,
+        create_request("deep-restored", 8 * MIB),
+        Some(snap_source(&snap.snapshot_id)),
+    )
+    .await
+    .expect("restore of a deep tree");
+    assert_eq!(
+        read_deep(&dir_volume(&d, &restored.volume_id), DEPTH),
+        b"deep"
+    );
+    let clone = create(
+        &mut c,
+        create_request("deep-clone", 8 * MIB),
+        Some(volume_source(&source.volume_id)),
+    )
+    .await
+    .expect("clone of a deep tree");
+    assert_eq!(read_deep(&dir_volume(&d, &clone.volume_id), DEPTH), b"deep");
+    c.delete_snapshot(proto::DeleteSnapshotRequest {
+        snapshot_id: snap.snapshot_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("deleting the deep snapshot");
+    assert!(
+        !d.data_dir()
+            .join("snapshots")
+            .join(&snap.snapshot_id)
+            .exists()
+    );
+}

@@ -5,7 +5,8 @@
 //!   `reflink=1`, btrfs), which is O(extents) and needs no space; otherwise a copy that skips
 //!   holes (`SEEK_DATA`/`SEEK_HOLE`), so a sparse image stays sparse.
 //! - [`copy_tree`]: a directory tree walked through directory file descriptors (`openat` with
-//!   `O_NOFOLLOW`, never a path a pod could swap for a symlink), each regular file cloned as
+//!   `O_NOFOLLOW`, never a path a pod could swap for a symlink) without recursion, so its depth
+//!   is bounded by neither the stack nor the descriptor table, each regular file cloned as
 //!   above, keeping hard links, symlinks (as links), special files, owners, modes, extended
 //!   attributes and timestamps (directories' after their contents, so creating entries does not
 //!   disturb them).
@@ -17,7 +18,7 @@
 //! the kernel (a hung filesystem) cannot be cancelled by it.
 
 use std::collections::HashMap;
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rustix::fs::{self as rfs, AtFlags, CWD, FileType, Mode, OFlags, SeekFrom, Stat, Timestamps};
 use rustix::io::Errno;
 
+use super::shared::tree::Walker;
 use super::{BackendError, Mechanism};
 
 /// Largest single `copy_file_range` request; also how much is copied between two looks at the
@@ -225,7 +227,7 @@ pub fn copy_tree(src: &Path, dst: &Path, cancel: &Cancel) -> Result<Mechanism, B
         links: HashMap::new(),
         cancel,
     };
-    copy.dir(&s, &d, Path::new(""))?;
+    copy.tree(&s, &d)?;
     copy_metadata(s.as_fd(), d.as_fd(), &root)
         .map_err(|e| BackendError::io("copy metadata", src, e))?;
     rfs::syncfs(&d).map_err(|e| BackendError::io("syncfs", dst, e.into()))?;
@@ -254,65 +256,90 @@ impl TreeCopy<'_> {
         BackendError::io(op, &self.src_root.join(rel), e.into())
     }
 
-    fn dir(&mut self, src: &OwnedFd, dst: &OwnedFd, rel: &Path) -> Result<(), BackendError> {
-        let mut names: Vec<CString> = Vec::new();
-        let listing = rfs::Dir::read_from(src).map_err(|e| self.fail("readdir", rel, e))?;
-        for entry in listing {
-            let entry = entry.map_err(|e| self.fail("readdir", rel, e))?;
-            let name = entry.file_name();
-            if name == c"." || name == c".." {
+    /// Copies the tree below `src` into `dst` without recursion: the levels being copied are
+    /// kept on the heap by two [`Walker`]s, each holding a bounded number of descriptors, so a
+    /// pod nesting directories tens of thousands deep can neither overflow the worker thread's
+    /// stack (which aborts the whole server, and again at every start while the interrupted
+    /// background copy is resumed) nor exhaust the descriptor table.
+    fn tree(&mut self, src: &OwnedFd, dst: &OwnedFd) -> Result<(), BackendError> {
+        let mut rel = PathBuf::new();
+        let mut from = Walker::new(src.as_fd()).map_err(|e| self.fail("open", &rel, e))?;
+        let mut to = Walker::new(dst.as_fd()).map_err(|e| self.fail("open copy of", &rel, e))?;
+        let dst_dev = rfs::fstat(dst)
+            .map_err(|e| self.fail("stat copy of", &rel, e))?
+            .st_dev;
+        // The source attributes of the directories being copied, one per level below the root.
+        let mut attributes: Vec<Stat> = Vec::new();
+        loop {
+            let Some(name) = from
+                .next_name()
+                .map_err(|e| self.fail("readdir", &rel, e))?
+            else {
+                if from.depth() == 0 {
+                    return Ok(());
+                }
+                let left = from
+                    .ascend()
+                    .map_err(|e| self.fail("walk up from", &rel, e))?;
+                let made = to
+                    .ascend()
+                    .map_err(|e| self.fail("walk up from copy of", &rel, e))?;
+                let st = attributes.pop().expect("one per level below the root");
+                // After its contents: creating entries does not disturb its times.
+                copy_metadata(left.fd(), made.fd(), &st)
+                    .map_err(|e| self.fail("copy metadata", &rel, e))?;
+                rel.pop();
+                continue;
+            };
+            let child = rel.join(OsStr::from_bytes(name.to_bytes()));
+            self.cancel
+                .check()
+                .map_err(|e| self.fail("copy", &child, e))?;
+            let st = match rfs::statat(from.fd(), &name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(Errno::NOENT) => continue, // removed while we copy: not part of the copy
+                Err(e) => return Err(self.fail("stat", &child, e)),
+            };
+            if st.st_dev != self.device {
+                tracing::warn!(path = %self.src_root.join(&child).display(),
+                    "not copying another filesystem mounted inside the volume");
                 continue;
             }
-            names.push(name.to_owned());
+            if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+                rfs::mkdirat(to.fd(), &name, Mode::from_raw_mode(0o700))
+                    .map_err(|e| self.fail("mkdir", &child, e))?;
+                // Opened without following a symlink, and refused if now on another device.
+                from.descend(&name, self.device)
+                    .map_err(|e| self.fail("open", &child, e))?;
+                to.descend(&name, dst_dev)
+                    .map_err(|e| self.fail("open copy of", &child, e))?;
+                attributes.push(st);
+                rel = child;
+                continue;
+            }
+            self.entry(from.fd(), to.fd(), &name, &st, &child)?;
         }
-        for name in names {
-            self.entry(src, dst, rel, &name)?;
-        }
-        Ok(())
     }
 
+    /// Copies the entry `name` (anything but a directory) of `src` into `dst`.
     fn entry(
         &mut self,
-        src: &OwnedFd,
-        dst: &OwnedFd,
-        rel: &Path,
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
         name: &CStr,
+        st: &Stat,
+        child: &Path,
     ) -> Result<(), BackendError> {
-        let child = rel.join(OsStr::from_bytes(name.to_bytes()));
-        self.cancel
-            .check()
-            .map_err(|e| self.fail("copy", &child, e))?;
-        let st = match rfs::statat(src, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => st,
-            Err(Errno::NOENT) => return Ok(()), // removed while we copy: not part of the copy
-            Err(e) => return Err(self.fail("stat", &child, e)),
-        };
-        if st.st_dev != self.device {
-            tracing::warn!(path = %self.src_root.join(&child).display(),
-                "not copying another filesystem mounted inside the volume");
-            return Ok(());
-        }
         let mode = Mode::from_raw_mode(st.st_mode & 0o7777);
         match FileType::from_raw_mode(st.st_mode) {
-            FileType::Directory => {
-                let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-                rfs::mkdirat(dst, name, Mode::from_raw_mode(0o700))
-                    .map_err(|e| self.fail("mkdir", &child, e))?;
-                let s = rfs::openat(src, name, flags, Mode::empty())
-                    .map_err(|e| self.fail("open", &child, e))?;
-                let d = rfs::openat(dst, name, flags, Mode::empty())
-                    .map_err(|e| self.fail("open copy of", &child, e))?;
-                self.dir(&s, &d, &child)?;
-                copy_metadata(s.as_fd(), d.as_fd(), &st)
-                    .map_err(|e| self.fail("copy metadata", &child, e))?;
-            }
+            FileType::Directory => unreachable!("directories are walked into by `tree`"),
             FileType::RegularFile => {
                 let key = (st.st_dev, st.st_ino);
                 if st.st_nlink > 1
                     && let Some(first) = self.links.get(&key)
                 {
                     rfs::linkat(&self.dst_root, first, dst, name, AtFlags::empty())
-                        .map_err(|e| self.fail("link", &child, e))?;
+                        .map_err(|e| self.fail("link", child, e))?;
                     return Ok(());
                 }
                 // NONBLOCK: should the entry be swapped for a FIFO, opening must not hang.
@@ -322,12 +349,12 @@ impl TreeCopy<'_> {
                     OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
                     Mode::empty(),
                 )
-                .map_err(|e| self.fail("open", &child, e))?;
-                let opened = rfs::fstat(&s).map_err(|e| self.fail("stat", &child, e))?;
+                .map_err(|e| self.fail("open", child, e))?;
+                let opened = rfs::fstat(&s).map_err(|e| self.fail("stat", child, e))?;
                 if opened.st_ino != st.st_ino || opened.st_dev != st.st_dev {
                     return Err(self.fail(
                         "copy",
-                        &child,
+                        child,
                         std::io::Error::other("replaced while being copied"),
                     ));
                 }
@@ -341,36 +368,36 @@ impl TreeCopy<'_> {
                         | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
-                .map_err(|e| self.fail("create copy of", &child, e))?;
+                .map_err(|e| self.fail("create copy of", child, e))?;
                 match clone_file(s.as_fd(), d.as_fd(), &mut self.try_reflink, self.cancel)
-                    .map_err(|e| self.fail("copy", &child, e))?
+                    .map_err(|e| self.fail("copy", child, e))?
                 {
                     Mechanism::Reflink => self.reflinked = true,
                     _ => self.copied = true,
                 }
                 copy_metadata(s.as_fd(), d.as_fd(), &opened)
-                    .map_err(|e| self.fail("copy metadata", &child, e))?;
+                    .map_err(|e| self.fail("copy metadata", child, e))?;
                 if st.st_nlink > 1 {
-                    self.links.insert(key, child);
+                    self.links.insert(key, child.to_path_buf());
                 }
             }
             FileType::Symlink => {
                 let target = rfs::readlinkat(src, name, Vec::new())
-                    .map_err(|e| self.fail("readlink", &child, e))?;
+                    .map_err(|e| self.fail("readlink", child, e))?;
                 rfs::symlinkat(target.as_c_str(), dst, name)
-                    .map_err(|e| self.fail("symlink", &child, e))?;
-                self.finish_at(dst, name, &st, None, &child)?;
+                    .map_err(|e| self.fail("symlink", child, e))?;
+                self.finish_at(dst, name, st, None, child)?;
             }
             kind @ (FileType::Fifo
             | FileType::Socket
             | FileType::CharacterDevice
             | FileType::BlockDevice) => {
                 rfs::mknodat(dst, name, kind, mode, st.st_rdev)
-                    .map_err(|e| self.fail("mknod", &child, e))?;
-                self.finish_at(dst, name, &st, Some(mode), &child)?;
+                    .map_err(|e| self.fail("mknod", child, e))?;
+                self.finish_at(dst, name, st, Some(mode), child)?;
             }
             FileType::Unknown => {
-                tracing::warn!(path = %self.src_root.join(&child).display(),
+                tracing::warn!(path = %self.src_root.join(child).display(),
                     "not copying a file of unknown type");
             }
         }
@@ -380,7 +407,7 @@ impl TreeCopy<'_> {
     /// Owner, mode (not for symlinks) and timestamps of an entry we cannot open.
     fn finish_at(
         &self,
-        dst: &OwnedFd,
+        dst: BorrowedFd<'_>,
         name: &CStr,
         st: &Stat,
         mode: Option<Mode>,
