@@ -1624,3 +1624,94 @@ async fn restores_and_clones_of_preallocated_loop_volumes_are_preallocated() {
         assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ext4");
     }
 }
+
+/// A published `dir` volume is copied while its pod works in it, and pods create and remove
+/// files all the time (temporary files, writes by rename). A file removed or replaced between
+/// the copy's look at a name and its open is not an error: the snapshot takes what is there
+/// (or nothing), each file consistent, as for a file removed before the look.
+#[tokio::test]
+async fn a_snapshot_of_a_volume_whose_files_come_and_go_succeeds() {
+    const FILES: usize = 500;
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let source = create(&mut c, create_request("churn-src", 8 * MIB), None)
+        .await
+        .unwrap();
+    let root = dir_volume(&d, &source.volume_id);
+    std::fs::write(root.join("stable"), b"kept").unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let churners: Vec<_> = (0..3)
+        .map(|t| {
+            let (root, stop) = (root.join(format!("tmp{t}")), stop.clone());
+            std::fs::create_dir(&root).unwrap();
+            std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for i in 0..FILES {
+                        let file = root.join(format!("f{i}"));
+                        let dir = root.join(format!("d{i}"));
+                        // A file written by rename, a file removed, a directory removed.
+                        let _ = std::fs::write(root.join("new"), b"v");
+                        let _ = std::fs::rename(root.join("new"), &file);
+                        let _ = std::fs::remove_file(root.join(format!("f{}", (i + 7) % FILES)));
+                        let _ = std::fs::create_dir(&dir);
+                        let _ = std::fs::write(dir.join("x"), b"x");
+                        let _ =
+                            std::fs::remove_dir_all(root.join(format!("d{}", (i + 13) % FILES)));
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for round in 0..20 {
+        match c
+            .create_snapshot(proto::CreateSnapshotRequest {
+                source_volume_id: source.volume_id.clone(),
+                name: format!("churn-snap-{round}"),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(answer) => {
+                let snap = answer.into_inner().snapshot.unwrap();
+                // A background copy that fails removes its snapshot: GetSnapshot NOT_FOUND.
+                let mut ready = snap.ready_to_use;
+                while !ready {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    match c
+                        .get_snapshot(proto::GetSnapshotRequest {
+                            snapshot_id: snap.snapshot_id.clone(),
+                            ..Default::default()
+                        })
+                        .await
+                    {
+                        Ok(got) => ready = got.into_inner().snapshot.unwrap().ready_to_use,
+                        Err(status) => {
+                            failures.push(format!("background copy: {status:?}"));
+                            break;
+                        }
+                    }
+                }
+                if !ready {
+                    continue;
+                }
+                let stable = d
+                    .data_dir()
+                    .join("snapshots")
+                    .join(&snap.snapshot_id)
+                    .join("stable");
+                assert_eq!(std::fs::read(stable).unwrap(), b"kept");
+            }
+            Err(status) => failures.push(status.message().to_string()),
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for churn in churners {
+        churn.join().unwrap();
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of 20 failed: {failures:#?}",
+        failures.len()
+    );
+}

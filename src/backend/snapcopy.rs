@@ -309,8 +309,15 @@ impl TreeCopy<'_> {
                 rfs::mkdirat(to.fd(), &name, Mode::from_raw_mode(0o700))
                     .map_err(|e| self.fail("mkdir", &child, e))?;
                 // Opened without following a symlink, and refused if now on another device.
-                from.descend(&name, self.device)
-                    .map_err(|e| self.fail("open", &child, e))?;
+                if let Err(e) = from.descend(&name, self.device) {
+                    if !gone(&e) {
+                        return Err(self.fail("open", &child, e));
+                    }
+                    // Removed (or replaced by a file or symlink) since the look at its name.
+                    rfs::unlinkat(to.fd(), &name, AtFlags::REMOVEDIR)
+                        .map_err(|e| self.fail("remove copy of", &child, e))?;
+                    continue;
+                }
                 to.descend(&name, dst_dev)
                     .map_err(|e| self.fail("open copy of", &child, e))?;
                 attributes.push(st);
@@ -343,20 +350,28 @@ impl TreeCopy<'_> {
                     return Ok(());
                 }
                 // NONBLOCK: should the entry be swapped for a FIFO, opening must not hang.
-                let s = rfs::openat(
+                let s = match rfs::openat(
                     src,
                     name,
                     OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
                     Mode::empty(),
-                )
-                .map_err(|e| self.fail("open", child, e))?;
+                ) {
+                    Ok(fd) => fd,
+                    // Removed, or replaced by a symlink or a socket, since the look at its name.
+                    Err(Errno::NOENT | Errno::LOOP | Errno::NXIO) => return Ok(()),
+                    Err(e) => return Err(self.fail("open", child, e)),
+                };
                 let opened = rfs::fstat(&s).map_err(|e| self.fail("stat", child, e))?;
-                if opened.st_ino != st.st_ino || opened.st_dev != st.st_dev {
-                    return Err(self.fail(
-                        "copy",
-                        child,
-                        std::io::Error::other("replaced while being copied"),
-                    ));
+                if (opened.st_dev, opened.st_ino) != key
+                    && (FileType::from_raw_mode(opened.st_mode) != FileType::RegularFile
+                        || opened.st_dev != self.device)
+                {
+                    // Replaced by something that is not a file of the volume (a FIFO, a
+                    // device): never read. Another regular file in its place (a write by
+                    // rename) is copied as what the name holds now.
+                    tracing::warn!(path = %self.src_root.join(child).display(),
+                        "not copying a file replaced by a special file while copying");
+                    return Ok(());
                 }
                 let d = rfs::openat(
                     dst,
@@ -377,13 +392,18 @@ impl TreeCopy<'_> {
                 }
                 copy_metadata(s.as_fd(), d.as_fd(), &opened)
                     .map_err(|e| self.fail("copy metadata", child, e))?;
-                if st.st_nlink > 1 {
-                    self.links.insert(key, child.to_path_buf());
+                if opened.st_nlink > 1 {
+                    self.links
+                        .insert((opened.st_dev, opened.st_ino), child.to_path_buf());
                 }
             }
             FileType::Symlink => {
-                let target = rfs::readlinkat(src, name, Vec::new())
-                    .map_err(|e| self.fail("readlink", child, e))?;
+                let target = match rfs::readlinkat(src, name, Vec::new()) {
+                    Ok(target) => target,
+                    // Removed, or replaced by something else, since the look at its name.
+                    Err(Errno::NOENT | Errno::INVAL) => return Ok(()),
+                    Err(e) => return Err(self.fail("readlink", child, e)),
+                };
                 rfs::symlinkat(target.as_c_str(), dst, name)
                     .map_err(|e| self.fail("symlink", child, e))?;
                 self.finish_at(dst, name, st, None, child)?;
@@ -429,6 +449,14 @@ impl TreeCopy<'_> {
             .map_err(|e| self.fail("set times of", child, e))?;
         Ok(())
     }
+}
+
+/// Whether opening a directory failed because its name no longer holds one: a pod removed
+/// it, or put a file or symlink in its place, after the copy looked at the name.
+fn gone(e: &std::io::Error) -> bool {
+    [Errno::NOENT, Errno::NOTDIR, Errno::LOOP]
+        .iter()
+        .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()))
 }
 
 fn timestamps(st: &Stat) -> Timestamps {
