@@ -1715,3 +1715,33 @@ async fn a_snapshot_of_a_volume_whose_files_come_and_go_succeeds() {
         failures.len()
     );
 }
+
+/// Hard links deep in a tree: the path of the first copy of a linked file is longer than
+/// PATH_MAX below the copy's root, and the link to it is still made.
+#[tokio::test]
+async fn hard_links_deeper_than_path_max_are_kept() {
+    use rustix::fs::{AtFlags, Mode, OFlags};
+    const DEPTH: usize = 2_500;
+    let d = Driver::start();
+    let mut c = d.controller().await;
+    let source = create(&mut c, create_request("deep-links-src", 8 * MIB), None)
+        .await
+        .unwrap();
+    nest_deep(&dir_volume(&d, &source.volume_id), DEPTH);
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+    let bottom_dir = |root: &Path| {
+        let top = rustix::fs::open(root, flags, Mode::empty()).unwrap();
+        (0..DEPTH).fold(top, |fd, _| {
+            rustix::fs::openat(&fd, "d", flags, Mode::empty()).unwrap()
+        })
+    };
+    let dir = bottom_dir(&dir_volume(&d, &source.volume_id));
+    rustix::fs::linkat(&dir, "bottom", &dir, "again", AtFlags::empty()).unwrap();
+    drop(dir);
+    let snap = snapshot(&mut c, "deep-links-snap", &source.volume_id).await;
+    let copied = bottom_dir(&d.data_dir().join("snapshots").join(&snap.snapshot_id));
+    let first = rustix::fs::statat(&copied, "bottom", AtFlags::SYMLINK_NOFOLLOW).unwrap();
+    let again = rustix::fs::statat(&copied, "again", AtFlags::SYMLINK_NOFOLLOW).unwrap();
+    assert_eq!(first.st_ino, again.st_ino, "the hard link is kept");
+    assert_eq!(first.st_nlink, 2);
+}

@@ -345,8 +345,22 @@ impl TreeCopy<'_> {
                 if st.st_nlink > 1
                     && let Some(first) = self.links.get(&key)
                 {
-                    rfs::linkat(&self.dst_root, first, dst, name, AtFlags::empty())
-                        .map_err(|e| self.fail("link", child, e))?;
+                    match rfs::linkat(&self.dst_root, first, dst, name, AtFlags::empty()) {
+                        Ok(()) => {}
+                        // Deeper than PATH_MAX below the copy's root: link from the first copy's
+                        // own directory, reached one level at a time.
+                        Err(Errno::NAMETOOLONG) => {
+                            let (parent, leaf) = (
+                                first.parent().unwrap_or(Path::new("")),
+                                first.file_name().unwrap_or_default(),
+                            );
+                            let dir = open_below(self.dst_root.as_fd(), parent)
+                                .map_err(|e| self.fail("open copy of", parent, e))?;
+                            rfs::linkat(&dir, leaf, dst, name, AtFlags::empty())
+                                .map_err(|e| self.fail("link", child, e))?;
+                        }
+                        Err(e) => return Err(self.fail("link", child, e)),
+                    }
                     return Ok(());
                 }
                 // NONBLOCK: should the entry be swapped for a FIFO, opening must not hang.
@@ -449,6 +463,17 @@ impl TreeCopy<'_> {
             .map_err(|e| self.fail("set times of", child, e))?;
         Ok(())
     }
+}
+
+/// Opens the directory `rel` below `root` one component at a time (so `rel` may be longer than
+/// PATH_MAX), never following a symlink, holding one descriptor at a time.
+fn open_below(root: BorrowedFd<'_>, rel: &Path) -> std::io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut dir = rfs::openat(root, c".", flags, Mode::empty())?;
+    for component in rel.components() {
+        dir = rfs::openat(&dir, component.as_os_str(), flags, Mode::empty())?;
+    }
+    Ok(dir)
 }
 
 /// Whether opening a directory failed because its name no longer holds one: a pod removed
