@@ -1524,7 +1524,7 @@ fn read_deep(root: &Path, depth: usize) -> Vec<u8> {
 /// two descriptors open per level.
 #[tokio::test]
 async fn a_very_deep_tree_is_snapshotted_restored_and_cloned() {
-    const DEPTH: usize = 6_000;
+    const DEPTH: usize = 30_000;
     let d = Driver::start();
     let mut c = d.controller().await;
     let source = create(&mut c, create_request("deep-src", 8 * MIB), None)
@@ -1562,6 +1562,44 @@ async fn a_very_deep_tree_is_snapshotted_restored_and_cloned() {
             .join("snapshots")
             .join(&snap.snapshot_id)
             .exists()
+    );
+    // Deleted volumes' trees are removed in the background: wait until the trash is empty
+    // (the test's own temporary directory could not remove them either: std's remove_dir_all
+    // recurses).
+    for volume in [&restored, &clone, &source] {
+        c.delete_volume(proto::DeleteVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("deleting a deep volume");
+    }
+    let trash = d.data_dir().join("trash");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        let left: Vec<_> = std::fs::read_dir(&trash)
+            .map(|bins| {
+                bins.flatten()
+                    .flat_map(|bin| std::fs::read_dir(bin.path()).into_iter().flatten())
+                    .flatten()
+                    .map(|e| e.path())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still in the trash: {left:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert!(
+        std::fs::read_dir(d.data_dir().join("volumes"))
+            .unwrap()
+            .next()
+            .is_none()
     );
 }
 

@@ -544,13 +544,11 @@ fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> std::io::Result<()> 
     Ok(())
 }
 
-/// Removes a tree left by an interrupted copy (absent is success); never follows symlinks.
+/// Removes a tree left by an interrupted copy, or a copied snapshot (absent is success); never
+/// follows symlinks, and walks without recursion like [`copy_tree`], so whatever depth a copy
+/// made can be removed again.
 pub fn remove_tree(path: &Path) -> Result<(), BackendError> {
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(BackendError::io("remove", path, e)),
-    }
+    super::shared::tree::remove_path(path).map_err(|e| BackendError::io("remove", path, e))
 }
 
 /// Whether files in the directory `dir` can be reflinked to each other: probes with two

@@ -252,6 +252,39 @@ impl Frame {
     }
 }
 
+/// Removes the tree at `path` like [`remove_tree`] (absent is success; a file or symlink
+/// there is unlinked, never followed). Unlike `std::fs::remove_dir_all`, which recurses once
+/// per level, a tree nested tens of thousands of directories deep cannot overflow the stack of
+/// the thread that removes it (which aborts the whole server).
+pub fn remove_path(path: &std::path::Path) -> io::Result<()> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(io::Error::other("not a path below a directory"));
+    };
+    let name = name
+        .to_str()
+        .ok_or_else(|| io::Error::other("not a UTF-8 name"))?;
+    let dir = match rustix::fs::open(parent, dir_flags(), Mode::empty()) {
+        Ok(dir) => dir,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    match remove_tree(dir.as_fd(), name) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e)
+            if [Errno::NOTDIR, Errno::LOOP]
+                .iter()
+                .any(|errno| e.raw_os_error() == Some(errno.raw_os_error())) =>
+        {
+            match rustix::fs::unlinkat(&dir, name, AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Removes `name` in `parent` and everything below it. Symlinks are removed, never followed;
 /// a directory on another filesystem (a mount inside the tree) stops the removal with an error
 /// instead of being emptied.
