@@ -200,6 +200,11 @@ impl Trash {
         let key = path.to_string_lossy().into_owned();
         let tree = path.clone();
         match self.probes.run(&key, REMOVAL_TIMEOUT, move || {
+            if super::btrfs::is_subvolume(&tree) {
+                // Made while quotas could be enabled: another device to the walk, which never
+                // crosses one, so removed as it always was.
+                return std::fs::remove_dir_all(&tree);
+            }
             super::shared::tree::remove_path(&tree)
         }) {
             Ok(Ok(())) => true,
