@@ -296,12 +296,9 @@ impl Backend for DirBackend {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(_) => {}
         }
-        // std's remove_dir_all never follows symlinks inside the tree.
-        match std::fs::remove_dir_all(&path) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(BackendError::io("remove", &path, e)),
-        }
+        // Never follows symlinks inside the tree, and does not recurse (a pod's tree may be
+        // nested deeper than any thread's stack).
+        snapcopy::remove_tree(&path)
     }
 
     fn creates_inline(&self) -> bool {

@@ -205,18 +205,24 @@ impl LoopBackend {
                 ContentSource::Volume(_) => self.quiesce_image(&src, kind)?,
                 ContentSource::Snapshot(_) => None, // snapshots never change
             };
-            snapcopy::clone_path(&src, &dst, true, Cancel::never())
+            // A preallocated volume gets blocks of its own: a reflink would share the source's,
+            // which its first writes must then find room to copy.
+            snapcopy::clone_path(&src, &dst, !options.preallocate, Cancel::never())
         };
         let result = mechanism.and_then(|mechanism| {
             // Larger than the source: the image grows now, its filesystem when it is next
             // staged (see `stage`).
-            if options.capacity_bytes > 0 {
-                let len = std::fs::metadata(&dst)
-                    .map_err(|e| BackendError::io("stat", &dst, e))?
-                    .len();
-                if options.capacity_bytes > len {
-                    loopdev::grow_image(&dst, options.capacity_bytes)?;
-                }
+            let len = std::fs::metadata(&dst)
+                .map_err(|e| BackendError::io("stat", &dst, e))?
+                .len();
+            let bytes = options.capacity_bytes.max(len);
+            if options.preallocate {
+                // The copy keeps holes, and the blocks a preallocated source never wrote read
+                // as holes too (unwritten extents): allocate every block now, as CreateVolume
+                // does (ENOSPC is RESOURCE_EXHAUSTED), or the volume would be thin.
+                loopdev::create_image(&dst, bytes, true)?;
+            } else if bytes > len {
+                loopdev::grow_image(&dst, bytes)?;
             }
             Ok(mechanism)
         });

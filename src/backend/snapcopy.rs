@@ -5,7 +5,8 @@
 //!   `reflink=1`, btrfs), which is O(extents) and needs no space; otherwise a copy that skips
 //!   holes (`SEEK_DATA`/`SEEK_HOLE`), so a sparse image stays sparse.
 //! - [`copy_tree`]: a directory tree walked through directory file descriptors (`openat` with
-//!   `O_NOFOLLOW`, never a path a pod could swap for a symlink), each regular file cloned as
+//!   `O_NOFOLLOW`, never a path a pod could swap for a symlink) without recursion, so its depth
+//!   is bounded by neither the stack nor the descriptor table, each regular file cloned as
 //!   above, keeping hard links, symlinks (as links), special files, owners, modes, extended
 //!   attributes and timestamps (directories' after their contents, so creating entries does not
 //!   disturb them).
@@ -17,7 +18,7 @@
 //! the kernel (a hung filesystem) cannot be cancelled by it.
 
 use std::collections::HashMap;
-use std::ffi::{CStr, CString, OsStr};
+use std::ffi::{CStr, OsStr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use rustix::fs::{self as rfs, AtFlags, CWD, FileType, Mode, OFlags, SeekFrom, Stat, Timestamps};
 use rustix::io::Errno;
 
+use super::shared::tree::Walker;
 use super::{BackendError, Mechanism};
 
 /// Largest single `copy_file_range` request; also how much is copied between two looks at the
@@ -225,7 +227,7 @@ pub fn copy_tree(src: &Path, dst: &Path, cancel: &Cancel) -> Result<Mechanism, B
         links: HashMap::new(),
         cancel,
     };
-    copy.dir(&s, &d, Path::new(""))?;
+    copy.tree(&s, &d)?;
     copy_metadata(s.as_fd(), d.as_fd(), &root)
         .map_err(|e| BackendError::io("copy metadata", src, e))?;
     rfs::syncfs(&d).map_err(|e| BackendError::io("syncfs", dst, e.into()))?;
@@ -254,82 +256,136 @@ impl TreeCopy<'_> {
         BackendError::io(op, &self.src_root.join(rel), e.into())
     }
 
-    fn dir(&mut self, src: &OwnedFd, dst: &OwnedFd, rel: &Path) -> Result<(), BackendError> {
-        let mut names: Vec<CString> = Vec::new();
-        let listing = rfs::Dir::read_from(src).map_err(|e| self.fail("readdir", rel, e))?;
-        for entry in listing {
-            let entry = entry.map_err(|e| self.fail("readdir", rel, e))?;
-            let name = entry.file_name();
-            if name == c"." || name == c".." {
+    /// Copies the tree below `src` into `dst` without recursion: the levels being copied are
+    /// kept on the heap by two [`Walker`]s, each holding a bounded number of descriptors, so a
+    /// pod nesting directories tens of thousands deep can neither overflow the worker thread's
+    /// stack (which aborts the whole server, and again at every start while the interrupted
+    /// background copy is resumed) nor exhaust the descriptor table.
+    fn tree(&mut self, src: &OwnedFd, dst: &OwnedFd) -> Result<(), BackendError> {
+        let mut rel = PathBuf::new();
+        let mut from = Walker::new(src.as_fd()).map_err(|e| self.fail("open", &rel, e))?;
+        let mut to = Walker::new(dst.as_fd()).map_err(|e| self.fail("open copy of", &rel, e))?;
+        let dst_dev = rfs::fstat(dst)
+            .map_err(|e| self.fail("stat copy of", &rel, e))?
+            .st_dev;
+        // The source attributes of the directories being copied, one per level below the root.
+        let mut attributes: Vec<Stat> = Vec::new();
+        loop {
+            let Some(name) = from
+                .next_name()
+                .map_err(|e| self.fail("readdir", &rel, e))?
+            else {
+                if from.depth() == 0 {
+                    return Ok(());
+                }
+                let left = from
+                    .ascend()
+                    .map_err(|e| self.fail("walk up from", &rel, e))?;
+                let made = to
+                    .ascend()
+                    .map_err(|e| self.fail("walk up from copy of", &rel, e))?;
+                let st = attributes.pop().expect("one per level below the root");
+                // After its contents: creating entries does not disturb its times.
+                copy_metadata(left.fd(), made.fd(), &st)
+                    .map_err(|e| self.fail("copy metadata", &rel, e))?;
+                rel.pop();
+                continue;
+            };
+            let child = rel.join(OsStr::from_bytes(name.to_bytes()));
+            self.cancel
+                .check()
+                .map_err(|e| self.fail("copy", &child, e))?;
+            let st = match rfs::statat(from.fd(), &name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(Errno::NOENT) => continue, // removed while we copy: not part of the copy
+                Err(e) => return Err(self.fail("stat", &child, e)),
+            };
+            if st.st_dev != self.device {
+                tracing::warn!(path = %self.src_root.join(&child).display(),
+                    "not copying another filesystem mounted inside the volume");
                 continue;
             }
-            names.push(name.to_owned());
+            if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+                rfs::mkdirat(to.fd(), &name, Mode::from_raw_mode(0o700))
+                    .map_err(|e| self.fail("mkdir", &child, e))?;
+                // Opened without following a symlink, and refused if now on another device.
+                if let Err(e) = from.descend(&name, self.device) {
+                    if !gone(&e) {
+                        return Err(self.fail("open", &child, e));
+                    }
+                    // Removed (or replaced by a file or symlink) since the look at its name.
+                    rfs::unlinkat(to.fd(), &name, AtFlags::REMOVEDIR)
+                        .map_err(|e| self.fail("remove copy of", &child, e))?;
+                    continue;
+                }
+                to.descend(&name, dst_dev)
+                    .map_err(|e| self.fail("open copy of", &child, e))?;
+                attributes.push(st);
+                rel = child;
+                continue;
+            }
+            self.entry(from.fd(), to.fd(), &name, &st, &child)?;
         }
-        for name in names {
-            self.entry(src, dst, rel, &name)?;
-        }
-        Ok(())
     }
 
+    /// Copies the entry `name` (anything but a directory) of `src` into `dst`.
     fn entry(
         &mut self,
-        src: &OwnedFd,
-        dst: &OwnedFd,
-        rel: &Path,
+        src: BorrowedFd<'_>,
+        dst: BorrowedFd<'_>,
         name: &CStr,
+        st: &Stat,
+        child: &Path,
     ) -> Result<(), BackendError> {
-        let child = rel.join(OsStr::from_bytes(name.to_bytes()));
-        self.cancel
-            .check()
-            .map_err(|e| self.fail("copy", &child, e))?;
-        let st = match rfs::statat(src, name, AtFlags::SYMLINK_NOFOLLOW) {
-            Ok(st) => st,
-            Err(Errno::NOENT) => return Ok(()), // removed while we copy: not part of the copy
-            Err(e) => return Err(self.fail("stat", &child, e)),
-        };
-        if st.st_dev != self.device {
-            tracing::warn!(path = %self.src_root.join(&child).display(),
-                "not copying another filesystem mounted inside the volume");
-            return Ok(());
-        }
         let mode = Mode::from_raw_mode(st.st_mode & 0o7777);
         match FileType::from_raw_mode(st.st_mode) {
-            FileType::Directory => {
-                let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-                rfs::mkdirat(dst, name, Mode::from_raw_mode(0o700))
-                    .map_err(|e| self.fail("mkdir", &child, e))?;
-                let s = rfs::openat(src, name, flags, Mode::empty())
-                    .map_err(|e| self.fail("open", &child, e))?;
-                let d = rfs::openat(dst, name, flags, Mode::empty())
-                    .map_err(|e| self.fail("open copy of", &child, e))?;
-                self.dir(&s, &d, &child)?;
-                copy_metadata(s.as_fd(), d.as_fd(), &st)
-                    .map_err(|e| self.fail("copy metadata", &child, e))?;
-            }
+            FileType::Directory => unreachable!("directories are walked into by `tree`"),
             FileType::RegularFile => {
                 let key = (st.st_dev, st.st_ino);
                 if st.st_nlink > 1
                     && let Some(first) = self.links.get(&key)
                 {
-                    rfs::linkat(&self.dst_root, first, dst, name, AtFlags::empty())
-                        .map_err(|e| self.fail("link", &child, e))?;
+                    match rfs::linkat(&self.dst_root, first, dst, name, AtFlags::empty()) {
+                        Ok(()) => {}
+                        // Deeper than PATH_MAX below the copy's root: link from the first copy's
+                        // own directory, reached one level at a time.
+                        Err(Errno::NAMETOOLONG) => {
+                            let (parent, leaf) = (
+                                first.parent().unwrap_or(Path::new("")),
+                                first.file_name().unwrap_or_default(),
+                            );
+                            let dir = open_below(self.dst_root.as_fd(), parent)
+                                .map_err(|e| self.fail("open copy of", parent, e))?;
+                            rfs::linkat(&dir, leaf, dst, name, AtFlags::empty())
+                                .map_err(|e| self.fail("link", child, e))?;
+                        }
+                        Err(e) => return Err(self.fail("link", child, e)),
+                    }
                     return Ok(());
                 }
                 // NONBLOCK: should the entry be swapped for a FIFO, opening must not hang.
-                let s = rfs::openat(
+                let s = match rfs::openat(
                     src,
                     name,
                     OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
                     Mode::empty(),
-                )
-                .map_err(|e| self.fail("open", &child, e))?;
-                let opened = rfs::fstat(&s).map_err(|e| self.fail("stat", &child, e))?;
-                if opened.st_ino != st.st_ino || opened.st_dev != st.st_dev {
-                    return Err(self.fail(
-                        "copy",
-                        &child,
-                        std::io::Error::other("replaced while being copied"),
-                    ));
+                ) {
+                    Ok(fd) => fd,
+                    // Removed, or replaced by a symlink or a socket, since the look at its name.
+                    Err(Errno::NOENT | Errno::LOOP | Errno::NXIO) => return Ok(()),
+                    Err(e) => return Err(self.fail("open", child, e)),
+                };
+                let opened = rfs::fstat(&s).map_err(|e| self.fail("stat", child, e))?;
+                if (opened.st_dev, opened.st_ino) != key
+                    && (FileType::from_raw_mode(opened.st_mode) != FileType::RegularFile
+                        || opened.st_dev != self.device)
+                {
+                    // Replaced by something that is not a file of the volume (a FIFO, a
+                    // device): never read. Another regular file in its place (a write by
+                    // rename) is copied as what the name holds now.
+                    tracing::warn!(path = %self.src_root.join(child).display(),
+                        "not copying a file replaced by a special file while copying");
+                    return Ok(());
                 }
                 let d = rfs::openat(
                     dst,
@@ -341,36 +397,41 @@ impl TreeCopy<'_> {
                         | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
-                .map_err(|e| self.fail("create copy of", &child, e))?;
+                .map_err(|e| self.fail("create copy of", child, e))?;
                 match clone_file(s.as_fd(), d.as_fd(), &mut self.try_reflink, self.cancel)
-                    .map_err(|e| self.fail("copy", &child, e))?
+                    .map_err(|e| self.fail("copy", child, e))?
                 {
                     Mechanism::Reflink => self.reflinked = true,
                     _ => self.copied = true,
                 }
                 copy_metadata(s.as_fd(), d.as_fd(), &opened)
-                    .map_err(|e| self.fail("copy metadata", &child, e))?;
-                if st.st_nlink > 1 {
-                    self.links.insert(key, child);
+                    .map_err(|e| self.fail("copy metadata", child, e))?;
+                if opened.st_nlink > 1 {
+                    self.links
+                        .insert((opened.st_dev, opened.st_ino), child.to_path_buf());
                 }
             }
             FileType::Symlink => {
-                let target = rfs::readlinkat(src, name, Vec::new())
-                    .map_err(|e| self.fail("readlink", &child, e))?;
+                let target = match rfs::readlinkat(src, name, Vec::new()) {
+                    Ok(target) => target,
+                    // Removed, or replaced by something else, since the look at its name.
+                    Err(Errno::NOENT | Errno::INVAL) => return Ok(()),
+                    Err(e) => return Err(self.fail("readlink", child, e)),
+                };
                 rfs::symlinkat(target.as_c_str(), dst, name)
-                    .map_err(|e| self.fail("symlink", &child, e))?;
-                self.finish_at(dst, name, &st, None, &child)?;
+                    .map_err(|e| self.fail("symlink", child, e))?;
+                self.finish_at(dst, name, st, None, child)?;
             }
             kind @ (FileType::Fifo
             | FileType::Socket
             | FileType::CharacterDevice
             | FileType::BlockDevice) => {
                 rfs::mknodat(dst, name, kind, mode, st.st_rdev)
-                    .map_err(|e| self.fail("mknod", &child, e))?;
-                self.finish_at(dst, name, &st, Some(mode), &child)?;
+                    .map_err(|e| self.fail("mknod", child, e))?;
+                self.finish_at(dst, name, st, Some(mode), child)?;
             }
             FileType::Unknown => {
-                tracing::warn!(path = %self.src_root.join(&child).display(),
+                tracing::warn!(path = %self.src_root.join(child).display(),
                     "not copying a file of unknown type");
             }
         }
@@ -380,7 +441,7 @@ impl TreeCopy<'_> {
     /// Owner, mode (not for symlinks) and timestamps of an entry we cannot open.
     fn finish_at(
         &self,
-        dst: &OwnedFd,
+        dst: BorrowedFd<'_>,
         name: &CStr,
         st: &Stat,
         mode: Option<Mode>,
@@ -402,6 +463,25 @@ impl TreeCopy<'_> {
             .map_err(|e| self.fail("set times of", child, e))?;
         Ok(())
     }
+}
+
+/// Opens the directory `rel` below `root` one component at a time (so `rel` may be longer than
+/// PATH_MAX), never following a symlink, holding one descriptor at a time.
+fn open_below(root: BorrowedFd<'_>, rel: &Path) -> std::io::Result<OwnedFd> {
+    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+    let mut dir = rfs::openat(root, c".", flags, Mode::empty())?;
+    for component in rel.components() {
+        dir = rfs::openat(&dir, component.as_os_str(), flags, Mode::empty())?;
+    }
+    Ok(dir)
+}
+
+/// Whether opening a directory failed because its name no longer holds one: a pod removed
+/// it, or put a file or symlink in its place, after the copy looked at the name.
+fn gone(e: &std::io::Error) -> bool {
+    [Errno::NOENT, Errno::NOTDIR, Errno::LOOP]
+        .iter()
+        .any(|errno| e.raw_os_error() == Some(errno.raw_os_error()))
 }
 
 fn timestamps(st: &Stat) -> Timestamps {
@@ -464,13 +544,11 @@ fn copy_xattrs(src: BorrowedFd<'_>, dst: BorrowedFd<'_>) -> std::io::Result<()> 
     Ok(())
 }
 
-/// Removes a tree left by an interrupted copy (absent is success); never follows symlinks.
+/// Removes a tree left by an interrupted copy, or a copied snapshot (absent is success); never
+/// follows symlinks, and walks without recursion like [`copy_tree`], so whatever depth a copy
+/// made can be removed again.
 pub fn remove_tree(path: &Path) -> Result<(), BackendError> {
-    match std::fs::remove_dir_all(path) {
-        Ok(()) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(BackendError::io("remove", path, e)),
-    }
+    super::shared::tree::remove_path(path).map_err(|e| BackendError::io("remove", path, e))
 }
 
 /// Whether files in the directory `dir` can be reflinked to each other: probes with two

@@ -194,11 +194,18 @@ impl Trash {
             return std::fs::remove_file(&path).is_ok();
         }
         // A tree: bounded like every other look at a volume (a worker thread, waited for at
-        // most REMOVAL_TIMEOUT). std's remove_dir_all never follows symlinks inside the tree.
+        // most REMOVAL_TIMEOUT). Never follows symlinks inside the tree, and does not recurse:
+        // std's remove_dir_all does, and a tree nested deeper than the worker's stack would
+        // abort the server, at every start again while it stays in the trash.
         let key = path.to_string_lossy().into_owned();
         let tree = path.clone();
         match self.probes.run(&key, REMOVAL_TIMEOUT, move || {
-            std::fs::remove_dir_all(&tree)
+            if super::btrfs::is_subvolume(&tree) {
+                // Made while quotas could be enabled: another device to the walk, which never
+                // crosses one, so removed as it always was.
+                return std::fs::remove_dir_all(&tree);
+            }
+            super::shared::tree::remove_path(&tree)
         }) {
             Ok(Ok(())) => true,
             Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => true,

@@ -92,7 +92,7 @@ fn name_str(name: &CStr) -> Option<&str> {
 const MAX_OPEN_DIRS: usize = 64;
 
 /// One directory level of a [`Walker`].
-struct Frame {
+pub(crate) struct Frame {
     /// Its name in the parent directory (empty for the root of the walk).
     name: CString,
     dev: u64,
@@ -107,15 +107,16 @@ struct Frame {
 
 /// A depth-first walk of a directory tree without recursion: the levels are kept on the heap
 /// and at most [`MAX_OPEN_DIRS`] of them hold a descriptor, so neither the stack nor the
-/// descriptor table limits the depth. Entries are read as a stream, never collected.
-struct Walker {
+/// descriptor table limits the depth. Entries are read as a stream, never collected. Also
+/// walks the trees `snapcopy` copies for snapshots and clones of local volumes.
+pub(crate) struct Walker {
     frames: Vec<Frame>,
     open: usize,
 }
 
 impl Walker {
     /// Starts at (a duplicate of) `dir`.
-    fn new(dir: BorrowedFd<'_>) -> io::Result<Walker> {
+    pub(crate) fn new(dir: BorrowedFd<'_>) -> io::Result<Walker> {
         let fd = rustix::fs::openat(dir, c".", dir_flags(), Mode::empty())?;
         let st = rustix::fs::fstat(&fd)?;
         Ok(Walker {
@@ -131,7 +132,7 @@ impl Walker {
         })
     }
 
-    fn depth(&self) -> usize {
+    pub(crate) fn depth(&self) -> usize {
         self.frames.len() - 1
     }
 
@@ -140,7 +141,7 @@ impl Walker {
     }
 
     /// The directory the walk is in (always open).
-    fn fd(&self) -> BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         let frame = self.frames.last().expect("a walk always has its root");
         frame
             .dir
@@ -151,7 +152,7 @@ impl Walker {
     }
 
     /// The next name in the current directory (except `.` and `..`), `None` at its end.
-    fn next_name(&mut self) -> io::Result<Option<CString>> {
+    pub(crate) fn next_name(&mut self) -> io::Result<Option<CString>> {
         let frame = self.top();
         let dir = frame.dir.as_mut().expect("the current level is open");
         loop {
@@ -183,7 +184,7 @@ impl Walker {
 
     /// Enters the directory `name` of the current one, which must be on `dev` (the walk's
     /// filesystem). Symlinks are never followed.
-    fn descend(&mut self, name: &CStr, dev: u64) -> io::Result<()> {
+    pub(crate) fn descend(&mut self, name: &CStr, dev: u64) -> io::Result<()> {
         let fd = rustix::fs::openat(self.fd(), name, dir_flags(), Mode::empty())?;
         let st = rustix::fs::fstat(&fd)?;
         if st.st_dev != dev {
@@ -213,7 +214,7 @@ impl Walker {
     /// Leaves the current directory for its parent, which is re-opened through `..` if it was
     /// closed (and must still be the same directory). Returns the level left, still open, so
     /// the caller can finish with it (set attributes, remove it by name).
-    fn ascend(&mut self) -> io::Result<Frame> {
+    pub(crate) fn ascend(&mut self) -> io::Result<Frame> {
         let child = self.frames.pop().expect("not above the root");
         self.open -= 1;
         let parent = self.frames.last_mut().expect("not above the root");
@@ -242,12 +243,45 @@ impl Walker {
 }
 
 impl Frame {
-    fn fd(&self) -> BorrowedFd<'_> {
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
         self.dir
             .as_ref()
             .expect("a level just left is open")
             .fd()
             .expect("linux Dir has a descriptor")
+    }
+}
+
+/// Removes the tree at `path` like [`remove_tree`] (absent is success; a file or symlink
+/// there is unlinked, never followed). Unlike `std::fs::remove_dir_all`, which recurses once
+/// per level, a tree nested tens of thousands of directories deep cannot overflow the stack of
+/// the thread that removes it (which aborts the whole server).
+pub fn remove_path(path: &std::path::Path) -> io::Result<()> {
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return Err(io::Error::other("not a path below a directory"));
+    };
+    let name = name
+        .to_str()
+        .ok_or_else(|| io::Error::other("not a UTF-8 name"))?;
+    let dir = match rustix::fs::open(parent, dir_flags(), Mode::empty()) {
+        Ok(dir) => dir,
+        Err(Errno::NOENT) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    match remove_tree(dir.as_fd(), name) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e)
+            if [Errno::NOTDIR, Errno::LOOP]
+                .iter()
+                .any(|errno| e.raw_os_error() == Some(errno.raw_os_error())) =>
+        {
+            match rustix::fs::unlinkat(&dir, name, AtFlags::empty()) {
+                Ok(()) | Err(Errno::NOENT) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        }
+        Err(e) => Err(e),
     }
 }
 
