@@ -114,8 +114,9 @@ async fn btrfs_volumes_enforce_their_size_and_grow_online() {
     assert!(!expanded.node_expansion_required);
     write_bytes(&Path::new(&target).join("bigger"), 32 << 20).unwrap();
 
-    // Shrinking is refused.
-    let shrink = c
+    // A smaller size is already there: OK with the size the volume has (the spec's SHOULD);
+    // a limit below that size would need a shrink, which is refused.
+    let smaller = c
         .controller_expand_volume(proto::ControllerExpandVolumeRequest {
             volume_id: volume.volume_id.clone(),
             capacity_range: Some(proto::CapacityRange {
@@ -125,8 +126,22 @@ async fn btrfs_volumes_enforce_their_size_and_grow_online() {
             ..Default::default()
         })
         .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(smaller.capacity_bytes, 64 * MIB);
+    let shrink = c
+        .controller_expand_volume(proto::ControllerExpandVolumeRequest {
+            volume_id: volume.volume_id.clone(),
+            capacity_range: Some(proto::CapacityRange {
+                required_bytes: 8 * MIB,
+                limit_bytes: 16 * MIB,
+            }),
+            ..Default::default()
+        })
+        .await
         .unwrap_err();
     assert_eq!(shrink.code(), Code::OutOfRange, "{shrink:?}");
+    write_bytes(&Path::new(&target).join("still-room"), 8 << 20).unwrap();
 
     // Delete removes the subvolume.
     n.node_unpublish_volume(proto::NodeUnpublishVolumeRequest {

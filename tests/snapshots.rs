@@ -1461,13 +1461,14 @@ async fn a_loop_volume_without_a_capacity_range_reports_its_real_size() {
         .await
         .expect_err("a 16 MiB restore of a 1 GiB snapshot");
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
-    // 100 MiB would shrink it: OUT_OF_RANGE from the recorded size, not the image's refusal.
+    // At most 100 MiB would shrink it: OUT_OF_RANGE from the recorded size, not the image's
+    // refusal.
     let err = c
         .controller_expand_volume(proto::ControllerExpandVolumeRequest {
             volume_id: volume.volume_id.clone(),
             capacity_range: Some(proto::CapacityRange {
                 required_bytes: 100 * MIB,
-                limit_bytes: 0,
+                limit_bytes: 100 * MIB,
             }),
             ..Default::default()
         })

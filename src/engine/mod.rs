@@ -526,12 +526,15 @@ impl Engine {
         } else {
             rounded?
         };
-        if requested < record.capacity_bytes {
+        // Already at least the size asked for: the spec's "SHOULD reply 0 OK", with the size it
+        // has. Only a limit below that size cannot be met, since volumes never shrink.
+        if range.limit_bytes > 0 && range.limit_bytes < record.capacity_bytes {
             return Err(Error::CapacityOutOfRange(format!(
-                "volume {id} is {} bytes; shrinking it to {requested} is not supported",
-                record.capacity_bytes
+                "volume {id} is {} bytes, above limit_bytes {}; shrinking is not supported",
+                record.capacity_bytes, range.limit_bytes
             )));
         }
+        let requested = requested.max(record.capacity_bytes);
         // Block or filesystem, and which filesystem, as the volume's storage says: a volume
         // the CO takes for another kind is not to be grown as if it were.
         if let Some(capability) = capability {

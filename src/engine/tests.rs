@@ -466,9 +466,22 @@ async fn expansion_grows_and_never_shrinks() {
             .unwrap(),
         (4 << 20, false)
     );
-    let shrink = CapacityRange {
+    // Already larger than asked: OK with the size it has (the spec's SHOULD), never shrunk.
+    let smaller = CapacityRange {
         required_bytes: 2 << 20,
         limit_bytes: 0,
+    };
+    assert_eq!(
+        f.engine
+            .expand_volume(v.id.as_str(), smaller, None)
+            .await
+            .unwrap(),
+        (4 << 20, false)
+    );
+    // A limit below its size cannot be met without shrinking.
+    let shrink = CapacityRange {
+        required_bytes: 2 << 20,
+        limit_bytes: 3 << 20,
     };
     assert!(matches!(
         f.engine.expand_volume(v.id.as_str(), shrink, None).await,
