@@ -723,30 +723,29 @@ fn fully_allocated(meta: &std::fs::Metadata) -> bool {
 /// Discards then fail with EOPNOTSUPP, which filesystems and `fstrim` treat as "not supported".
 /// The setting lives with the attachment; every attach of a preallocated image sets it again.
 pub fn refuse_discards(device: &Path) -> Result<(), BackendError> {
-    let name = device
-        .file_name()
-        .and_then(|n| n.to_str())
-        .filter(|n| loop_index(n).is_some())
+    let attr = sys_dir(device)
         .ok_or_else(|| {
             BackendError::io(
                 "refuse discards",
                 device,
                 std::io::Error::other("not a loop device"),
             )
-        })?;
-    let attr = Path::new(SYS_BLOCK)
-        .join(name)
+        })?
         .join("queue/discard_max_bytes");
     std::fs::write(&attr, b"0").map_err(|e| BackendError::io("write", &attr, e))
+}
+
+/// `/sys/block/loopN` of the loop `device` (`/dev/loopN`); `None` for anything else.
+fn sys_dir(device: &Path) -> Option<PathBuf> {
+    let name = device.file_name()?.to_str()?;
+    loop_index(name)?;
+    Some(Path::new(SYS_BLOCK).join(name))
 }
 
 /// Whether `device` refuses discards although its backing could take them: what
 /// [`refuse_discards`] leaves, on the device and (the kernel keeps it) after a detach too.
 fn refuses_discards(device: &Path) -> bool {
-    let Some(queue) = device
-        .file_name()
-        .map(|name| Path::new(SYS_BLOCK).join(name).join("queue"))
-    else {
+    let Some(queue) = sys_dir(device).map(|dir| dir.join("queue")) else {
         return false;
     };
     let read = |attr: &str| {
@@ -763,17 +762,17 @@ fn refuses_discards(device: &Path) -> bool {
 /// which a detached one has not. The next attach makes a fresh device. Best effort: a device
 /// attached again in the meantime is busy and stays.
 pub fn retire_if_discards_refused(device: &Path) {
-    let Some(index) = device
-        .file_name()
-        .and_then(|n| n.to_str())
-        .and_then(loop_index)
-    else {
+    let (Some(dir), Some(index)) = (
+        sys_dir(device),
+        device
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(loop_index),
+    ) else {
         return;
     };
-    let attached = Path::new(SYS_BLOCK)
-        .join(format!("loop{index}"))
-        .join("loop");
-    if attached.exists() || !refuses_discards(device) {
+    // The `loop` directory exists only while the device is attached.
+    if dir.join("loop").exists() || !refuses_discards(device) {
         return;
     }
     match super::loopctl::remove_device(index) {

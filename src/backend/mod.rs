@@ -291,8 +291,8 @@ pub trait Backend: Send + Sync + 'static {
     fn check_capability(&self, capability: &Capability) -> Result<(), String>;
 
     /// Whether volumes of this backend differ in what capabilities they take (see
-    /// [`Backend::check_volume_capability`]); when not, the node calls skip that check and the
-    /// trip to a blocking thread it costs.
+    /// [`Backend::check_volume_capability`]); when not, the node calls and expansions skip that
+    /// check and the trip to a blocking thread it costs.
     fn volumes_differ(&self) -> bool {
         false
     }

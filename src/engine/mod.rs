@@ -285,7 +285,8 @@ impl Engine {
         }
         // A volume may be larger than required, never larger than the limit: a request below
         // the smallest volume of its kind grows to it, or is out of range.
-        let smallest = backend.smallest_volume_bytes(&volume_options(&request, &params)?);
+        let options = volume_options(&request, &params)?;
+        let smallest = backend.smallest_volume_bytes(&options);
         if capacity < smallest {
             let limit = request.capacity.limit_bytes;
             if limit > 0 && limit < smallest {
@@ -371,7 +372,7 @@ impl Engine {
                     capacity_bytes: record.capacity_bytes,
                     require_enforcement: record.enforcement != "none"
                         && !record.enforcement.is_empty(),
-                    ..volume_options(&request, &params)?
+                    ..options
                 };
                 blocking(move || Ok(backend.create(&id2, &options)?)).await?;
                 self.store.commit(vec![], sync_dirs).await?;
@@ -389,7 +390,7 @@ impl Engine {
         let id = new_id.clone();
         let options = VolumeOptions {
             capacity_bytes: capacity,
-            ..volume_options(&request, &params)?
+            ..options
         };
         let (mut source_snapshot_id, mut source_volume_id, mut populated_by) =
             (String::new(), String::new(), String::new());
@@ -537,10 +538,9 @@ impl Engine {
         let requested = requested.max(record.capacity_bytes);
         // Block or filesystem, and which filesystem, as the volume's storage says: a volume
         // the CO takes for another kind is not to be grown as if it were.
-        if let Some(capability) = capability {
-            self.check_volume_capabilities(&backend, &id, std::slice::from_ref(&capability))
-                .await?
-                .map_err(|reason| Error::invalid("volume_capability", reason))?;
+        if let Some(capability) = &capability {
+            self.require_volume_capability(&backend, &id, capability)
+                .await?;
         }
         let node_required = backend.node_expansion_required();
         if requested == record.capacity_bytes {
@@ -758,6 +758,24 @@ impl Engine {
             .await??)
     }
 
+    /// [`Engine::check_volume_capabilities`] for the one `capability` of a node call or an
+    /// expansion: INVALID_ARGUMENT naming `volume_capability` when it is not what the volume
+    /// is. Backends whose volumes are all alike have nothing to look at, and skip the trip to
+    /// a blocking thread.
+    async fn require_volume_capability(
+        &self,
+        backend: &Arc<dyn Backend>,
+        id: &VolumeId,
+        capability: &Capability,
+    ) -> Result<()> {
+        if !backend.volumes_differ() {
+            return Ok(());
+        }
+        self.check_volume_capabilities(backend, id, std::slice::from_ref(capability))
+            .await?
+            .map_err(|reason| Error::invalid("volume_capability", reason))
+    }
+
     /// ValidateVolumeCapabilities: `Ok(Ok(()))` when every capability (and the parameters) fit
     /// the volume, `Ok(Err(reason))` when not.
     pub async fn validate_capabilities(
@@ -825,17 +843,10 @@ impl Engine {
         // The smallest limit_bytes a CreateVolume with these capabilities may use: the kind
         // they ask for may need more than the backend's smallest volume (an xfs loop image
         // needs 300 MiB; CreateVolume answers OUT_OF_RANGE below that).
+        let (block, fs_types) = access_kind(capabilities);
         let kind = VolumeOptions {
-            block: capabilities
-                .iter()
-                .any(|c| c.access_type == AccessType::Block),
-            fs_type: capabilities
-                .iter()
-                .find_map(|c| match &c.access_type {
-                    AccessType::Mount { fs_type, .. } => Some(fs_type.clone()),
-                    AccessType::Block => None,
-                })
-                .unwrap_or_default(),
+            block,
+            fs_type: fs_types.first().copied().unwrap_or_default().to_string(),
             ..VolumeOptions::default()
         };
         Ok(CapacityReport {
@@ -863,20 +874,25 @@ fn mount_flags_of(capabilities: &[Capability]) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// What the backend needs to know from a CreateVolume beyond its size.
-fn volume_options(request: &CreateVolume, params: &params::Parameters) -> Result<VolumeOptions> {
-    let block = request
-        .capabilities
+/// Whether `capabilities` ask for block access, and the filesystem types their mount
+/// capabilities name, in order.
+fn access_kind(capabilities: &[Capability]) -> (bool, Vec<&str>) {
+    let block = capabilities
         .iter()
         .any(|c| c.access_type == AccessType::Block);
-    let fs_types: Vec<&str> = request
-        .capabilities
+    let fs_types = capabilities
         .iter()
         .filter_map(|c| match &c.access_type {
             AccessType::Mount { fs_type, .. } => Some(fs_type.as_str()),
             AccessType::Block => None,
         })
         .collect();
+    (block, fs_types)
+}
+
+/// What the backend needs to know from a CreateVolume beyond its size.
+fn volume_options(request: &CreateVolume, params: &params::Parameters) -> Result<VolumeOptions> {
+    let (block, fs_types) = access_kind(&request.capabilities);
     if block && !fs_types.is_empty() {
         return Err(Error::invalid(
             "volume_capabilities",

@@ -200,11 +200,8 @@ impl Engine {
         }
         // What the volume holds, as its storage says: an ext4 volume staged as xfs was mounted
         // as ext4 without a word.
-        if backend.volumes_differ() {
-            self.check_volume_capabilities(&backend, &id, std::slice::from_ref(&capability))
-                .await?
-                .map_err(|reason| Error::invalid("volume_capability", reason))?;
-        }
+        self.require_volume_capability(&backend, &id, &capability)
+            .await?;
         let publications = self.store.publications(id.as_str())?;
         if let Some(other) = publications
             .values()
@@ -386,10 +383,9 @@ impl Engine {
             .ok_or_else(|| Error::VolumeNotFound(id.to_string()))?;
         // Block or filesystem, and which filesystem, as the volume's storage says: the
         // filesystem of a volume the CO takes for a raw block device is not to be grown.
-        if let Some(capability) = capability {
-            self.check_volume_capabilities(&backend, &id, std::slice::from_ref(&capability))
-                .await?
-                .map_err(|reason| Error::invalid("volume_capability", reason))?;
+        if let Some(capability) = &capability {
+            self.require_volume_capability(&backend, &id, capability)
+                .await?;
         }
         let staging = self.staging_of(&id)?;
         // Bounded like every look at the volume: growing a filesystem that hangs (a dead layer
@@ -447,11 +443,8 @@ impl Engine {
         if !self.storage_exists(&backend, &id).await? {
             return Err(Error::VolumeNotFound(id.to_string()));
         }
-        if backend.volumes_differ() {
-            self.check_volume_capabilities(&backend, &id, std::slice::from_ref(&capability))
-                .await?
-                .map_err(|reason| Error::invalid("volume_capability", reason))?;
-        }
+        self.require_volume_capability(&backend, &id, &capability)
+            .await?;
         if backend.stages_mounts() && staging.is_none() {
             return Err(Error::Missing("staging_target_path"));
         }
