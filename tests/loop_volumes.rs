@@ -76,6 +76,33 @@ async fn create(
     .unwrap()
 }
 
+/// Stages `volume_id` at `<name>-staging` and publishes it at `<name>-pod`, both with
+/// `capability`; the staging path and the target.
+async fn stage_and_publish(
+    d: &Driver,
+    n: &mut proto::node_client::NodeClient<tonic::transport::Channel>,
+    volume_id: &str,
+    name: &str,
+    capability: VolumeCapability,
+) -> (String, String) {
+    let staging = d.target(&format!("{name}-staging"));
+    std::fs::create_dir_all(&staging).unwrap();
+    n.node_stage_volume(proto::NodeStageVolumeRequest {
+        volume_id: volume_id.to_string(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(capability.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let target = d.target(&format!("{name}-pod"));
+    let mut request = publish_request(volume_id, &target, false);
+    request.staging_target_path = staging.clone();
+    request.volume_capability = Some(capability);
+    n.node_publish_volume(request).await.unwrap();
+    (staging, target)
+}
+
 fn write_mib(path: &Path, mib: usize) -> std::io::Result<()> {
     let mut f = std::fs::File::create(path)?;
     let chunk = vec![0xa5u8; 1 << 20];
@@ -1060,21 +1087,8 @@ async fn filesystem_wide_mount_flags_are_honoured_or_refused() {
         cap
     };
     let volume = create(&mut c, "pvc-sync", 16 * MIB, sync_capability()).await;
-    let staging = d.target("sync-staging");
-    std::fs::create_dir_all(&staging).unwrap();
-    n.node_stage_volume(proto::NodeStageVolumeRequest {
-        volume_id: volume.volume_id.clone(),
-        staging_target_path: staging.clone(),
-        volume_capability: Some(sync_capability()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let target = d.target("sync-pod");
-    let mut publish = publish_request(&volume.volume_id, &target, false);
-    publish.staging_target_path = staging.clone();
-    publish.volume_capability = Some(sync_capability());
-    n.node_publish_volume(publish).await.unwrap();
+    let (staging, target) =
+        stage_and_publish(&d, &mut n, &volume.volume_id, "sync", sync_capability()).await;
     for path in [&staging, &target] {
         let options = mount_options_at(path).unwrap_or_else(|| panic!("{path} not mounted"));
         let flags: Vec<&str> = options.split(',').collect();
@@ -1122,20 +1136,8 @@ async fn a_block_volume_of_a_size_that_is_not_whole_sectors_is_never_smaller_tha
     let asked: i64 = 100_000_000;
     let volume = create(&mut c, "pvc-block-si", asked, block_capability()).await;
     assert!(volume.capacity_bytes >= asked, "{volume:?}");
-    let staging = d.target("si-staging");
-    n.node_stage_volume(proto::NodeStageVolumeRequest {
-        volume_id: volume.volume_id.clone(),
-        staging_target_path: staging.clone(),
-        volume_capability: Some(block_capability()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let target = d.target("si-pod");
-    let mut request = publish_request(&volume.volume_id, &target, false);
-    request.volume_capability = Some(block_capability());
-    request.staging_target_path = staging.clone();
-    n.node_publish_volume(request).await.unwrap();
+    let (staging, target) =
+        stage_and_publish(&d, &mut n, &volume.volume_id, "si", block_capability()).await;
     // The device the pod gets holds at least what was asked for, and is the size answered
     // (checked after teardown).
     let size = device_bytes(&target);
@@ -1220,20 +1222,14 @@ async fn stats_of_a_filesystem_volume_come_from_its_own_filesystem() {
     let mut c = d.controller().await;
     let mut n = d.node().await;
     let volume = create(&mut c, "pvc-stats", 64 * MIB, fs_capability("ext4")).await;
-    let staging = d.target("stats-staging");
-    n.node_stage_volume(proto::NodeStageVolumeRequest {
-        volume_id: volume.volume_id.clone(),
-        staging_target_path: staging.clone(),
-        volume_capability: Some(fs_capability("ext4")),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let target = d.target("stats-pod");
-    let mut request = publish_request(&volume.volume_id, &target, false);
-    request.volume_capability = Some(fs_capability("ext4"));
-    request.staging_target_path = staging.clone();
-    n.node_publish_volume(request).await.unwrap();
+    let (staging, target) = stage_and_publish(
+        &d,
+        &mut n,
+        &volume.volume_id,
+        "stats",
+        fs_capability("ext4"),
+    )
+    .await;
     write_mib(&Path::new(&target).join("a"), 8).unwrap();
     for i in 0..100 {
         std::fs::write(Path::new(&target).join(format!("f{i}")), b"x").unwrap();
@@ -1331,20 +1327,14 @@ async fn a_node_expansion_naming_another_kind_of_volume_is_refused() {
     let mut c = d.controller().await;
     let mut n = d.node().await;
     let volume = create(&mut c, "pvc-expand-kind", 300 * MIB, fs_capability("xfs")).await;
-    let staging = d.target("expand-kind-staging");
-    n.node_stage_volume(proto::NodeStageVolumeRequest {
-        volume_id: volume.volume_id.clone(),
-        staging_target_path: staging.clone(),
-        volume_capability: Some(fs_capability("xfs")),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let target = d.target("expand-kind-pod");
-    let mut request = publish_request(&volume.volume_id, &target, false);
-    request.volume_capability = Some(fs_capability("xfs"));
-    request.staging_target_path = staging.clone();
-    n.node_publish_volume(request).await.unwrap();
+    let (staging, target) = stage_and_publish(
+        &d,
+        &mut n,
+        &volume.volume_id,
+        "expand-kind",
+        fs_capability("xfs"),
+    )
+    .await;
     c.controller_expand_volume(proto::ControllerExpandVolumeRequest {
         volume_id: volume.volume_id.clone(),
         capacity_range: Some(proto::CapacityRange {
@@ -1452,20 +1442,14 @@ async fn stats_of_a_block_volume_report_no_inodes_of_the_data_directory() {
     let mut c = d.controller().await;
     let mut n = d.node().await;
     let volume = create(&mut c, "pvc-block-stats", 32 * MIB, block_capability()).await;
-    let staging = d.target("block-stats-staging");
-    n.node_stage_volume(proto::NodeStageVolumeRequest {
-        volume_id: volume.volume_id.clone(),
-        staging_target_path: staging.clone(),
-        volume_capability: Some(block_capability()),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let target = d.target("block-stats-pod");
-    let mut request = publish_request(&volume.volume_id, &target, false);
-    request.volume_capability = Some(block_capability());
-    request.staging_target_path = staging.clone();
-    n.node_publish_volume(request).await.unwrap();
+    let (staging, target) = stage_and_publish(
+        &d,
+        &mut n,
+        &volume.volume_id,
+        "block-stats",
+        block_capability(),
+    )
+    .await;
     let stats = n
         .node_get_volume_stats(proto::NodeGetVolumeStatsRequest {
             volume_id: volume.volume_id.clone(),
